@@ -1,0 +1,117 @@
+"""Model backends and :func:`load`, which turns a model id into a :class:`DiffusionModel`.
+
+A model id is one of:
+
+* ``builtin:NAME`` — a model shipped inside the package (``builtin:digits``, ``builtin:glyphs``);
+* a local diffusers directory (``DDPMPipeline``/``DDIMPipeline``, ``StableDiffusionPipeline``,
+  ``DiTPipeline``, or a bare ``UNet2DModel``);
+* a chaintune run directory (written by ``chaintune align`` / ``chaintune transfer``);
+* a Hugging Face hub id (resolved through the local cache when offline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.dit import DiTModel, load_dit
+from chaintune.backends.sd import StableDiffusionModel, load_sd
+from chaintune.backends.unet import UNetModel, load_unet
+
+__all__ = [
+    "Conditions",
+    "DiffusionModel",
+    "UNetModel",
+    "StableDiffusionModel",
+    "DiTModel",
+    "load",
+    "builtin_path",
+    "BUILTIN_MODELS",
+    "ModelNotFoundError",
+]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_MODELS = {
+    "digits": "DDPM on scikit-learn's 8x8 handwritten digits (unconditional UNet2DModel)",
+    "glyphs": "DDPM on digits rendered from matplotlib's DejaVu fonts (transfer source domain)",
+}
+RUN_MARKER = "chaintune_run.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model id that is not a builtin, a local directory, a run, or a cached hub model."""
+
+
+def builtin_path(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+        hint = f" (did you mean builtin:{close[0]}?)" if close else ""
+        raise ModelNotFoundError(f"unknown builtin model {name!r}{hint}; available: {sorted(BUILTIN_MODELS)}")
+    path = ASSETS / name
+    if not (path / "model_index.json").exists():
+        raise ModelNotFoundError(
+            f"builtin:{name} is not built in this install; rebuild it with "
+            f"`chaintune pretrain --config chaintune/configs/builtin_{name}.yaml --out {path}`"
+        )
+    return path
+
+
+def _load_dir(path: Path, source: str) -> DiffusionModel:
+    index = path / "model_index.json"
+    if index.exists():
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        if cls in ("DDPMPipeline", "DDIMPipeline"):
+            return load_unet(path, source)
+        if cls.startswith("StableDiffusion"):
+            return load_sd(path, source)
+        if cls == "DiTPipeline":
+            return load_dit(path, source)
+        raise ValueError(f"{path}: pipeline {cls!r} is not supported (UNet, Stable Diffusion or DiT pipelines)")
+    cfg = path / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
+        return load_unet(path, source)
+    raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
+
+
+def load(model_id: str | os.PathLike, device: str | None = None) -> DiffusionModel:
+    """Load a model id (see module docstring) as a :class:`DiffusionModel`."""
+    model_id = str(model_id)
+    if model_id.startswith("builtin:"):
+        model = _load_dir(builtin_path(model_id.split(":", 1)[1]), model_id)
+    else:
+        path = Path(model_id).expanduser()
+        if path.is_dir() and (path / RUN_MARKER).exists():
+            from chaintune.training.runs import load_run
+
+            model = load_run(path)
+        elif path.is_dir():
+            model = _load_dir(path, model_id)
+        elif path.exists():
+            raise ModelNotFoundError(f"{model_id} is a file; a model id is a directory, builtin:NAME or a hub id")
+        else:
+            model = _load_dir(_hub_snapshot(model_id), model_id)
+    if device is not None:
+        model.to(device)
+    for m in model.modules().values():
+        m.eval()
+    return model
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") != 1
+    if looks_like_path:
+        raise ModelNotFoundError(f"model {model_id!r} not found: no such directory, and not a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as e:  # network errors, offline mode, missing repo
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {model_id!r} is not a local directory and could not be fetched from the hub: {why}"
+        ) from e

@@ -1,0 +1,115 @@
+"""Latent text-to-image backend: a ``StableDiffusionPipeline``'s UNet, text encoder and VAE.
+
+The trainable module is the UNet (``UNet2DConditionModel``). Prompts are encoded once per batch
+(constant along the chain); classifier-free guidance runs the conditional and unconditional
+(empty-prompt) branches in one batched call. Decoding goes through the VAE, so a differentiable
+reward backpropagates through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.chain import as_chain_scheduler
+
+
+class StableDiffusionModel(DiffusionModel):
+    kind = "sd"
+
+    def __init__(self, pipe: StableDiffusionPipeline, source: str = "", vae_chunk: int | None = None):
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+        self.scheduler = as_chain_scheduler(pipe.scheduler)
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.tokenizer = pipe.tokenizer
+        self.source = source
+        self.vae_chunk = vae_chunk
+        for m in (self.vae, self.text_encoder):
+            m.requires_grad_(False)
+
+    def modules(self):
+        return {"denoiser": self.denoiser, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self):
+        s = self.denoiser.config.sample_size
+        s = (s, s) if isinstance(s, int) else tuple(s)
+        return (self.denoiser.config.in_channels, *s)
+
+    @property
+    def conditional(self) -> bool:
+        return True
+
+    def default_conditions(self, n, generator=None):
+        return Conditions(prompts=[""] * n, guidance_scale=1.0)
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tok.input_ids.to(self.device))[0].to(self.dtype)
+
+    def encode_conditions(self, cond: Conditions) -> dict:
+        prompts = cond.prompts if cond.prompts is not None else [""]
+        enc = {"cond": self._embed(list(prompts))}
+        if cond.guidance_scale != 1.0:
+            enc["uncond"] = self._embed([""] * len(prompts))
+        return enc
+
+    def model_output(self, x, t, cond, encoded=None):
+        encoded = encoded or self.encode_conditions(cond)
+        emb = encoded["cond"]
+        if emb.shape[0] != x.shape[0]:
+            emb = emb.expand(x.shape[0], -1, -1)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self.denoiser(x, t.to(x.device), encoder_hidden_states=emb).sample
+
+    def denoise_fn(self, cond, encoded=None):
+        enc = encoded or self.encode_conditions(cond)
+        g = cond.guidance_scale
+        if g == 1.0:
+            return lambda x, t: self.model_output(x, t, cond, enc)
+        both = torch.cat([enc["uncond"], enc["cond"]])
+
+        def fn(x, t):
+            tt = t.expand(2 * x.shape[0]) if t.dim() == 0 else torch.cat([t, t])
+            out = self.denoiser(torch.cat([x, x]), tt.to(x.device), encoder_hidden_states=both).sample
+            u, c = out.chunk(2)
+            return u + g * (c - u)
+
+        return fn
+
+    def decode(self, latents):
+        z = latents / self.vae.config.scaling_factor
+        chunk = self.vae_chunk or z.shape[0]
+        parts = [self.vae.decode(z[i : i + chunk].to(self.vae.dtype)).sample for i in range(0, z.shape[0], chunk)]
+        return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images):
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return dist.sample() * self.vae.config.scaling_factor
+
+    def save(self, path):
+        self.pipe.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_sd(path: str | Path, source: str = "", **kw) -> StableDiffusionModel:
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path), safety_checker=None, requires_safety_checker=False, **kw
+    )
+    return StableDiffusionModel(pipe, source=source or str(path))

@@ -1,0 +1,127 @@
+"""``chaintune.sample``: one sampler for every backend, built on :func:`chaintune.chain.run_chain`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.chain import StepGrad, Trajectory, make_scheduler, run_chain
+
+
+def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddim"):
+    """The scheduler a chain runs with: ``'ddim'`` (eta-controlled), ``'ddpm'``, an instance, or
+    ``None`` for the model's own."""
+    if scheduler is None:
+        return model.scheduler
+    if isinstance(scheduler, str):
+        return make_scheduler(scheduler, model.scheduler.config)
+    return scheduler
+
+
+def make_conditions(
+    model: DiffusionModel,
+    n: int,
+    *,
+    labels: Sequence[int] | torch.Tensor | int | None = None,
+    prompts: Sequence[str] | str | None = None,
+    guidance_scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Conditions:
+    """Per-sample conditions for ``n`` samples (a single label/prompt is repeated)."""
+    cond = model.default_conditions(n, generator=generator)
+    if labels is not None:
+        if not model.conditional or model.num_classes is None:
+            raise ValueError(f"{model.kind} model {model.source!r} is not class-conditional; drop labels")
+        t = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if t.numel() == 1:
+            t = t.repeat(n)
+        if t.numel() != n:
+            raise ValueError(f"got {t.numel()} labels for {n} samples")
+        if int(t.min()) < 0 or int(t.max()) >= model.num_classes:
+            raise ValueError(f"labels must be in [0, {model.num_classes - 1}]")
+        cond.labels = t
+    if prompts is not None:
+        if model.kind != "sd" and model.kind != "flow":
+            raise ValueError(f"{model.kind} model takes class labels, not prompts")
+        p = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(p) == 1:
+            p = p * n
+        if len(p) != n:
+            raise ValueError(f"got {len(p)} prompts for {n} samples")
+        cond.prompts = p
+    if guidance_scale is not None:
+        cond.guidance_scale = float(guidance_scale)
+    return cond
+
+
+def initial_noise(model: DiffusionModel, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    x = torch.randn((n, *model.latent_shape), generator=generator)
+    return x.to(device=model.device, dtype=model.dtype)
+
+
+def sample(
+    model: DiffusionModel,
+    n: int,
+    steps: int = 50,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    labels=None,
+    prompts=None,
+    guidance_scale: float | None = None,
+    scheduler: str | object | None = "ddim",
+    batch_size: int | None = None,
+    decode: bool = True,
+) -> Trajectory:
+    """Sample ``n`` images without gradients and return the full trajectory.
+
+    ``eta`` is DDIM's noise level (1.0 = DDPM-like variance, 0.0 = deterministic; log-probs are
+    NaN there since the transition is a point mass). ``scheduler='ddpm'`` uses the DDPM
+    posterior variance instead and ignores ``eta``. ``batch_size`` splits large ``n`` into
+    chunks to bound memory (the noise is drawn chunk by chunk, so results depend on it).
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    sched = chain_scheduler(model, scheduler)
+    cond = make_conditions(model, n, labels=labels, prompts=prompts, guidance_scale=guidance_scale,
+                           generator=generator)
+    x_T = initial_noise(model, n, generator)
+    bs = batch_size or n
+    parts = []
+    with torch.no_grad():
+        for s in range(0, n, bs):
+            idx = list(range(s, min(n, s + bs)))
+            c = cond.subset(idx)
+            traj = run_chain(model.denoise_fn(c), sched, x_T[idx], num_steps=steps, eta=eta,
+                             generator=generator, modes=StepGrad.NONE)
+            if decode:
+                traj.images = model.decode(traj.x0)
+            traj.conditions = {"labels": c.labels, "prompts": c.prompts}
+            parts.append(traj)
+    return parts[0] if len(parts) == 1 else _concat(parts)
+
+
+def _concat(parts: list[Trajectory]) -> Trajectory:
+    first = parts[0]
+    cat = lambda xs: torch.cat(xs)  # noqa: E731
+    labels = [p.conditions["labels"] for p in parts]
+    prompts = [p.conditions["prompts"] for p in parts]
+    return Trajectory(
+        latents=[cat([p.latents[i] for p in parts]) for i in range(len(first.latents))],
+        timesteps=first.timesteps,
+        means=[cat([p.means[i] for p in parts]) for i in range(len(first.means))],
+        stds=first.stds,
+        noises=[cat([p.noises[i] for p in parts]) for i in range(len(first.noises))],
+        log_probs=cat([p.log_probs for p in parts]),
+        stochastic=first.stochastic,
+        x0=cat([p.x0 for p in parts]),
+        pred_x0=[cat([p.pred_x0[i] for p in parts]) for i in range(len(first.pred_x0))],
+        eta=first.eta,
+        images=None if first.images is None else cat([p.images for p in parts]),
+        conditions={
+            "labels": None if labels[0] is None else cat(labels),
+            "prompts": None if prompts[0] is None else sum(prompts, []),
+        },
+    )

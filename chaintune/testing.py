@@ -1,0 +1,119 @@
+"""Tiny randomly initialised diffusers components, built offline.
+
+They exercise the exact code paths of Stable Diffusion, DiT and pixel UNets at toy size, so the
+test-suite (and users without weights at hand) can run every backend with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def tiny_unet(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=num_class_embeds,
+    )
+
+
+def tiny_unet_model(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
+    from diffusers import DDPMScheduler
+
+    from chaintune.backends.unet import UNetModel
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    return UNetModel(tiny_unet(sample_size, num_class_embeds, seed), sched, source="tiny-unet")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A CLIPTokenizer over a byte-level vocabulary with no merges (every byte is a token)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    d = Path(tempfile.mkdtemp(prefix="chaintune-tok-"))
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=max_length)
+
+
+def tiny_vae(seed: int = 0, in_channels: int = 3, latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=in_channels, out_channels=in_channels, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A StableDiffusionPipeline with ~100k parameters: 16 px images, 8 px latents."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=4,
+    )
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed), text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sd_model(seed: int = 0):
+    from chaintune.backends.sd import StableDiffusionModel
+
+    return StableDiffusionModel(tiny_sd_pipeline(seed), source="tiny-sd")
+
+
+def tiny_dit_model(seed: int = 0, num_classes: int = 4):
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from chaintune.backends.dit import DiTModel
+
+    torch.manual_seed(seed)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        sample_size=8, patch_size=2, norm_num_groups=4, num_embeds_ada_norm=num_classes,
+    )
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    return DiTModel(dit, tiny_vae(seed), sched, source="tiny-dit")
