@@ -1,0 +1,17 @@
+"""chaintune: fine-tune diffusion models along the denoising chain.
+
+Public API::
+
+    import chaintune
+    model = chaintune.load("builtin:digits")
+    traj = chaintune.sample(model, 64, steps=50, eta=1.0)
+    traj.images  # [64, 1, 8, 8] in [0, 1]
+"""
+
+from chaintune.backends import Conditions, DiffusionModel, load
+from chaintune.chain import StepGrad, Trajectory
+from chaintune.sampling import sample
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "sample", "DiffusionModel", "Conditions", "StepGrad", "Trajectory", "__version__"]

@@ -1,0 +1,60 @@
+"""Saving images and grids (PNG) for samples, evaluations and reports."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(img: torch.Tensor, upscale: int = 1) -> Image.Image:
+    """[C, H, W] in [0, 1] -> PIL image (nearest-neighbour upscaling keeps tiny digits crisp)."""
+    arr = (img.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
+    if upscale > 1:
+        pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
+    return pil
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> torch.Tensor:
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    return grid
+
+
+def auto_upscale(h: int) -> int:
+    return max(1, 64 // h) if h < 64 else 1
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write a grid PNG atomically; tiny images are upscaled so the grid is readable."""
+    from chaintune.utils.io import atomic_file
+
+    path = Path(path)
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow)
+    pil = to_pil(grid, upscale=auto_upscale(images.shape[-1]) // 2 or 1)
+    with atomic_file(path, "wb") as f:
+        pil.save(f, format="PNG")
+    return path
+
+
+def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
+    from chaintune.utils.io import atomic_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, img in enumerate(images):
+        p = directory / f"{prefix}_{i:04d}.png"
+        with atomic_file(p, "wb") as f:
+            to_pil(img).save(f, format="PNG")
+        out.append(p)
+    return out
