@@ -1,0 +1,245 @@
+"""A self-contained HTML report for a run directory: config, metric curves, sample grids, summary.
+
+Everything is inline (CSS, charts as base64 PNG drawn with matplotlib's Agg canvas, sample grids as
+base64 PNG data URIs) so ``report.html`` opens offline, can be mailed or attached to an issue, and
+never fetches anything. Charts use matplotlib's object API (no pyplot), so building a report does
+not switch the backend of a caller's interactive session.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from chaintune.errors import ChaintuneError
+from chaintune.training.runs import RUN_MARKER, read_run_info
+from chaintune.utils.io import atomic_file
+
+REPORT_NAME = "report.html"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+h1{font-size:1.5em;margin-bottom:.2em}
+h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+.meta{color:#666;font-size:.9em}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.up{color:#1a7f37}.down{color:#b3261e}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.charts figure{margin:0}
+.grids{display:flex;flex-wrap:wrap;gap:1.2em}.grids figure{margin:0;text-align:center}
+.grids img{image-rendering:pixelated;max-width:320px;border:1px solid #ccc}
+figcaption{font-size:.85em;color:#555}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
+details summary{cursor:pointer}
+.warn{color:#8a6d00}
+"""
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Metric records from ``metrics.jsonl`` and the number of unreadable lines skipped.
+
+    A run killed mid-write can leave a truncated last line; the report shows what is readable and
+    says how much was skipped rather than refusing to render.
+    """
+    records: list[dict[str, Any]] = []
+    bad = 0
+    if not path.exists():
+        return records, bad
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metric_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """``{key: [(step, value), ...]}`` for every numeric key except ``step`` (record order as x when absent)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for i, rec in enumerate(records):
+        step = rec.get("step", i)
+        if not _is_number(step):
+            step = i
+        for k, v in rec.items():
+            if k != "step" and _is_number(v):
+                series.setdefault(k, []).append((float(step), float(v)))
+    return series
+
+
+def _step_of(path: Path) -> int:
+    nums = re.findall(r"\d+", path.stem)
+    return int(nums[-1]) if nums else -1
+
+
+def sample_grids(run_dir: Path) -> list[Path]:
+    """``samples/*.png`` ordered by the step number in the file name (step_000100.png)."""
+    d = run_dir / "samples"
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.glob("*.png") if p.is_file()), key=lambda p: (_step_of(p), p.name))
+
+
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _chart(key: str, points: list[tuple[float, float]]) -> str:
+    """One metric curve as a PNG data URI (non-finite values are dropped from the line)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = [(s, v) for s, v in points if math.isfinite(v)]
+    fig = Figure(figsize=(4.2, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    if pts:
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 30 else None, markersize=3, linewidth=1.3, color="#1f5fa8")
+        if len(pts) >= 20:  # a moving average makes noisy per-step rewards readable
+            w = max(2, len(pts) // 20)
+            smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, linewidth=1.8, color="#d9480f", alpha=0.9)
+    else:
+        ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return _data_uri(buf.getvalue())
+
+
+def _fmt(v: Any) -> str:
+    if _is_number(v):
+        v = float(v)
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict) and d:
+        out: list[tuple[str, Any]] = []
+        for k, v in d.items():
+            out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix, d)]
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _config_section(info: dict) -> str:
+    config = info.get("config")
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v, default=str) if not isinstance(v, str) else v)}"
+                   f"</td></tr>" for k, v in _flatten(config)) if isinstance(config, dict) and config else ""
+    body = f"<table>{rows}</table>" if rows else "<p class='meta'>No resolved config recorded.</p>"
+    whole = _esc(json.dumps(info, indent=2, default=str))
+    return (f"<h2>Configuration</h2>{body}<details><summary>{_esc(RUN_MARKER)} (full)</summary>"
+            f"<pre>{whole}</pre></details>")
+
+
+def _table_section(series: dict[str, list[tuple[float, float]]]) -> str:
+    if not series:
+        return ""
+    rows = []
+    for key, pts in series.items():
+        (s0, v0), (s1, v1) = pts[0], pts[-1]
+        finite = [v for _, v in pts if math.isfinite(v)]
+        delta = v1 - v0 if math.isfinite(v1 - v0) else float("nan")
+        cls = "up" if delta > 0 else "down" if delta < 0 else ""
+        lo = _fmt(min(finite)) if finite else "–"
+        hi = _fmt(max(finite)) if finite else "–"
+        rows.append(f"<tr><th>{_esc(key)}</th><td class='num'>{_fmt(v0)}</td><td class='num'>{_fmt(s0)}</td>"
+                    f"<td class='num'>{_fmt(v1)}</td><td class='num'>{_fmt(s1)}</td>"
+                    f"<td class='num {cls}'>{_fmt(delta)}</td><td class='num'>{lo}</td><td class='num'>{hi}</td>"
+                    f"<td class='num'>{len(pts)}</td></tr>")
+    head = ("<tr><th>metric</th><th>first</th><th>at step</th><th>last</th><th>at step</th><th>change</th>"
+            "<th>min</th><th>max</th><th>points</th></tr>")
+    return f"<h2>Metrics: first vs last</h2><table>{head}{''.join(rows)}</table>"
+
+
+def _curves_section(series: dict[str, list[tuple[float, float]]], bad_lines: int, has_file: bool) -> str:
+    note = f"<p class='warn'>{bad_lines} unreadable line(s) in metrics.jsonl were skipped.</p>" if bad_lines else ""
+    if not series:
+        msg = "metrics.jsonl holds no numeric metrics yet." if has_file else "No metrics.jsonl in this run."
+        return f"<h2>Curves</h2>{note}<p class='meta'>{msg}</p>"
+    figs = "".join(f"<figure><img alt='{_esc(k)}' src='{_chart(k, pts)}'></figure>" for k, pts in series.items())
+    return f"<h2>Curves</h2>{note}<div class='charts'>{figs}</div>"
+
+
+def _samples_section(grids: list[Path]) -> str:
+    if not grids:
+        return "<h2>Samples</h2><p class='meta'>No sample grids (samples/*.png) yet.</p>"
+    figs = []
+    for p in grids:
+        step = _step_of(p)
+        caption = f"step {step}" if step >= 0 else p.stem
+        figs.append(f"<figure><img alt='{_esc(p.name)}' src='{_data_uri(p.read_bytes())}'>"
+                    f"<figcaption>{_esc(caption)} — {_esc(p.name)}</figcaption></figure>")
+    return f"<h2>Samples</h2><div class='grids'>{''.join(figs)}</div>"
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The report's HTML as a string (see :func:`build_report`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ChaintuneError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ChaintuneError(f"{run_dir} is not a run directory (not a directory)")
+    info = read_run_info(run_dir)
+    if not isinstance(info, dict):
+        raise ChaintuneError(f"{run_dir / RUN_MARKER} is corrupt: expected a JSON object")
+    metrics_path = run_dir / "metrics.jsonl"
+    records, bad = read_metrics(metrics_path)
+    series = metric_series(records)
+    title = f"chaintune run: {run_dir.resolve().name}"
+    meta_keys = ("command", "base_model", "peft", "status", "updated")
+    meta = " · ".join(f"{k}: <b>{_esc(info[k])}</b>" for k in meta_keys if k in info)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1><p class='meta'>{meta}</p><p class='meta'>{_esc(run_dir.resolve())}</p>",
+        _table_section(series),
+        _curves_section(series, bad, metrics_path.exists()),
+        _samples_section(sample_grids(run_dir)),
+        _config_section(info),
+        "</body></html>\n",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html`` atomically (a reader never sees half a report) and return its path."""
+    run_dir = Path(run_dir)
+    text = render_report(run_dir)
+    out = run_dir / REPORT_NAME
+    with atomic_file(out, "wb") as f:  # bytes: UTF-8 whatever the locale says
+        f.write(text.encode("utf-8"))
+    return out
+
+
+__all__ = ["build_report", "render_report", "read_metrics", "metric_series", "sample_grids", "REPORT_NAME"]

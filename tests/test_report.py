@@ -1,0 +1,99 @@
+"""The run report: self-contained HTML with curves, sample grids, metric table and config."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+import torch
+
+from chaintune.cli.main import main
+from chaintune.errors import ChaintuneError
+from chaintune.report import build_report, metric_series, read_metrics, sample_grids
+from chaintune.utils.images import save_grid
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "runs" / "digit3"
+    run.mkdir(parents=True)
+    info = {"command": "align", "base_model": "builtin:digits", "peft": "lora", "status": "finished",
+            "config": {"reward": "digit:3", "estimator": {"name": "rlr", "h": 2}, "lr": 1e-4, "steps": 100}}
+    (run / "chaintune_run.json").write_text(json.dumps(info))
+    lines = [{"step": s, "loss": 1.0 / (s + 1), "reward_mean": -2.0 + s / 50} for s in range(0, 101, 10)]
+    lines[0].update({"eval/reward": -2.1, "eval/heldout_reward": -2.3, "eval/diversity": 0.8, "fid": 40.0})
+    lines[-1].update({"eval/reward": -0.4, "eval/heldout_reward": -0.9, "eval/diversity": 0.6, "fid": 25.0,
+                      "note": "text is not plotted"})
+    lines[5]["loss"] = float("nan")
+    text = "\n".join(json.dumps(rec) for rec in lines) + '\n{"step": 110, "loss": 0.'  # a crash mid-write
+    (run / "metrics.jsonl").write_text(text)
+    g = torch.Generator().manual_seed(0)
+    save_grid(torch.rand(4, 1, 8, 8, generator=g), run / "samples" / "step_100.png")
+    save_grid(torch.rand(4, 1, 8, 8, generator=g), run / "samples" / "step_20.png")
+    return run
+
+
+def test_report_is_self_contained_with_curves_grids_and_table(run_dir):
+    out = build_report(run_dir)
+    assert out == run_dir / "report.html"
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    # one chart per numeric key, embedded as PNG; text values are not plotted
+    for key in ("loss", "reward_mean", "eval/reward", "eval/heldout_reward", "eval/diversity", "fid"):
+        assert re.search(rf"<img alt='{re.escape(key)}' src='data:image/png;base64,", page), key
+    assert "alt='note'" not in page
+    # both grids inline, ordered by step number (20 before 100, not by name)
+    uris = [base64.b64encode((run_dir / "samples" / n).read_bytes()).decode() for n in ("step_20.png", "step_100.png")]
+    assert all(u in page for u in uris)
+    assert page.index(uris[0]) < page.index(uris[1])
+    assert "step 20" in page and "step 100" in page
+    # metric table: first and last value of each key
+    assert "first vs last" in page and ">40<" in page and ">25<" in page
+    assert "1 unreadable line(s)" in page
+    # config table and the whole run JSON
+    assert "estimator.h" in page and "digit:3" in page and "builtin:digits" in page
+    # nothing fetched from outside: opens offline
+    assert not re.search(r"https?://", page)
+    assert "<script" not in page and "<link" not in page
+
+
+def test_report_helpers(run_dir):
+    records, bad = read_metrics(run_dir / "metrics.jsonl")
+    assert len(records) == 11 and bad == 1
+    series = metric_series(records)
+    assert series["fid"] == [(0.0, 40.0), (100.0, 25.0)]
+    assert "note" not in series and "step" not in series
+    assert [p.name for p in sample_grids(run_dir)] == ["step_20.png", "step_100.png"]
+
+
+def test_report_without_metrics_or_samples(tmp_path):
+    run = tmp_path / "fresh"
+    run.mkdir()
+    (run / "chaintune_run.json").write_text(json.dumps({"command": "transfer", "config": {}}))
+    page = build_report(run).read_text(encoding="utf-8")
+    assert "No metrics.jsonl" in page and "No sample grids" in page
+
+
+def test_report_errors_for_missing_or_corrupt_runs(tmp_path):
+    with pytest.raises(ChaintuneError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "chaintune_run.json").write_text("{not json")
+    with pytest.raises(ChaintuneError, match="missing or corrupt"):
+        build_report(bad)
+    assert not (bad / "report.html").exists()
+
+
+def test_cli_report(run_dir, tmp_path, capsys):
+    main(["report", str(run_dir)])
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    assert (run_dir / "report.html").exists()
+    for target in (tmp_path / "missing", tmp_path):  # no such dir; a dir that is not a run
+        with pytest.raises(SystemExit) as exc:
+            main(["report", str(target)])
+        assert exc.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
