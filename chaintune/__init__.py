@@ -10,8 +10,9 @@ Public API::
 
 from chaintune.backends import Conditions, DiffusionModel, load
 from chaintune.chain import StepGrad, Trajectory
+from chaintune.gradients import estimate_gradient
 from chaintune.sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "sample", "DiffusionModel", "Conditions", "StepGrad", "Trajectory", "__version__"]
+__all__ = ["load", "sample", "estimate_gradient", "DiffusionModel", "Conditions", "StepGrad", "Trajectory", "__version__"]

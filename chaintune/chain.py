@@ -276,6 +276,7 @@ def run_chain(
     noises: Sequence[torch.Tensor] | None = None,
     checkpoint: bool = False,
     stop_at: int | None = None,
+    start: int = 0,
 ) -> Trajectory:
     """Run the reverse chain from ``x_T`` and record the trajectory.
 
@@ -291,6 +292,9 @@ def run_chain(
             their activations (memory of full backprop then grows only by one latent per step).
         stop_at: stop after chain position ``stop_at`` and return its predicted x_0 as ``x0``
             (ReFL-style "jump to the end" from an intermediate step).
+        start: begin at chain position ``start`` (``x_T`` is then the latent entering that
+            position): replays a stored sub-chain, e.g. one half-order span. ``modes`` and
+            ``noises`` stay indexed by absolute position.
     """
     sched = prepare_scheduler(scheduler, num_steps, device=x_T.device)
     step_modes = _resolve_modes(modes, num_steps)
@@ -298,12 +302,14 @@ def run_chain(
     n = x_T.shape[0]
     x = x_T
     latents, means, noise_list, lps, pred_x0s = [x_T.detach()], [], [], [], []
-    stds = torch.zeros(num_steps, dtype=x_T.dtype)
+    stds = torch.zeros(num_steps, dtype=torch.float32)
     stochastic = torch.zeros(num_steps, dtype=torch.bool)
     graph_lps: dict[int, torch.Tensor] = {}
     prev_mode = StepGrad.NONE
     last = num_steps - 1 if stop_at is None else stop_at
-    for i in range(last + 1):
+    if not 0 <= start <= last:
+        raise ValueError(f"start={start} must lie in [0, {last}]")
+    for i in range(start, last + 1):
         t = timesteps[i]
         mode = step_modes[i]
         if prev_mode != StepGrad.PATHWISE:
@@ -354,12 +360,12 @@ def run_chain(
         prev_mode = mode
     return Trajectory(
         latents=latents,
-        timesteps=timesteps[: last + 1].detach().cpu(),
+        timesteps=timesteps[start: last + 1].detach().cpu(),
         means=means,
-        stds=stds[: last + 1],
+        stds=stds[start: last + 1],
         noises=noise_list,
         log_probs=torch.stack(lps, dim=1),
-        stochastic=stochastic[: last + 1],
+        stochastic=stochastic[start: last + 1],
         x0=x,
         pred_x0=pred_x0s,
         graph_log_probs=graph_lps,

@@ -69,8 +69,49 @@ def apply_peft(denoiser: nn.Module, method: str, rank: int = 4) -> list[str]:
 
 
 def apply_difffit(denoiser: nn.Module) -> list[str]:
-    """DiffFit (Xie et al. 2023): biases, norms and embeddings, plus a learnable scale per block."""
-    raise NotImplementedError("DiffFit is not implemented yet")
+    """DiffFit (Xie et al. 2023): biases, norms and embeddings, plus a learnable scale per block.
+
+    Each ResNet block, attention and feed-forward block gets a scalar ``difffit_gamma`` (init 1)
+    that scales its residual branch, x + gamma * f(x), as in the paper. It lives on the branch's
+    output layer (``conv2`` / ``to_out.0`` / the last Linear of the MLP) and a forward hook that
+    reads it from that layer multiplies the layer's output; keeping parameter and hook on the same
+    module makes deep copies correct and lets ``chaintune.transfer.folding.fold_difffit`` fold
+    gamma into the layer's weight and bias exactly (a plain diffusers module again for saving).
+    Embeddings are the ``nn.Embedding`` tables (class labels); norms are GroupNorm/LayerNorm affines.
+    """
+    import torch
+
+    def _difffit_hook(module, args, output):
+        return output * module.difffit_gamma
+
+    def branch_output(block: nn.Module) -> nn.Module | None:
+        name = type(block).__name__
+        if name.startswith("ResnetBlock") and isinstance(getattr(block, "conv2", None), nn.Conv2d):
+            return block.conv2
+        if name == "Attention" and hasattr(block, "to_out"):
+            return block.to_out[0]
+        if name == "FeedForward" and hasattr(block, "net"):
+            linears = [m for m in block.net if isinstance(m, nn.Linear)]
+            return linears[-1] if linears else None
+        return None
+
+    denoiser.requires_grad_(False)
+    for block in list(denoiser.modules()):
+        layer = branch_output(block)
+        if layer is None or hasattr(layer, "difffit_gamma"):
+            continue
+        ref = next(layer.parameters())
+        layer.register_parameter("difffit_gamma", nn.Parameter(torch.ones((), dtype=ref.dtype, device=ref.device)))
+        layer.register_forward_hook(_difffit_hook)
+    norms = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.InstanceNorm2d)
+    for mod in denoiser.modules():
+        if isinstance(mod, norms) or isinstance(mod, nn.Embedding):
+            for p in mod.parameters(recurse=False):
+                p.requires_grad_(True)
+    for n, p in denoiser.named_parameters():
+        if n.endswith(".bias") or n.endswith("difffit_gamma"):
+            p.requires_grad_(True)
+    return trainable_names(denoiser)
 
 
 def lora_state_dict(denoiser: nn.Module) -> dict:

@@ -1,0 +1,251 @@
+"""What every gradient estimator shares: the rollout context, rewards, baselines, perturbations.
+
+An estimator maximises J(theta) = E[R(x_0)]. It never steps an optimizer: ``updates(ctx)`` is a
+generator that runs the chain, *accumulates the estimate of -grad J into each trainable
+parameter's ``.grad``* (so a minimising optimizer ascends J), and yields once per optimizer step
+it wants (once for most estimators; once per inner epoch for PPO). Everything is averaged over
+the ``n`` samples of the context, so gradient accumulation over micro-batches is a plain sum
+scaled by the trainer.
+
+Baselines never add bias: the baseline of sample k is built only from samples whose sampling
+noise is independent of k's (leave-one-out), see :func:`advantages`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.chain import StepGrad, Trajectory, run_chain
+
+
+@dataclass
+class EstimationContext:
+    """Everything one estimate needs. ``conditions`` holds per-sample labels/prompts for ``n``."""
+
+    model: DiffusionModel
+    reward: Callable
+    n: int
+    steps: int = 50
+    eta: float = 1.0
+    scheduler: object = None
+    generator: torch.Generator | None = None
+    conditions: Conditions | None = None
+    checkpoint: bool = True
+    baseline: str = "batch"  # 'batch' | 'prompt' | 'none'
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def __post_init__(self):
+        if self.scheduler is None:
+            from chaintune.sampling import chain_scheduler
+
+            self.scheduler = chain_scheduler(self.model, "ddim")
+        if self.conditions is None:
+            self.conditions = self.model.default_conditions(self.n, generator=self.generator)
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(k, p) for k, p in self.model.denoiser.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class Stats:
+    """What one estimate saw: rewards of the samples it drew, plus estimator-specific numbers."""
+
+    rewards: torch.Tensor
+    images: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def reward_mean(self) -> float:
+        return float(self.rewards.float().mean())
+
+
+class Estimator:
+    """Base class. Subclasses say which chain positions get which gradient in :meth:`plan`."""
+
+    name = "estimator"
+    needs_differentiable_reward = False
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> list[StepGrad]:
+        raise NotImplementedError
+
+    def updates(self, ctx: EstimationContext) -> Iterator[Stats]:
+        raise NotImplementedError
+
+    def check(self, ctx: EstimationContext) -> None:
+        if self.needs_differentiable_reward and not getattr(ctx.reward, "differentiable", False):
+            from chaintune.errors import ChaintuneError
+
+            raise ChaintuneError(
+                f"estimator {self.name!r} backpropagates through the reward, but reward "
+                f"{getattr(ctx.reward, 'name', ctx.reward)!r} is not differentiable; use 'reinforce' or 'zeroth-order', "
+                "or 'half-order'/'rlr' with an eta > 0 final step"
+            )
+        if not ctx.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+
+    def __repr__(self) -> str:
+        fields_ = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields_})"
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts
+
+
+def draw_noise(ctx: EstimationContext, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x_T and per-step noise for ``n`` samples, drawn up front so a rollout can be replayed."""
+    shape = (n, *ctx.model.latent_shape)
+    dev, dt = ctx.model.device, ctx.model.dtype
+    x_T = torch.randn(shape, generator=ctx.generator).to(dev, dt)
+    noises = [torch.randn(shape, generator=ctx.generator).to(dev, dt) for _ in range(ctx.steps)]
+    return x_T, noises
+
+
+def rollout(
+    ctx: EstimationContext,
+    modes,
+    *,
+    x_T: torch.Tensor,
+    noises: list[torch.Tensor],
+    cond: Conditions,
+    perturb=None,
+    grad_reward: bool = False,
+    stop_at: int | None = None,
+) -> tuple[Trajectory, torch.Tensor, torch.Tensor]:
+    """Run the chain with ``modes``, decode, score. Returns (trajectory, images, rewards)."""
+    from chaintune.rewards import validate_reward_output
+
+    with ctx.autocast():
+        denoise = ctx.model.denoise_fn(cond)
+        traj = run_chain(denoise, ctx.scheduler, x_T, num_steps=ctx.steps, eta=ctx.eta, modes=modes,
+                         perturb=perturb, noises=noises, checkpoint=ctx.checkpoint, stop_at=stop_at)
+    with torch.set_grad_enabled(grad_reward):
+        images = ctx.model.decode(traj.x0 if grad_reward else traj.x0.detach())
+        r = ctx.reward(images, prompts=cond.prompts, labels=cond.labels)
+    r = validate_reward_output(r, x_T.shape[0], getattr(ctx.reward, "name", "reward"))
+    return traj, images, r
+
+
+def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str = "batch",
+               normalize: bool = False) -> torch.Tensor:
+    """R_k - b_k with a leave-one-out baseline, so b_k is independent of sample k (no bias).
+
+    ``kind='prompt'`` uses the other samples of the same prompt/label (falling back to the
+    batch when a prompt appears once); ``'none'`` returns the rewards. ``normalize`` divides by
+    the batch std (DDPO's choice: rescales the step size, keeps the direction's expectation).
+    """
+    r = rewards.detach().float()
+    n = r.shape[0]
+    if kind == "none" or n < 2:
+        adv = r.clone()
+    else:
+        loo = (r.sum() - r) / (n - 1)
+        adv = r - loo
+        if kind == "prompt" and cond is not None:
+            keys = cond.prompts if cond.prompts is not None else (
+                cond.labels.tolist() if cond.labels is not None else None)
+            if keys is not None:
+                for key in set(keys):
+                    idx = [i for i, k in enumerate(keys) if k == key]
+                    if len(idx) > 1:
+                        g = r[idx]
+                        adv[idx] = g - (g.sum() - g) / (len(idx) - 1)
+        elif kind not in ("batch", "prompt"):
+            raise ValueError(f"baseline must be 'batch', 'prompt' or 'none', got {kind!r}")
+    if normalize and n > 1:
+        adv = adv / (r.std() + 1e-8)
+    return adv
+
+
+# ---------------------------------------------------------------------------------------------
+# zeroth-order parameter perturbations
+
+
+class Perturbation:
+    """Per-step Gaussian parameter perturbations theta + sign * sigma * u_i, regenerated from seeds.
+
+    ``u_i`` is never stored: it is regenerated from ``(seed, i)`` when perturbing and again when
+    forming the estimate, so memory stays flat in the number of steps. On exit the parameters
+    are restored bit-exactly from a copy of the trainable subset.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], sigma: float, seed: int, shared: bool = False):
+        self.params = params
+        self.sigma = sigma
+        self.seed = seed
+        self.shared = shared
+
+    def direction(self, i: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + (0 if self.shared else i + 1))
+        return [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in self.params]
+
+    @contextlib.contextmanager
+    def apply(self, i: int, sign: float):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, u in zip(self.params, self.direction(i), strict=True):
+                p.add_(u, alpha=sign * self.sigma)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    def accumulate(self, steps: list[int], scale: float) -> None:
+        """Add ``-scale * u_i`` for each perturbed step to ``.grad`` (minimisation convention)."""
+        for i in steps:
+            for p, u in zip(self.params, self.direction(i), strict=True):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(u, alpha=-scale)
+
+
+def mirrored_zeroth_order(
+    ctx: EstimationContext,
+    modes: list[StepGrad],
+    sigma: float,
+    seed: int,
+    shared: bool = False,
+    grad_reward: bool = False,
+    surrogate: Callable[[Trajectory, torch.Tensor, torch.Tensor, Conditions], torch.Tensor] | None = None,
+) -> Stats:
+    """Run two mirrored half-batches (+sigma*u, -sigma*u) that share x_T and all step noise.
+
+    The zeroth-order estimate for each PERTURBED position i is (mean R+ - mean R-) / (2 sigma) * u_i:
+    the paper's (R - b) u / sigma with the mirrored run as baseline (common random numbers make
+    the reward difference reflect the perturbation, not the sampling noise). Other positions are
+    handled by ``surrogate(traj, images, rewards, cond)``, backpropagated per half so that only
+    one half's graph is alive at a time.
+    """
+    if ctx.n % 2:
+        raise ValueError(f"zeroth-order estimators pair samples: n must be even, got {ctx.n}")
+    half = ctx.n // 2
+    params = [p for _, p in ctx.params]
+    pert = Perturbation(params, sigma, seed, shared=shared)
+    x_T, noises = draw_noise(ctx, half)
+    cond = ctx.conditions.subset(range(half))
+    zo_steps = [i for i, m in enumerate(modes) if m == StepGrad.PERTURBED]
+    means, all_r, all_img = [], [], []
+    for sign in (1.0, -1.0):
+        traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=cond,
+                                  perturb=lambda i, s=sign: pert.apply(i, s), grad_reward=grad_reward)
+        if surrogate is not None:
+            loss = surrogate(traj, images, r, cond)
+            if loss.requires_grad:
+                loss.backward()
+        means.append(r.detach().float().mean())
+        all_r.append(r.detach())
+        all_img.append(images.detach())
+    diff = float(means[0] - means[1])
+    pert.accumulate(zo_steps, diff / (2 * sigma))
+    return Stats(rewards=torch.cat(all_r), images=torch.cat(all_img),
+                 extra={"zo_steps": len(zo_steps), "zo_reward_diff": diff})

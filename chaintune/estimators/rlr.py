@@ -1,0 +1,162 @@
+"""RLR, the Recursive Likelihood Ratio optimizer (Ren et al., paper eq. 6).
+
+Which positions get which gradient (paper's step t = chain position T - t):
+
+* step 1 (the final position):  first-order, pathwise dR/dx_0 through that one step;
+* a span of h steps ending at paper step j (positions T-j-h+1 .. T-j): half-order, i.e.
+  pathwise inside the span and a likelihood ratio on the span's last noise;
+* every other step: zeroth-order parameter perturbation (its own u_t per step).
+
+Every position is covered by exactly one unbiased estimator for every draw of j, so the sum is
+unbiased for any distribution of j (Thm 6.3); memory is that of h + 1 steps, flat in T.
+``j``: ``"uniform"`` (j ~ U{2, ..., T-h+1}), ``"grad-norm"`` (softmax over running estimates of
+each span's gradient norm, divided by their mean so the choice is scale-free — paper Sec. 4),
+or ``(a, b)`` (the span stays inside paper steps [a, b]: "diffusive chain of thought").
+With a black-box reward the final step is covered zeroth-order instead of first-order.
+
+``zo=False`` / ``ho=False`` give the paper's ablations (those steps are then left out or moved to
+zeroth-order). :func:`RLRReleased` is the authors' released variant: first-order on the final
+step plus one likelihood-ratio step at a uniformly random position, nothing else (biased).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chaintune.chain import StepGrad
+from chaintune.estimators.base import (
+    EstimationContext,
+    Estimator,
+    Stats,
+    advantages,
+    draw_noise,
+    mirrored_zeroth_order,
+    rollout,
+)
+
+
+class RLR(Estimator):
+    name = "rlr"
+
+    def __init__(self, h: int = 2, j: str | tuple[int, int] = "uniform", sigma: float = 1e-3,
+                 zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9):
+        if h < 1:
+            raise ValueError(f"h must be >= 1, got {h}")
+        if not (j in ("uniform", "grad-norm") or (isinstance(j, tuple) and len(j) == 2)):
+            raise ValueError(f"j must be 'uniform', 'grad-norm' or (a, b), got {j!r}")
+        self.h = h
+        self.j = j
+        self.sigma = sigma
+        self.zo = zo
+        self.ho = ho
+        self.shared_perturbation = shared_perturbation
+        self.norm_decay = norm_decay
+        self._norms: dict[int, float] = {}
+
+    # which steps get which gradient -----------------------------------------------------------
+    def j_range(self, num_steps: int) -> tuple[int, int]:
+        """Allowed paper-steps j for the span (the span is j .. j+h-1, never step 1)."""
+        lo, hi = 2, num_steps - self.h + 1
+        if isinstance(self.j, tuple):
+            a, b = self.j
+            lo, hi = max(lo, a), min(hi, b - self.h + 1)
+        if hi < lo:
+            raise ValueError(
+                f"no room for a half-order span of h={self.h} in {num_steps} steps"
+                + (f" within j range {self.j}" if isinstance(self.j, tuple) else "")
+                + f": need h <= {num_steps - 1}" + (" and b - a >= h" if isinstance(self.j, tuple) else "")
+            )
+        return lo, hi
+
+    def sample_j(self, num_steps: int, generator=None) -> int:
+        lo, hi = self.j_range(num_steps)
+        choices = list(range(lo, hi + 1))
+        if self.j == "grad-norm" and self._norms:
+            known = [self._norms.get(c) for c in choices]
+            mean = sum(v for v in known if v is not None) / max(1, sum(v is not None for v in known))
+            logits = torch.tensor([(v if v is not None else mean) / (mean + 1e-12) for v in known])
+            idx = int(torch.multinomial(torch.softmax(logits, 0), 1, generator=generator))
+            return choices[idx]
+        return choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
+
+    def plan(self, num_steps, generator=None, j: int | None = None, differentiable: bool = True) -> list[StepGrad]:
+        if num_steps < 2:
+            raise ValueError("RLR needs at least 2 steps")
+        j = self.sample_j(num_steps, generator) if j is None else j
+        rest = StepGrad.PERTURBED if self.zo else StepGrad.NONE
+        modes = [rest] * num_steps
+        end = num_steps - j  # position of paper step j
+        if self.ho:
+            for i in range(end - self.h + 1, end):
+                modes[i] = StepGrad.PATHWISE
+            modes[end] = StepGrad.LIKELIHOOD
+        else:
+            for i in range(end - self.h + 1, end + 1):
+                modes[i] = StepGrad.PERTURBED
+        modes[-1] = StepGrad.PATHWISE if differentiable else StepGrad.PERTURBED
+        return modes
+
+    # the estimate ---------------------------------------------------------------------------------
+    def updates(self, ctx: EstimationContext):
+        self.check(ctx)
+        differentiable = bool(getattr(ctx.reward, "differentiable", False))
+        j = self.sample_j(ctx.steps, ctx.generator)
+        modes = self.plan(ctx.steps, j=j, differentiable=differentiable)
+        lr_pos = [i for i, m in enumerate(modes) if m == StepGrad.LIKELIHOOD]
+        params = [p for _, p in ctx.params]
+        ho_norm: list[float] = []
+
+        def surrogate(traj, images, r, cond):
+            loss = torch.zeros((), device=r.device)
+            if differentiable:
+                loss = loss - r.sum() / ctx.n
+            if lr_pos:
+                adv = advantages(r, cond, ctx.baseline).to(r.device)
+                ho = -(adv * traj.graph_log_probs[lr_pos[0]]).sum() / ctx.n
+                if self.j == "grad-norm":
+                    grads = torch.autograd.grad(ho, params, allow_unused=True)
+                    ho_norm.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
+                    for p, g in zip(params, grads, strict=True):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+                else:
+                    loss = loss + ho
+            return loss
+
+        if StepGrad.PERTURBED in modes:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+            stats = mirrored_zeroth_order(ctx, modes, self.sigma, seed, shared=self.shared_perturbation,
+                                          grad_reward=differentiable, surrogate=surrogate)
+        else:
+            x_T, noises = draw_noise(ctx, ctx.n)
+            traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions,
+                                      grad_reward=differentiable)
+            surrogate(traj, images, r, ctx.conditions).backward()
+            stats = Stats(rewards=r.detach(), images=images.detach())
+        if ho_norm:
+            prev = self._norms.get(j)
+            val = sum(ho_norm) / len(ho_norm)
+            self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
+        stats.extra.update({"j": j, "h": self.h})
+        yield stats
+
+
+class _Released(RLR):
+    name = "rlr-released"
+
+    def plan(self, num_steps, generator=None, j=None, differentiable=True):
+        modes = [StepGrad.NONE] * num_steps
+        pos = int(torch.randint(0, num_steps - 1, (1,), generator=generator)) if j is None else num_steps - j
+        modes[pos] = StepGrad.LIKELIHOOD
+        modes[-1] = StepGrad.PATHWISE
+        return modes
+
+    def sample_j(self, num_steps, generator=None):
+        return int(torch.randint(2, num_steps + 1, (1,), generator=generator))
+
+
+def RLRReleased() -> RLR:  # noqa: N802
+    """The authors' released code path: FO on the final step + one LR step at a random position."""
+    est = _Released(h=1, zo=False)
+    est.needs_differentiable_reward = True
+    return est

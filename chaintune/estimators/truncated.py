@@ -1,0 +1,60 @@
+"""Truncated backpropagation: AlignProp / DRaFT-K, and ReFL as a preset.
+
+Plan: the last ``k`` positions PATHWISE, all earlier ones NONE. Biased (paper Prop. 6.1): the
+parameters' role in the first T-k steps is ignored. ``random_k`` draws k uniformly in [1, k]
+each call (AlignProp's randomised truncation). ``stop_range=(a, b)`` gives ReFL: stop at a
+random chain position in [a, b] and score the model's one-step x_0 prediction there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chaintune.chain import StepGrad
+from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+
+
+class TruncatedBackprop(Estimator):
+    name = "truncated-backprop"
+    needs_differentiable_reward = True
+
+    def __init__(self, k: int = 1, random_k: bool = False, stop_range: tuple[int, int] | None = None):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.random_k = random_k
+        self.stop_range = stop_range
+
+    def _k(self, generator) -> int:
+        if self.random_k:
+            return int(torch.randint(1, self.k + 1, (1,), generator=generator))
+        return self.k
+
+    def plan(self, num_steps, generator=None, stop_at: int | None = None):
+        last = num_steps - 1 if stop_at is None else stop_at
+        k = min(self._k(generator), last + 1)
+        return [StepGrad.PATHWISE if last - k < i <= last else StepGrad.NONE for i in range(num_steps)]
+
+    def updates(self, ctx: EstimationContext):
+        self.check(ctx)
+        stop_at = None
+        if self.stop_range is not None:
+            a, b = self.stop_range
+            if not 0 <= a <= b < ctx.steps:
+                raise ValueError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
+            stop_at = int(torch.randint(a, b + 1, (1,), generator=ctx.generator))
+        x_T, noises = draw_noise(ctx, ctx.n)
+        modes = self.plan(ctx.steps, ctx.generator, stop_at)
+        traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions, grad_reward=True,
+                                  stop_at=stop_at)
+        (-r.sum() / ctx.n).backward()
+        yield Stats(rewards=r.detach(), images=images.detach(),
+                    extra={"k": sum(m == StepGrad.PATHWISE for m in modes)})
+
+
+def ReFL(stop_range: tuple[int, int] | None = None, steps: int = 50) -> TruncatedBackprop:  # noqa: N802
+    """ReFL (Xu et al. 2023): no-grad sampling to a random late step, then one pathwise step scored on
+    its x_0 prediction. Default range: the last 25% of the chain excluding the final step."""
+    if stop_range is None:
+        stop_range = (int(steps * 0.75), steps - 2)
+    return TruncatedBackprop(k=1, stop_range=stop_range)

@@ -1,0 +1,400 @@
+"""Reward alignment trainer: ``AlignConfig`` + ``align(config)``, one loop you can read top to bottom.
+
+Each optimizer step: every micro-batch runs the chosen estimator (which accumulates -grad J into
+``.grad``), optional guards add their gradients (KL to the base model's transitions, a retention
+loss on base-model samples), gradients are averaged over micro-batches and processes, clipped,
+checked for NaN/inf, and applied. Evaluation on held-out seeds logs the reward, a held-out
+reward from a network training never saw, sample diversity, and a sample grid.
+
+Multi-process: the model is *not* wrapped in DDP (zeroth-order estimators write gradients that
+DDP's hooks would not see); instead gradients are all-reduced explicitly after accumulation, so
+every estimator is exact under ``accelerate launch``. Each process draws its own samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from chaintune.backends.base import Conditions
+from chaintune.errors import ChaintuneError
+
+
+@dataclass
+class AlignConfig:
+    """Every option of ``chaintune align`` (CLI flags and config-file keys share these names)."""
+
+    model: str = "builtin:digits"
+    reward: str = "digit:3"
+    estimator: str = "rlr"
+    # estimator options
+    h: int = 2
+    j: str = "uniform"  # uniform | grad-norm | "a,b"
+    sigma: float = 1e-3
+    k: int = 1
+    inner_epochs: int = 1
+    clip_range: float = 1e-4
+    # chain
+    sample_steps: int = 20
+    eta: float = 1.0
+    scheduler: str = "ddim"
+    guidance_scale: float | None = None
+    prompts: list[str] | None = None
+    prompt_file: str | None = None
+    labels: list[int] | None = None
+    # optimisation
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    peft: str = "none"  # none | lora
+    lora_rank: int = 4
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = True
+    baseline: str = "batch"
+    # reward-hacking guards
+    kl_weight: float = 0.0
+    kl_samples: int = 4
+    retention_weight: float = 0.0
+    retention_samples: int = 64
+    heldout_reward: str | None = "auto"
+    # evaluation, logging, checkpoints
+    eval_every: int = 25
+    eval_samples: int = 64
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    seed: int = 0
+    out: str = "runs/align"
+    device: str | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AlignConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(values) - known)
+        if bad:
+            from chaintune.errors import unknown_name
+
+            raise unknown_name("align option", bad[0], known)
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ChaintuneError("steps, batch_size and grad_accum must be >= 1")
+        if self.sample_steps < 2:
+            raise ChaintuneError("sample_steps must be >= 2")
+        if self.estimator in ("rlr", "half-order") and self.h >= self.sample_steps:
+            raise ChaintuneError(f"h={self.h} must be smaller than sample_steps={self.sample_steps}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ChaintuneError("mixed_precision must be no, fp16 or bf16")
+        if self.peft not in ("none", "lora"):
+            raise ChaintuneError("align supports peft 'none' (full weights) or 'lora'")
+
+
+def estimator_from_config(cfg: AlignConfig):
+    from chaintune.estimators import get_estimator
+
+    name = cfg.estimator
+    j: str | tuple[int, int] = cfg.j
+    if isinstance(j, str) and "," in j:
+        a, b = (int(v) for v in j.split(","))
+        j = (a, b)
+    opts = {
+        "rlr": {"h": cfg.h, "j": j, "sigma": cfg.sigma},
+        "half-order": {"h": cfg.h},
+        "zeroth-order": {"sigma": cfg.sigma},
+        "truncated-backprop": {"k": cfg.k},
+        "alignprop": {"k": cfg.k},
+        "reinforce": {"inner_epochs": cfg.inner_epochs, "clip_range": cfg.clip_range},
+        "ddpo": {"inner_epochs": cfg.inner_epochs, "clip_range": cfg.clip_range},
+    }.get(name, {})
+    return get_estimator(name, **opts)
+
+
+def default_heldout(reward_spec: str) -> str | None:
+    """digit:K -> digit-heldout:K (a different classifier judges the aligned samples)."""
+    if reward_spec.startswith("digit:"):
+        return "digit-heldout:" + reward_spec.split(":", 1)[1]
+    return None
+
+
+def _prompts(cfg: AlignConfig) -> list[str] | None:
+    if cfg.prompt_file:
+        p = Path(cfg.prompt_file)
+        if not p.exists():
+            raise ChaintuneError(f"prompt file not found: {p}")
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        if not lines:
+            raise ChaintuneError(f"prompt file {p} is empty")
+        return lines
+    return cfg.prompts
+
+
+def _conditions(model, n: int, prompts, labels, cfg: AlignConfig, gen: torch.Generator) -> Conditions:
+    from chaintune.sampling import make_conditions
+
+    p = None if prompts is None else [prompts[int(i)] for i in torch.randint(0, len(prompts), (n,), generator=gen)]
+    lab = None if labels is None else [labels[int(i)] for i in torch.randint(0, len(labels), (n,), generator=gen)]
+    return make_conditions(model, n, labels=lab, prompts=p, guidance_scale=cfg.guidance_scale, generator=gen)
+
+
+def pairwise_diversity(images: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between samples (per pixel): collapse to one image drives it to 0."""
+    x = images.flatten(1).float()
+    if len(x) < 2:
+        return 0.0
+    d = torch.cdist(x, x) / math.sqrt(x.shape[1])
+    return float(d.sum() / (len(x) * (len(x) - 1)))
+
+
+@contextlib.contextmanager
+def base_model_weights(model, frozen_copy):
+    """Run the base (pre-alignment) model: LoRA adapters disabled, or a frozen copy's weights."""
+    if frozen_copy is not None:
+        live = model.denoiser
+        model.denoiser = frozen_copy
+        try:
+            yield
+        finally:
+            model.denoiser = live
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.denoiser.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def kl_to_base(model, frozen_copy, cfg: AlignConfig, sched, gen: torch.Generator, cond: Conditions) -> torch.Tensor:
+    """Closed-form KL(p_theta(x_{i+1}|x_i) || p_base(x_{i+1}|x_i)) = |m - m_base|^2 / 2 std^2 at a random
+    stochastic position i of a fresh rollout, times the number of steps (an unbiased estimate of the
+    path KL's per-step sum)."""
+    from chaintune.chain import run_chain, transition
+    from chaintune.sampling import initial_noise
+
+    n = cond.labels.shape[0] if cond.labels is not None else (len(cond.prompts) if cond.prompts else cfg.kl_samples)
+    i = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=gen))
+    x_T = initial_noise(model, n, gen)
+    with torch.no_grad():
+        tr = run_chain(model.denoise_fn(cond), sched, x_T, num_steps=cfg.sample_steps, eta=cfg.eta, generator=gen,
+                       stop_at=i)
+    from chaintune.chain import prepare_scheduler
+
+    s = prepare_scheduler(sched, cfg.sample_steps, device=x_T.device)
+    x_i, t = tr.latents[i], tr.timesteps[i]
+    mean, std, _ = transition(s, model.denoise_fn(cond)(x_i, t.to(x_i.device)), int(t), x_i, cfg.eta)
+    with torch.no_grad(), base_model_weights(model, frozen_copy):
+        base_mean, _, _ = transition(s, model.denoise_fn(cond)(x_i, t.to(x_i.device)), int(t), x_i, cfg.eta)
+    if float(std) <= 0:
+        return torch.zeros((), device=x_i.device)
+    kl = ((mean - base_mean) ** 2).flatten(1).sum(1) / (2 * std**2)
+    return kl.mean() * (cfg.sample_steps - 1)
+
+
+def retention_loss(model, bank: torch.Tensor, gen: torch.Generator, n: int) -> torch.Tensor:
+    """Denoising loss on samples of the base model (keeps what the model knew; cf. Diff-Tuning)."""
+    from chaintune.chain import add_noise, training_target
+
+    idx = torch.randint(0, len(bank), (n,), generator=gen)
+    x0 = bank[idx].to(model.device, model.dtype)
+    noise = torch.randn(x0.shape, generator=gen).to(x0)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (n,), generator=gen).to(x0.device)
+    xt = add_noise(model.scheduler, x0, noise, t)
+    pred = model.model_output(xt, t, model.default_conditions(n) if not model.conditional else Conditions())
+    return torch.nn.functional.mse_loss(pred.float(), training_target(model.scheduler, x0, noise, t).float())
+
+
+def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run reward alignment; returns the run directory (a model id for ``chaintune.load``)."""
+    from accelerate import Accelerator
+
+    import chaintune
+    from chaintune.estimators import EstimationContext
+    from chaintune.rewards import get_reward
+    from chaintune.sampling import chain_scheduler, sample
+    from chaintune.training import checkpoint as ckpt
+    from chaintune.training.adapters import apply_peft, trainable_names
+    from chaintune.training.logging import RunLogger
+    from chaintune.training.runs import prepare_run_dir, save_tuned_model, write_run_info
+    from chaintune.utils.images import save_grid
+    from chaintune.utils.progress import progress
+
+    cfg.validate()
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    main = acc.is_main_process
+    out = Path(cfg.out)
+    if main:
+        prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    acc.wait_for_everyone()
+
+    # ---- model, reward, estimator ------------------------------------------------------------
+    model = chaintune.load(cfg.model, device=str(acc.device))
+    reward = get_reward(cfg.reward)
+    heldout_spec = default_heldout(cfg.reward) if cfg.heldout_reward == "auto" else cfg.heldout_reward
+    heldout = get_reward(heldout_spec) if heldout_spec else None
+    estimator = estimator_from_config(cfg)
+    frozen = None
+    if cfg.kl_weight > 0 and cfg.peft == "none":
+        frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+    trainable = apply_peft(model.denoiser, cfg.peft, rank=cfg.lora_rank)
+    if cfg.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
+        pass  # the chain checkpoints whole model calls (EstimationContext.checkpoint); no double recompute
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    lr_sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    sched = chain_scheduler(model, cfg.scheduler)
+    prompts, labels = _prompts(cfg), cfg.labels
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+    bank = None
+    if cfg.retention_weight > 0:
+        bank = sample(model, cfg.retention_samples, steps=cfg.sample_steps, eta=cfg.eta,
+                      generator=torch.Generator().manual_seed(cfg.seed + 99), scheduler=sched, decode=False).x0
+
+    start_step = 0
+    state = {"bad_steps": 0}
+    if resume:
+        start_step = ckpt.restore(out, model.denoiser, opt, lr_sched, gen, state, estimator=estimator)
+    if main:
+        write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft, "status": "running",
+                             "trainable_parameters": sum(p.numel() for p in params),
+                             "trainable_tensors": len(trainable_names(model.denoiser)), "config": asdict(cfg)})
+        ckpt.save_config(out, asdict(cfg))
+    logger = RunLogger(out, tensorboard=cfg.tensorboard) if main else None
+
+    def evaluate(step: int) -> dict:
+        eval_gen = torch.Generator().manual_seed(10_000 + cfg.seed)  # held-out seeds: never used in training
+        c = _conditions(model, cfg.eval_samples, prompts, labels, cfg, eval_gen)
+        with acc.autocast():
+            tr = sample(model, cfg.eval_samples, steps=cfg.sample_steps, eta=cfg.eta, generator=eval_gen,
+                        labels=c.labels, prompts=c.prompts, guidance_scale=c.guidance_scale, scheduler=sched)
+        with torch.no_grad():
+            row = {"step": step, "eval/reward": float(reward(tr.images, prompts=c.prompts, labels=c.labels).mean()),
+                   "eval/diversity": pairwise_diversity(tr.images)}
+            if heldout is not None:
+                row["eval/heldout_reward"] = float(heldout(tr.images, prompts=c.prompts, labels=c.labels).mean())
+            if cfg.reward.startswith("digit:"):
+                from chaintune.classifiers import load_classifier
+
+                k = int(cfg.reward.split(":")[1])
+                row["eval/class_share"] = float((load_classifier("digits-mlp")(tr.images).argmax(1) == k)
+                                                .float().mean())
+        if main:
+            save_grid(tr.images[:64], out / "samples" / f"step_{step:06d}.png")
+        return row
+
+    # ---- the loop ----------------------------------------------------------------------------
+    if main and start_step == 0:
+        logger.log(evaluate(0))
+    bar = progress(range(start_step, cfg.steps), desc=f"align {cfg.estimator}", total=cfg.steps,
+                   disable=not (main and cfg.progress), initial=start_step)
+    t_start = time.time()
+    for step in bar:
+        model.denoiser.train()
+        ctxs = []
+        for _ in range(cfg.grad_accum):
+            c = _conditions(model, cfg.batch_size, prompts, labels, cfg, gen)
+            ctxs.append(EstimationContext(model=model, reward=reward, n=cfg.batch_size, steps=cfg.sample_steps,
+                                          eta=cfg.eta, scheduler=sched, generator=gen, conditions=c,
+                                          checkpoint=cfg.gradient_checkpointing, baseline=cfg.baseline,
+                                          autocast=acc.autocast))
+        iters = [estimator.updates(c) for c in ctxs]
+        rewards, extras = [], {}
+        while True:
+            got = []
+            for it in iters:
+                s = next(it, None)
+                if s is not None:
+                    got.append(s)
+            if not got:
+                break
+            rewards += [s.rewards.float().cpu() for s in got]
+            for s in got:
+                extras.update({k: v for k, v in s.extra.items() if isinstance(v, (int, float))})
+            guard = {}
+            if cfg.kl_weight > 0:
+                kl_cond = _conditions(model, cfg.kl_samples, prompts, labels, cfg, gen)
+                with acc.autocast():
+                    kl = kl_to_base(model, frozen, cfg, sched, gen, kl_cond)
+                (cfg.kl_weight * kl * len(got)).backward()
+                guard["kl"] = float(kl)
+            if bank is not None:
+                with acc.autocast():
+                    ret = retention_loss(model, bank, gen, cfg.batch_size)
+                (cfg.retention_weight * ret * len(got)).backward()
+                guard["retention_loss"] = float(ret)
+            # average over micro-batches and processes
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(len(got))
+                    if acc.num_processes > 1:
+                        p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+            finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+            if not finite:
+                state["bad_steps"] += 1
+                opt.zero_grad(set_to_none=True)
+                if main:
+                    bar.write(f"warning: step {step}: non-finite gradient, update skipped "
+                              f"({state['bad_steps']}/{cfg.max_bad_steps} in a row)")
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    if main:
+                        write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft,
+                                             "status": "failed: non-finite gradients", "config": asdict(cfg)})
+                    raise ChaintuneError(
+                        f"{cfg.max_bad_steps} non-finite gradients in a row at step {step}; stopped. The last good "
+                        f"checkpoint in {out / 'checkpoints'} is intact (lower --lr or check the reward)")
+                continue
+            state["bad_steps"] = 0
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            extras.update(guard)
+            extras["grad_norm"] = gnorm
+        r = torch.cat(rewards) if rewards else torch.zeros(1)
+        r = acc.gather(r.to(acc.device)).cpu() if acc.num_processes > 1 else r
+        row = {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+               "lr": lr_sched.get_last_lr()[0], "time": time.time() - t_start, **extras}
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row.update(evaluate(step + 1))
+        if main:
+            logger.log(row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            acc.wait_for_everyone()
+            if main:
+                ckpt.save(out, step + 1, model.denoiser, opt, lr_sched, gen, state, keep=cfg.keep_checkpoints,
+                          estimator=estimator)
+    # ---- save ----------------------------------------------------------------------------
+    acc.wait_for_everyone()
+    if main:
+        model.denoiser.eval()
+        save_tuned_model(out, model, cfg.peft, cfg.lora_rank)
+        write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft, "status": "finished",
+                             "trainable_parameters": sum(p.numel() for p in params), "config": asdict(cfg)})
+        logger.close()
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

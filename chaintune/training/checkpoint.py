@@ -1,0 +1,130 @@
+"""Resumable training state, written atomically, safetensors + JSON only (no pickle).
+
+``checkpoints/step_000050/`` holds the trainable weights, the optimizer's tensors and structure,
+the LR schedule, every RNG state (torch, CUDA, numpy, python and the sampling generator) and the
+trainer's counters. A checkpoint directory appears only when complete (temp dir, then rename), so
+a crash or SIGKILL mid-write leaves the previous one intact; the last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from chaintune.errors import ChaintuneError
+from chaintune.utils.io import atomic_dir, atomic_file, save_json
+
+
+def _opt_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _opt_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(run_dir: Path, step: int, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
+         keep: int = 2, estimator=None, ema=None) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step_{step:06d}"
+    with atomic_dir(target) as tmp:
+        weights = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        ot, ometa = _opt_split(opt)
+        save_file(ot, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        if ema is not None:
+            save_file({f"ema.{i}": t.detach().cpu().contiguous() for i, t in enumerate(ema.shadow_params)},
+                      str(tmp / "ema.safetensors"))
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        save_json(tmp / "trainer.json", {
+            "step": step,
+            "optimizer": ometa,
+            "lr_scheduler": lr_sched.state_dict() if lr_sched is not None else None,
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "state": state,
+            "estimator": getattr(estimator, "_norms", None) and {str(k): v for k, v in estimator._norms.items()},
+        })
+    ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest(run_dir: Path) -> Path | None:
+    ckpts = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+    return ckpts[-1] if ckpts else None
+
+
+def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
+            estimator=None, ema=None) -> int:
+    """Load the latest checkpoint into the given objects; returns the step to continue from."""
+    path = latest(run_dir)
+    if path is None:
+        raise ChaintuneError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+        weights = load_file(str(path / "trainable.safetensors"))
+        ot = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except Exception as e:  # corrupt or truncated files
+        raise ChaintuneError(f"checkpoint {path} is corrupt: {e}") from e
+    params = dict(module.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ChaintuneError(f"checkpoint {path} does not match the model (unknown parameter {missing[0]!r})")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt.load_state_dict(_opt_join(ot, meta["optimizer"]))
+    if lr_sched is not None and meta.get("lr_scheduler"):
+        lr_sched.load_state_dict(meta["lr_scheduler"])
+    torch.set_rng_state(rng["torch"])
+    gen.set_state(rng["generator"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
+    ns = meta["numpy_rng"]
+    np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+    ps = meta["python_rng"]
+    random.setstate((ps[0], tuple(ps[1]), ps[2]))
+    state.update(meta.get("state") or {})
+    if estimator is not None and meta.get("estimator"):
+        estimator._norms = {int(k): v for k, v in meta["estimator"].items()}
+    if ema is not None and (path / "ema.safetensors").exists():
+        e = load_file(str(path / "ema.safetensors"))
+        for i, t in enumerate(ema.shadow_params):
+            t.copy_(e[f"ema.{i}"])
+    return int(meta["step"])
+
+
+def save_config(run_dir: Path, config: dict) -> None:
+    import yaml
+
+    with atomic_file(Path(run_dir) / "config.yaml") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
