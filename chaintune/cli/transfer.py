@@ -1,0 +1,91 @@
+"""``chaintune transfer`` (Diff-Tuning / plain fine-tuning) and ``chaintune forgetting``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def transfer(
+        out: Annotated[Path, typer.Option(help="Run directory to write (it becomes a model id).")],
+        model: Annotated[str | None, typer.Option(help="Base model id (builtin:glyphs, a diffusers dir, a run).")]
+        = None,
+        data: Annotated[str | None, typer.Option(
+            help="Target data: digits-fewshot:K, digits:train, glyphs:train, or a folder of images.")] = None,
+        method: Annotated[str | None, typer.Option(help="diff-tuning or plain.")] = None,
+        peft: Annotated[str | None, typer.Option(help="none, lora, bitfit or difffit.")] = None,
+        steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+        config: Annotated[Path | None, typer.Option(help="YAML/TOML config with any TransferConfig field.")]
+        = None,
+        batch_size: Annotated[int | None, typer.Option(help="Images per step (target + bank).")] = None,
+        lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+        lam: Annotated[float | None, typer.Option("--lambda", help="Weight of the retention loss.")] = None,
+        bank_size: Annotated[int | None, typer.Option(help="Knowledge-bank samples (cached and reused).")]
+        = None,
+        timestep_mode: Annotated[str | None, typer.Option(
+            help="sampling (importance-sample t) or weighting (uniform t, weighted losses).")] = None,
+        eval_data: Annotated[str | None, typer.Option(help="Held-out images for FID ('auto': the test split).")]
+        = None,
+        feature: Annotated[str | None, typer.Option(
+            help="FID features: digits-cnn, digits-mlp or inception:/path/to/weights ('auto').")] = None,
+        eval_every: Annotated[int | None, typer.Option(help="Evaluate (FID, sample grid) every N steps.")]
+        = None,
+        seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+        device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best available).")] = None,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    ):
+        """Fine-tune a pretrained model on new data with Diff-Tuning or plain fine-tuning."""
+        from chaintune.transfer.diff_tuning import TransferConfig
+        from chaintune.transfer.diff_tuning import transfer as run
+        from chaintune.utils.io import load_config_file
+
+        values = load_config_file(config) if config else {}
+        cli = {"model": model, "data": data, "method": method, "peft": peft, "steps": steps,
+               "batch_size": batch_size, "lr": lr, "lam": lam, "bank_size": bank_size,
+               "timestep_mode": timestep_mode, "eval_data": eval_data, "feature": feature,
+               "eval_every": eval_every, "seed": seed, "device": device}
+        values.update({k: v for k, v in cli.items() if v is not None})
+        cfg = TransferConfig.from_dict(values)
+        res = run(cfg, out=out, overwrite=overwrite)
+        fid = res.final.get("fid")
+        tail = f", FID {fid:.3f} (KID {res.final['kid']:.4f})" if fid is not None else ""
+        typer.echo(f"saved run to {out} ({cfg.method}/{cfg.peft}, {cfg.steps} steps{tail}); "
+                   f"sample with: chaintune sample --model {out}")
+
+    @app.command()
+    def forgetting(
+        base: Annotated[str, typer.Option(help="The pretrained model M0.")],
+        tuned: Annotated[str, typer.Option(help="The fine-tuned model M1 (e.g. a transfer run directory).")],
+        data: Annotated[str, typer.Option(help="Target data for the per-timestep losses (e.g. digits:test).")],
+        out: Annotated[Path, typer.Option(help="Output directory (forgetting.json, forgetting.png).")]
+        = Path("out/forgetting"),
+        eval_data: Annotated[str | None, typer.Option(
+            help="Held-out target images for the hand-over FID (default: --data).")] = None,
+        feature: Annotated[str, typer.Option(help="FID features: digits-cnn or inception:/path.")] = "digits-cnn",
+        bank_size: Annotated[int, typer.Option(help="Knowledge-bank samples of the base model (cached).")]
+        = 1000,
+        timesteps: Annotated[int, typer.Option(help="Number of timesteps on the loss grid.")] = 20,
+        samples: Annotated[int, typer.Option(help="Images per hand-over threshold for FID (0: skip).")] = 500,
+        steps: Annotated[int, typer.Option(help="Sampling steps of the hand-over chain.")] = 50,
+        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    ):
+        """Per-timestep forgetting of a fine-tuned model and hand-over FID (JSON + plot)."""
+        import chaintune
+        from chaintune.transfer.bank import BankConfig, build_bank
+        from chaintune.transfer.diff_tuning import load_target
+        from chaintune.transfer.forgetting import analyze, write_report
+
+        m0, m1 = chaintune.load(base), chaintune.load(tuned)
+        x, _ = load_target(m0, data)
+        ev = load_target(m0, eval_data)[0] if eval_data else x
+        bank = build_bank(m0, BankConfig(size=bank_size, seed=seed))
+        res = analyze(m0, m1, x, bank.latents, eval_images=ev if samples > 0 else None, num_timesteps=timesteps,
+                      handover_n=max(samples, 2), steps=steps, feature=feature, seed=seed)
+        res["models"] = {"base": base, "tuned": tuned}
+        res.update(data=data, eval_data=eval_data or data, bank_path=str(bank.path))
+        jpath, ppath = write_report(res, out, title=f"{tuned} vs {base} on {data}")
+        typer.echo(f"forgetting Spearman(t) = {res['forgetting_spearman']:.2f}; wrote {jpath} and {ppath}")

@@ -1,0 +1,18 @@
+"""Transfer fine-tuning: Diff-Tuning (chain of forgetting), its knowledge bank, and the analysis.
+
+See :func:`chaintune.transfer.transfer` (the trainer), :func:`build_bank` (cached samples of the
+pretrained model) and :func:`chaintune.transfer.forgetting.analyze` (per-timestep forgetting).
+"""
+
+from chaintune.transfer.bank import BankConfig, KnowledgeBank, build_bank
+from chaintune.transfer.diff_tuning import (
+    METHODS,
+    TransferConfig,
+    TransferResult,
+    diff_tuning_loss,
+    transfer,
+)
+from chaintune.transfer.timesteps import importance_weights, sample_timesteps, timestep_probs
+
+__all__ = ["BankConfig", "KnowledgeBank", "build_bank", "TransferConfig", "TransferResult", "transfer",
+           "diff_tuning_loss", "METHODS", "sample_timesteps", "timestep_probs", "importance_weights"]

@@ -1,0 +1,193 @@
+"""Chain-of-forgetting analysis: where along the chain did fine-tuning change the model?
+
+Two measurements between a base model M0 and its fine-tuned version M1:
+
+1. per-timestep denoising loss of both models on the target data and on the knowledge bank
+   (samples of M0, i.e. the source domain), with the *same* images, timesteps and noise for
+   both, so differences are paired. ``forgetting(t)`` is M1's excess loss on the bank,
+   ``loss_M1(t) - loss_M0(t)``: how much source-domain denoising skill was lost at noise level t.
+   It is also reported relative to M0 and in x0 units (eps loss times (1 - a_t) / a_t).
+2. hand-over sampling: M1 denoises chain positions with t >= threshold and M0 those below it;
+   the FID of the result against held-out target images, per threshold. If low-noise steps are
+   domain general (the chain of forgetting), handing them to M0 costs little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.chain import Denoise, add_noise, run_chain, training_target
+
+__all__ = ["handover_denoise", "per_timestep_losses", "handover_fid", "analyze", "write_report", "spearman"]
+
+
+def handover_denoise(tuned: Denoise, base: Denoise, threshold: int) -> Denoise:
+    """A denoiser that runs ``tuned`` for t >= threshold and ``base`` below it (t is a scalar)."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tuned(x, t) if int(t) >= threshold else base(x, t)
+
+    return fn
+
+
+@torch.no_grad()
+def per_timestep_losses(models: Sequence[DiffusionModel], x0: torch.Tensor, timesteps: Sequence[int], *,
+                        cond: Conditions | None = None, seed: int = 0, batch_size: int = 256,
+                        repeats: int = 1) -> torch.Tensor:
+    """Mean denoising loss of each model at each timestep: tensor [len(models), len(timesteps)].
+
+    All models see identical (x0, t, noise) triples, so the comparison is paired.
+    """
+    sched = models[0].scheduler
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(models), len(timesteps), dtype=torch.float64)
+    for j, t_val in enumerate(timesteps):
+        for _ in range(repeats):
+            noise = torch.randn(x0.shape, generator=g)
+            for s in range(0, len(x0), batch_size):
+                xb, nb = x0[s : s + batch_size], noise[s : s + batch_size]
+                t = torch.full((len(xb),), int(t_val), dtype=torch.long)
+                cb = None if cond is None else cond.subset(range(s, s + len(xb)))
+                for i, m in enumerate(models):
+                    dev = m.device
+                    x_t = add_noise(sched, xb.to(dev), nb.to(dev), t.to(dev))
+                    c = cb if cb is not None else _null(m, len(xb))
+                    pred = m.model_output(x_t, t.to(dev), c).float()
+                    tgt = training_target(sched, xb.to(dev), nb.to(dev), t.to(dev)).float()
+                    out[i, j] += F.mse_loss(pred, tgt, reduction="sum").item() / xb[0].numel()
+        out[:, j] /= len(x0) * repeats
+    return out
+
+
+def _null(model: DiffusionModel, n: int) -> Conditions:
+    from chaintune.transfer.diff_tuning import null_conditions
+
+    return null_conditions(model, n)
+
+
+@torch.no_grad()
+def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int, n: int, *, steps: int = 50,
+                     eta: float = 1.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """Images from the hand-over chain (same initial noise and step noise for every threshold)."""
+    from chaintune.sampling import chain_scheduler, initial_noise
+
+    sched = chain_scheduler(tuned, "ddim")
+    g = torch.Generator().manual_seed(seed)
+    x_T = initial_noise(tuned, n, g)
+    imgs = []
+    for s in range(0, n, batch_size):
+        xb = x_T[s : s + batch_size]
+        cond_t = tuned.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
+        cond_b = base.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
+        fn = handover_denoise(tuned.denoise_fn(cond_t), base.denoise_fn(cond_b), threshold)
+        gs = torch.Generator().manual_seed(seed + 1 + s)
+        traj = run_chain(fn, sched, xb, num_steps=steps, eta=eta, generator=gs)
+        imgs.append(tuned.decode(traj.x0).float().cpu())
+    return torch.cat(imgs)
+
+
+def handover_fid(tuned: DiffusionModel, base: DiffusionModel, eval_images: torch.Tensor,
+                 thresholds: Sequence[int], *, n: int = 500, steps: int = 50, eta: float = 1.0, seed: int = 0,
+                 feature: str = "digits-cnn") -> list[dict]:
+    """FID/KID vs held-out target images of the hand-over chain, per threshold."""
+    from chaintune.metrics import fid_kid
+
+    rows = []
+    for thr in thresholds:
+        imgs = handover_samples(tuned, base, int(thr), n, steps=steps, eta=eta, seed=seed)
+        rows.append({"threshold": int(thr), **fid_kid(eval_images, imgs, feature)})
+    return rows
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Rank correlation (no scipy needed): +1 when y rises monotonically with x."""
+    rx = torch.tensor(x, dtype=torch.float64).argsort().argsort().double()
+    ry = torch.tensor(y, dtype=torch.float64).argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-12))
+
+
+def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Tensor,
+            bank_latents: torch.Tensor | None = None, *, eval_images: torch.Tensor | None = None,
+            num_timesteps: int = 20, thresholds: Sequence[int] | None = None, handover_n: int = 500,
+            steps: int = 50, feature: str | None = "digits-cnn", seed: int = 0,
+            max_images: int = 1000) -> dict:
+    """Run both measurements (module docstring) and return a JSON-ready dict."""
+    from chaintune.transfer.diff_tuning import encode
+
+    T = int(base.scheduler.config.num_train_timesteps)
+    ts = torch.linspace(0, T - 1, num_timesteps).round().long().tolist()
+    x_tgt = encode(base, target_images[:max_images])
+    losses_t = per_timestep_losses([base, tuned], x_tgt, ts, seed=seed)
+    ab = base.scheduler.alphas_cumprod[torch.tensor(ts)].double()
+    to_x0 = (1 - ab) / ab
+    result: dict = {"timesteps": ts, "target": {"base": losses_t[0].tolist(), "tuned": losses_t[1].tolist()}}
+    if bank_latents is not None:
+        losses_b = per_timestep_losses([base, tuned], bank_latents[:max_images].float(), ts, seed=seed + 1)
+        forget = losses_b[1] - losses_b[0]
+        result["bank"] = {"base": losses_b[0].tolist(), "tuned": losses_b[1].tolist()}
+        result["forgetting"] = forget.tolist()
+        result["forgetting_relative"] = (forget / losses_b[0].clamp(min=1e-12)).tolist()
+        result["forgetting_x0"] = (forget * to_x0).tolist()
+        result["forgetting_spearman"] = spearman(ts, result["forgetting_relative"])
+    result["target_gain"] = (losses_t[0] - losses_t[1]).tolist()
+    if eval_images is not None and feature:
+        thresholds = list(thresholds) if thresholds is not None else [0, 100, 200, 300, 400, 500, 600, 700, 800,
+                                                                       900, T]
+        result["handover"] = handover_fid(tuned, base, eval_images, thresholds, n=handover_n, steps=steps,
+                                          seed=seed, feature=feature)
+        result["handover_spearman"] = spearman([r["threshold"] for r in result["handover"]],
+                                               [r["fid"] for r in result["handover"]])
+    return result
+
+
+def write_report(result: dict, out: str | Path, title: str = "chain of forgetting") -> tuple[Path, Path]:
+    """``forgetting.json`` and ``forgetting.png`` (loss curves, forgetting, hand-over FID) in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from chaintune.utils.io import atomic_file, save_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / "forgetting.json"
+    save_json(jpath, result)
+    ts = result["timesteps"]
+    panels = 1 + ("forgetting" in result) + ("handover" in result)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(ts, result["target"]["base"], "b--", label="base, target")
+    ax.plot(ts, result["target"]["tuned"], "b-", label="tuned, target")
+    if "bank" in result:
+        ax.plot(ts, result["bank"]["base"], "r--", label="base, bank")
+        ax.plot(ts, result["bank"]["tuned"], "r-", label="tuned, bank")
+    ax.set(xlabel="t", ylabel="denoising loss", title="loss per timestep", yscale="log")
+    ax.legend(fontsize=7)
+    k = 1
+    if "forgetting" in result:
+        ax = axes[0][k]
+        ax.plot(ts, result["forgetting_relative"], "k-o", ms=3)
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.set(xlabel="t", ylabel="(tuned - base) / base on bank",
+               title=f"forgetting (Spearman {result['forgetting_spearman']:.2f})")
+        k += 1
+    if "handover" in result:
+        ax = axes[0][k]
+        thr = [r["threshold"] for r in result["handover"]]
+        ax.plot(thr, [r["fid"] for r in result["handover"]], "g-o", ms=3)
+        ax.set(xlabel="hand-over threshold t (base model below)", ylabel="FID vs held-out target",
+               title="hand-over to the base model")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    ppath = out / "forgetting.png"
+    with atomic_file(ppath, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return jpath, ppath
