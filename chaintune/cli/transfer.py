@@ -88,4 +88,5 @@ def register(app: typer.Typer) -> None:
         res["models"] = {"base": base, "tuned": tuned}
         res.update(data=data, eval_data=eval_data or data, bank_path=str(bank.path))
         jpath, ppath = write_report(res, out, title=f"{tuned} vs {base} on {data}")
-        typer.echo(f"forgetting Spearman(t) = {res['forgetting_spearman']:.2f}; wrote {jpath} and {ppath}")
+        hand = f", hand-over FID Spearman {res['handover_spearman']:.2f}" if "handover" in res else ""
+        typer.echo(f"bank-loss forgetting Spearman(t) {res['forgetting_spearman']:.2f}{hand}; wrote {jpath}, {ppath}")

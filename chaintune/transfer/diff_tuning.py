@@ -357,15 +357,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     cfg = TransferConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
     run_dir = None
-    if out is not None:
-        from chaintune.training.runs import prepare_run_dir, write_run_info
-
-        run_dir = prepare_run_dir(out, overwrite=overwrite)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        _write_config(run_dir, cfg)
-        info = {"command": "transfer", "base_model": cfg.model, "peft": cfg.peft, "config": asdict(cfg),
-                "status": "running"}
-        write_run_info(run_dir, info)
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise ChaintuneError(f"{out} already holds files; pass --overwrite to replace it")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -398,6 +391,16 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
         from chaintune.metrics import feature_network
 
         feature_network(feature)  # fail now, not after training, on a bad feature spec
+
+    if out is not None:  # only now: a bad model/data id leaves no half-made run directory behind
+        from chaintune.training.runs import prepare_run_dir, write_run_info
+
+        run_dir = prepare_run_dir(out, overwrite=overwrite)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        _write_config(run_dir, cfg)
+        info = {"command": "transfer", "base_model": cfg.model, "peft": cfg.peft, "config": asdict(cfg),
+                "status": "running"}
+        write_run_info(run_dir, info)
 
     trainable = apply_peft(model.denoiser, cfg.peft, rank=cfg.lora_rank)
     params = [p for p in model.denoiser.parameters() if p.requires_grad]

@@ -1,0 +1,214 @@
+"""Offline transfer benchmark: builtin:glyphs (typeset digits) -> few-shot handwritten digits.
+
+Diff-Tuning vs plain fine-tuning at equal steps over several seeds (optionally with PEFT), FID
+against shots, and the chain-of-forgetting curve of a plainly fine-tuned model. FID/KID use the
+shipped digit classifier's features and compare 1000 generated images with the held-out
+``digits:test`` split (never seen in training). Nothing is pretrained or downloaded here.
+
+    python benchmarks/transfer.py            # full: about 15 min on 2 CPU cores
+    python benchmarks/transfer.py --quick    # CI smoke: under 2 min
+
+Writes ``benchmarks/results/transfer.json`` and ``transfer.png`` (``--quick``: under
+``benchmarks/results/tmp/``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI smoke run (< 2 min): 1 seed, few steps")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps per run (equal for all methods)")
+    p.add_argument("--shots", default="10,50", help="images per class in the few-shot target (comma list)")
+    p.add_argument("--peft", default="difffit,lora", help="PEFT variants run with seed 0 (empty: none)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--bank-size", type=int, default=1000)
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model size)")
+    p.add_argument("--base", default="builtin:glyphs", help="pretrained source model")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.steps, a.shots, a.peft = 1, 60, "10", ""
+        a.bank_size, a.eval_samples = 200, 300
+    a.out = a.out or (ROOT / "results" / ("tmp" if a.quick else ""))
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import chaintune
+    from chaintune.data import load_dataset
+    from chaintune.metrics import fid_kid
+    from chaintune.transfer import TransferConfig, transfer
+    from chaintune.transfer.bank import BankConfig, build_bank
+    from chaintune.transfer.diff_tuning import generate
+    from chaintune.transfer.forgetting import analyze
+
+    t_start = time.time()
+    base = chaintune.load(args.base)
+    test_x, _ = load_dataset("digits:test")
+    train_x, _ = load_dataset("digits:train")
+    bank_root = ROOT / "results" / "tmp" / "banks"
+    bank = build_bank(base, BankConfig(size=args.bank_size), bank_root)
+    shots = [int(s) for s in args.shots.split(",") if s]
+    peft_variants = [p for p in args.peft.split(",") if p]
+    sample_steps = 50 if not args.quick else 20
+
+    def fid_of(model) -> dict:
+        imgs = generate(model, args.eval_samples, sample_steps, 1.0, seed=12345)
+        return fid_kid(test_x, imgs, "digits-cnn")
+
+    refs = {
+        "base model (glyphs), no tuning": fid_of(base),
+        "digits:train (real data, reference)": fid_kid(test_x, train_x, "digits-cnn"),
+        "glyphs:test (source data)": fid_kid(test_x, load_dataset("glyphs:test")[0], "digits-cnn"),
+    }
+    for k in shots:
+        refs[f"digits-fewshot:{k} itself"] = fid_kid(test_x, load_dataset(f"digits-fewshot:{k}")[0], "digits-cnn")
+
+    runs: list[dict] = []
+    tuned_models: dict = {}
+
+    def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
+        cfg = TransferConfig(model=args.base, data=f"digits-fewshot:{k}", method=method, peft=peft,
+                             steps=args.steps, lr=args.lr if peft == "none" else args.lr * 10,
+                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data=None, seed=seed,
+                             log_every=max(1, args.steps // 10))
+        t0 = time.time()
+        res = transfer(cfg, model=copy.deepcopy(base), show_progress=False)
+        m = fid_of(res.model)
+        row = {"method": method, "peft": peft, "shots": k, "seed": seed, "steps": args.steps, **m,
+               "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
+               "seconds": round(time.time() - t0, 1)}
+        runs.append(row)
+        tuned_models[(method, peft, k, seed)] = res.model
+        print(f"  {method:12s} {peft:8s} shots={k:<3d} seed={seed}  FID {m['fid']:7.3f}  KID {m['kid']:.4f}"
+              f"  ({row['seconds']}s)", flush=True)
+        return row
+
+    print(f"base FID {refs['base model (glyphs), no tuning']['fid']:.3f}; bank {len(bank)} samples "
+          f"({'cached' if not bank.generated else 'generated'})", flush=True)
+    for k in shots:
+        for seed in range(args.seeds if k == shots[0] else 1):
+            for method in ("plain", "diff-tuning"):
+                run(method, k, seed)
+    for peft in peft_variants:
+        for method in ("plain", "diff-tuning"):
+            run(method, shots[0], 0, peft)
+
+    # chain of forgetting of the plainly fine-tuned model (shots[0], seed 0)
+    tuned = tuned_models[("plain", "none", shots[0], 0)]
+    thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
+    forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
+                         num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
+                         handover_n=args.eval_samples, steps=sample_steps, feature="digits-cnn")
+
+    summary = summarize(runs)
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "references": refs, "runs": runs, "summary": summary, "forgetting": forgetting,
+              "seconds": round(time.time() - t_start, 1), "torch_threads": args.threads}
+    args.out.mkdir(parents=True, exist_ok=True)
+    from chaintune.utils.io import save_json
+
+    save_json(args.out / "transfer.json", result)
+    plot(result, args.out / "transfer.png")
+    print_table(result)
+    return result
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["peft"], r["shots"]), []).append(r)
+    out = []
+    for (method, peft, k), rows in groups.items():
+        fids = [r["fid"] for r in rows]
+        out.append({"method": method, "peft": peft, "shots": k, "n": len(rows), "fid_mean": statistics.mean(fids),
+                    "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
+                    "kid_mean": statistics.mean(r["kid"] for r in rows), "fids": fids})
+    return out
+
+
+def print_table(result: dict) -> None:
+    print("\nreferences (FID vs digits:test, digits-cnn features)")
+    for k, v in result["references"].items():
+        print(f"  {k:40s} {v['fid']:8.3f}")
+    print(f"\n{'method':12s} {'peft':8s} {'shots':>5s} {'n':>2s} {'FID mean':>9s} {'± std':>7s} {'KID':>8s}  per seed")
+    for s in result["summary"]:
+        seeds = " ".join(f"{f:.3f}" for f in s["fids"])
+        print(f"{s['method']:12s} {s['peft']:8s} {s['shots']:5d} {s['n']:2d} {s['fid_mean']:9.3f} "
+              f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}")
+    f = result["forgetting"]
+    print(f"\nchain of forgetting (plain fine-tuning): Spearman(t, relative bank-loss increase) = "
+          f"{f.get('forgetting_spearman', float('nan')):.2f}")
+    for t, rel in zip(f["timesteps"], f.get("forgetting_relative", []), strict=False):
+        print(f"  t={t:4d}  forgetting {rel:+.3f}")
+    if "handover" in f:
+        print("hand-over FID (tuned for t >= threshold, base below):")
+        print("  " + "  ".join(f"{r['threshold']}:{r['fid']:.2f}" for r in f["handover"]))
+    print(f"\ntotal {result['seconds']:.0f}s")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    labels, means, stds = [], [], []
+    shots0 = min(s["shots"] for s in result["summary"])
+    for s in result["summary"]:
+        if s["shots"] != shots0:
+            continue
+        labels.append(f"{s['method']}\n{s['peft']}")
+        means.append(s["fid_mean"])
+        stds.append(s["fid_std"])
+        ax.scatter([len(labels) - 1] * len(s["fids"]), s["fids"], color="k", s=8, zorder=3)
+    colors = ["tab:gray" if "plain" in lab else "tab:blue" for lab in labels]
+    ax.bar(range(len(labels)), means, yerr=stds, color=colors, capsize=3)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set(ylabel="FID vs digits:test (lower is better)", title=f"glyphs -> digits, {shots0} shots/class")
+    ax = axes[1]
+    for method, color in (("plain", "tab:gray"), ("diff-tuning", "tab:blue")):
+        pts = sorted((s["shots"], s["fid_mean"]) for s in result["summary"] if s["method"] == method
+                     and s["peft"] == "none")
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color=color, label=method)
+    ax.set(xlabel="shots per class", ylabel="FID", title="FID against shots", xscale="log")
+    ax.legend()
+    ax = axes[2]
+    f = result["forgetting"]
+    ax.plot(f["timesteps"], f["forgetting_relative"], "k-o", ms=3, label="bank-loss increase (rel.)")
+    ax.set(xlabel="t", ylabel="(tuned - base) / base loss on bank", title="chain of forgetting")
+    if "handover" in f:
+        ax2 = ax.twinx()
+        ax2.plot([r["threshold"] for r in f["handover"]], [r["fid"] for r in f["handover"]], "g-s", ms=3,
+                 label="hand-over FID")
+        ax2.set_ylabel("FID, base model below threshold", color="g")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
