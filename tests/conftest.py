@@ -7,7 +7,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# tiny models: one thread is fastest and avoids oversubscription when processes share cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture

