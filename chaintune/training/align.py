@@ -38,6 +38,9 @@ class AlignConfig:
     h: int = 2
     j: str = "uniform"  # uniform | grad-norm | "a,b"
     sigma: float = 1e-3
+    zo: bool = True  # rlr: zeroth-order on the remaining steps (False = paper's "without ZO" ablation)
+    ho: bool = True  # rlr: half-order span (False = paper's "without HO" ablation)
+    shared_perturbation: bool = False  # rlr / zeroth-order: one direction u for all ZO steps
     k: int = 1
     inner_epochs: int = 1
     clip_range: float = 1e-4
@@ -113,9 +116,10 @@ def estimator_from_config(cfg: AlignConfig):
         a, b = (int(v) for v in j.split(","))
         j = (a, b)
     opts = {
-        "rlr": {"h": cfg.h, "j": j, "sigma": cfg.sigma},
+        "rlr": {"h": cfg.h, "j": j, "sigma": cfg.sigma, "zo": cfg.zo, "ho": cfg.ho,
+                "shared_perturbation": cfg.shared_perturbation},
         "half-order": {"h": cfg.h},
-        "zeroth-order": {"sigma": cfg.sigma},
+        "zeroth-order": {"sigma": cfg.sigma, "shared": cfg.shared_perturbation},
         "truncated-backprop": {"k": cfg.k},
         "alignprop": {"k": cfg.k},
         "reinforce": {"inner_epochs": cfg.inner_epochs, "clip_range": cfg.clip_range},
@@ -220,6 +224,20 @@ def retention_loss(model, bank: torch.Tensor, gen: torch.Generator, n: int) -> t
     xt = add_noise(model.scheduler, x0, noise, t)
     pred = model.model_output(xt, t, model.default_conditions(n) if not model.conditional else Conditions())
     return torch.nn.functional.mse_loss(pred.float(), training_target(model.scheduler, x0, noise, t).float())
+
+
+def reduce_gradients(params, acc, n_micro: int) -> None:
+    """Average accumulated gradients over micro-batches and processes (explicit all-reduce).
+
+    Every process contributes a gradient for every parameter (zeros where its estimator wrote
+    none), so the collective calls match across processes.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.div_(n_micro)
+        if acc.num_processes > 1:
+            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
 
 
 def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
@@ -342,12 +360,7 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                     ret = retention_loss(model, bank, gen, cfg.batch_size)
                 (cfg.retention_weight * ret * len(got)).backward()
                 guard["retention_loss"] = float(ret)
-            # average over micro-batches and processes
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(len(got))
-                    if acc.num_processes > 1:
-                        p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+            reduce_gradients(params, acc, len(got))
             finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
             if not finite:
                 state["bad_steps"] += 1

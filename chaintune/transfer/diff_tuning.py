@@ -219,23 +219,43 @@ def diff_tuning_loss(model: DiffusionModel, target_x0: torch.Tensor, target_cond
     t_target = t_target.to(dev)
     if noise_target is None:
         noise_target = torch.randn(target_x0.shape, generator=generator).to(target_x0)
-    rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
-    if mode == "weighting" and not plain:
-        rec = rec * importance_weights(t_target, T, "psi", alpha)
-    recon = rec.mean()
     if plain:
-        zero = recon.new_zeros(())
-        return LossParts(recon, recon, zero, t_target, None)
+        recon = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond).mean()
+        return LossParts(recon, recon, recon.new_zeros(()), t_target, None)
     if t_bank is None:
         t_bank = sample_timesteps(len(bank_x0), T, "uniform" if mode == "weighting" else "xi", beta, generator)
     t_bank = t_bank.to(dev)
     if noise_bank is None:
         noise_bank = torch.randn(bank_x0.shape, generator=generator).to(bank_x0)
-    ret = _per_sample_loss(model, bank_x0, t_bank, noise_bank, null_conditions(model, len(bank_x0)))
+    joint = _joint_conditions(model, target_cond, len(target_x0), len(bank_x0))
+    if joint is not None:  # one forward pass for target and bank (same maths, less overhead)
+        both = _per_sample_loss(model, torch.cat([target_x0, bank_x0]), torch.cat([t_target, t_bank]),
+                                torch.cat([noise_target, noise_bank]), joint)
+        rec, ret = both[: len(target_x0)], both[len(target_x0):]
+    else:
+        rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
+        ret = _per_sample_loss(model, bank_x0, t_bank, noise_bank, null_conditions(model, len(bank_x0)))
     if mode == "weighting":
+        rec = rec * importance_weights(t_target, T, "psi", alpha)
         ret = ret * importance_weights(t_bank, T, "xi", beta)
-    retention = ret.mean()
+    recon, retention = rec.mean(), ret.mean()
     return LossParts(recon + lam * retention, recon, retention, t_target, t_bank)
+
+
+def _joint_conditions(model: DiffusionModel, target: Conditions, n_target: int, n_bank: int) -> Conditions | None:
+    """Target conditions followed by the null conditions of the bank, as one batch (None: not possible)."""
+    if target.extra:
+        return None
+    if model.kind == "sd":
+        prompts = list(target.prompts) if target.prompts is not None else [""] * n_target
+        return Conditions(prompts=prompts + [""] * n_bank)
+    if model.kind not in ("unet", "dit"):
+        return None
+    if target.labels is None:
+        return Conditions()  # unconditional, or null labels throughout
+    null = _null_label(model)
+    null = 0 if null is None else null  # the UNet backend's own fallback for a model without a null class
+    return Conditions(labels=torch.cat([target.labels, torch.full((n_bank,), null, dtype=torch.long)]))
 
 
 # --------------------------------------------------------------------------- data
