@@ -4,7 +4,7 @@ A model id is one of:
 
 * ``builtin:NAME`` — a model shipped inside the package (``builtin:digits``, ``builtin:glyphs``);
 * a local diffusers directory (``DDPMPipeline``/``DDIMPipeline``, ``StableDiffusionPipeline``,
-  ``DiTPipeline``, or a bare ``UNet2DModel``);
+  ``DiTPipeline``, ``StableDiffusion3Pipeline`` (flow matching), or a bare ``UNet2DModel``);
 * a chaintune run directory (written by ``chaintune align`` / ``chaintune transfer``);
 * a Hugging Face hub id (resolved through the local cache when offline).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.backends.dit import DiTModel, load_dit
+from chaintune.backends.flow import FlowModel, load_flow
 from chaintune.backends.sd import StableDiffusionModel, load_sd
 from chaintune.backends.unet import UNetModel, load_unet
 
@@ -26,6 +27,7 @@ __all__ = [
     "UNetModel",
     "StableDiffusionModel",
     "DiTModel",
+    "FlowModel",
     "load",
     "builtin_path",
     "BUILTIN_MODELS",
@@ -64,6 +66,8 @@ def _load_dir(path: Path, source: str) -> DiffusionModel:
     index = path / "model_index.json"
     if index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
+        if cls == "StableDiffusion3Pipeline":
+            return load_flow(path, source)
         if cls in ("DDPMPipeline", "DDIMPipeline"):
             return load_unet(path, source)
         if cls.startswith("StableDiffusion"):
@@ -77,8 +81,34 @@ def _load_dir(path: Path, source: str) -> DiffusionModel:
     raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
 
 
-def load(model_id: str | os.PathLike, device: str | None = None) -> DiffusionModel:
-    """Load a model id (see module docstring) as a :class:`DiffusionModel`."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safe_weights(path: Path, allow_pickle: bool = False) -> None:
+    """Refuse directories whose weights exist only as pickles (loading a pickle can run code)."""
+    if allow_pickle or not path.is_dir():
+        return
+    files = [f for f in path.rglob("*") if f.is_file()]
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    if pickles and not any(f.suffix == ".safetensors" for f in files):
+        from chaintune.errors import ChaintuneError
+
+        raise ChaintuneError(
+            f"{path} holds only pickled weights ({pickles[0].name}); chaintune loads safetensors. Convert them, or "
+            "pass allow_pickle=True (CLI: --allow-pickle) if you trust the file"
+        )
+
+
+def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False,
+         vae_chunk: int | None = None) -> DiffusionModel:
+    """Load a model id (see module docstring) as a :class:`DiffusionModel`.
+
+    ``vae_chunk`` decodes latents through the VAE ``vae_chunk`` samples at a time (latent backends),
+    trading speed for peak memory when a differentiable reward backpropagates through the decoder.
+
+    Weights are read from safetensors; a directory with only pickled weights is refused unless
+    ``allow_pickle`` (pickles can execute code when loaded).
+    """
     model_id = str(model_id)
     if model_id.startswith("builtin:"):
         model = _load_dir(builtin_path(model_id.split(":", 1)[1]), model_id)
@@ -89,6 +119,7 @@ def load(model_id: str | os.PathLike, device: str | None = None) -> DiffusionMod
 
             model = load_run(path)
         elif path.is_dir():
+            check_safe_weights(path, allow_pickle)
             model = _load_dir(path, model_id)
         elif path.exists():
             raise ModelNotFoundError(f"{model_id} is a file; a model id is a directory, builtin:NAME or a hub id")
@@ -96,6 +127,11 @@ def load(model_id: str | os.PathLike, device: str | None = None) -> DiffusionMod
             model = _load_dir(_hub_snapshot(model_id), model_id)
     if device is not None:
         model.to(device)
+    if vae_chunk is not None:
+        if vae_chunk < 1:
+            raise ValueError(f"vae_chunk must be >= 1, got {vae_chunk}")
+        if hasattr(model, "vae_chunk"):
+            model.vae_chunk = int(vae_chunk)
     for m in model.modules().values():
         m.eval()
     return model

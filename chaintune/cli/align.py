@@ -137,6 +137,8 @@ def register(app: typer.Typer) -> None:
             src = ctx.get_parameter_source(alias)
             if src is not None and src.name == "COMMANDLINE":
                 cli[name] = cli[name]
+        if resume and config is None and (out / "config.yaml").exists():
+            config = out / "config.yaml"  # continue with the run's own settings; flags given now override
         cfg = _options_from_cli(ctx, cli, config)
         cfg.out = str(out)
         path = run(cfg, overwrite=overwrite, resume=resume)

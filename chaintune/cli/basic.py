@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
         device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: best available).")]
         = None,
+        allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin/.pt) weights; only for files you trust.")]
+        = False,
     ):
         """Sample images from a model and write PNGs plus a grid."""
         import torch
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
         from chaintune.utils.images import save_grid, save_images
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        m = chaintune.load(model, device=dev)
+        m = chaintune.load(model, device=dev, allow_pickle=allow_pickle)
         t0 = time.time()
         traj = chaintune.sample(m, num, steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed),
                                 labels=label, prompts=prompt, guidance_scale=guidance_scale,

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     from chaintune.errors import ChaintuneError
 
     debug = os.environ.get("CHAINTUNE_DEBUG") == "1"
+    if os.environ.get("CHAINTUNE_THREADS"):  # e.g. 1 when several jobs share a small CPU
+        import torch
+
+        torch.set_num_threads(int(os.environ["CHAINTUNE_THREADS"]))
     try:
         app(args=argv, standalone_mode=False)
     except SystemExit:

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -256,6 +257,11 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     from chaintune.utils.progress import progress
 
     cfg.validate()
+    # resolve every name first: a typo must fail before anything is written
+    reward = get_reward(cfg.reward)
+    heldout_spec = default_heldout(cfg.reward) if cfg.heldout_reward == "auto" else cfg.heldout_reward
+    heldout = get_reward(heldout_spec) if heldout_spec else None
+    estimator = estimator_from_config(cfg)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     main = acc.is_main_process
     out = Path(cfg.out)
@@ -263,12 +269,8 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
         prepare_run_dir(out, overwrite=overwrite, resume=resume)
     acc.wait_for_everyone()
 
-    # ---- model, reward, estimator ------------------------------------------------------------
+    # ---- model -------------------------------------------------------------------------------
     model = chaintune.load(cfg.model, device=str(acc.device))
-    reward = get_reward(cfg.reward)
-    heldout_spec = default_heldout(cfg.reward) if cfg.heldout_reward == "auto" else cfg.heldout_reward
-    heldout = get_reward(heldout_spec) if heldout_spec else None
-    estimator = estimator_from_config(cfg)
     frozen = None
     if cfg.kl_weight > 0 and cfg.peft == "none":
         frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
@@ -292,6 +294,8 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     state = {"bad_steps": 0}
     if resume:
         start_step = ckpt.restore(out, model.denoiser, opt, lr_sched, gen, state, estimator=estimator)
+        if main:
+            _truncate_metrics(out, start_step)
     if main:
         write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft, "status": "running",
                              "trainable_parameters": sum(p.numel() for p in params),
@@ -366,14 +370,14 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                 state["bad_steps"] += 1
                 opt.zero_grad(set_to_none=True)
                 if main:
-                    bar.write(f"warning: step {step}: non-finite gradient, update skipped "
-                              f"({state['bad_steps']}/{cfg.max_bad_steps} in a row)")
+                    bar.write(f"warning: step {step + 1}: non-finite gradient, update skipped "
+                              f"({state['bad_steps']}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
                 if state["bad_steps"] >= cfg.max_bad_steps:
                     if main:
                         write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft,
                                              "status": "failed: non-finite gradients", "config": asdict(cfg)})
                     raise ChaintuneError(
-                        f"{cfg.max_bad_steps} non-finite gradients in a row at step {step}; stopped. The last good "
+                        f"{cfg.max_bad_steps} non-finite gradients in a row at step {step + 1}; stopped. The last good "
                         f"checkpoint in {out / 'checkpoints'} is intact (lower --lr or check the reward)")
                 continue
             state["bad_steps"] = 0
@@ -406,6 +410,24 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                              "trainable_parameters": sum(p.numel() for p in params), "config": asdict(cfg)})
         logger.close()
     return out
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    from chaintune.utils.io import atomic_file
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    with atomic_file(path) as f:
+        f.write("".join(k + "\n" for k in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
