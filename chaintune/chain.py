@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = [
@@ -52,6 +52,8 @@ __all__ = [
     "run_chain",
     "add_noise",
     "training_target",
+    "is_flow_scheduler",
+    "flow_sde_std",
 ]
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,10 +73,25 @@ class DeterministicStepError(ValueError):
 
 
 SUPPORTED = (DDPMScheduler, DDIMScheduler)
+FLOW_SUPPORTED = (FlowMatchEulerDiscreteScheduler,)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether ``scheduler`` (an instance or a config dict) is a rectified-flow (SD3/Flux) scheduler."""
+    if isinstance(scheduler, FLOW_SUPPORTED):
+        return True
+    if isinstance(scheduler, dict):
+        return scheduler.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__
+    return False
 
 
 def make_scheduler(kind: str, config: dict) -> DDPMScheduler | DDIMScheduler:
-    """Build a sampling scheduler of ``kind`` ('ddpm' or 'ddim') from any scheduler's config."""
+    """Build a sampling scheduler of ``kind`` ('ddpm' or 'ddim') from any scheduler's config.
+
+    ``kind='flow'`` builds a FlowMatchEulerDiscreteScheduler (its SDE form, see :func:`transition`).
+    """
+    if kind == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     kinds = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if kind not in kinds:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(kinds)}")
@@ -89,6 +106,8 @@ def as_chain_scheduler(scheduler) -> DDPMScheduler | DDIMScheduler:
     """
     if isinstance(scheduler, SUPPORTED):
         return scheduler
+    if isinstance(scheduler, FLOW_SUPPORTED):
+        return scheduler  # flow matching: the chain runs its SDE form (no DDIM equivalent)
     return DDIMScheduler.from_config(scheduler.config)
 
 
@@ -97,6 +116,8 @@ def prepare_scheduler(scheduler, num_steps: int, device=None):
 
     The copy keeps the caller's scheduler untouched (schedulers are stateful in diffusers).
     """
+    if isinstance(scheduler, FLOW_SUPPORTED):
+        return _prepare_flow_scheduler(scheduler, num_steps, device)
     if not isinstance(scheduler, SUPPORTED):
         raise TypeError(
             f"{type(scheduler).__name__} is not supported by the chain; use DDPMScheduler or DDIMScheduler "
@@ -109,6 +130,84 @@ def prepare_scheduler(scheduler, num_steps: int, device=None):
     s = copy.deepcopy(scheduler)
     s.set_timesteps(num_steps, device=device)
     return s
+
+
+def _prepare_flow_scheduler(scheduler, num_steps: int, device=None):
+    """Flow-matching copy with ``num_steps`` sigmas (plus the terminal 0).
+
+    Dynamic shifting (Flux) needs the resolution-dependent ``mu`` the pipeline computes; a backend
+    stores it as ``scheduler.chain_mu`` (without it we refuse rather than guess the schedule).
+    """
+    cfg = scheduler.config
+    if num_steps < 1 or num_steps > cfg.num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
+    if cfg.get("invert_sigmas", False) or cfg.get("stochastic_sampling", False):
+        raise ValueError("FlowMatchEulerDiscreteScheduler with invert_sigmas/stochastic_sampling is not supported")
+    s = copy.deepcopy(scheduler)
+    kw = {}
+    if cfg.get("use_dynamic_shifting", False):
+        mu = getattr(scheduler, "chain_mu", None)
+        if mu is None:
+            raise ValueError("dynamic shifting needs `scheduler.chain_mu` (the pipeline's resolution-dependent mu)")
+        kw["mu"] = mu
+    s.set_timesteps(num_steps, device=device, **kw)
+    return s
+
+
+def _flow_index(scheduler, t) -> int:
+    """Index of timestep ``t`` in a flow scheduler's (float) timesteps.
+
+    The chain passes ``int(t)``, which truncates the float timestep tau: so we look for the tau
+    in [t, t + 1), preferring an exact match.
+    """
+    ts = scheduler.timesteps.detach().to("cpu", torch.float64)
+    tf = float(t)
+    exact = (ts - tf).abs() < 1e-4
+    if exact.any():
+        return int(exact.nonzero()[0])
+    hits = ((ts >= tf) & (ts < tf + 1)).nonzero().flatten()
+    if len(hits) != 1:
+        raise ValueError(f"timestep {tf} matches {len(hits)} of the flow scheduler's timesteps")
+    return int(hits[0])
+
+
+def flow_sde_std(sigma: float, sigma_next: float, eta: float, sigma_max: float) -> tuple[float, float]:
+    """(g, std) of one flow SDE step: diffusion coefficient g = eta * sqrt(sigma / (1 - sigma)) and the
+    Euler-Maruyama std g * sqrt(sigma - sigma_next). At sigma = 1 the coefficient is infinite, so
+    (as Flow-GRPO does) sigma_max = the second sigma replaces it in the denominator."""
+    denom = 1 - (sigma_max if sigma >= 1 else sigma)
+    g = eta * math.sqrt(sigma / max(denom, 1e-12))
+    return g, g * math.sqrt(max(sigma - sigma_next, 0.0))
+
+
+def _flow_transition(scheduler, model_output, t, sample, eta):
+    """Rectified-flow SDE step (Flow-GRPO, Liu et al. 2025, eq. 9).
+
+    Noising is x_s = (1 - s) x_0 + s eps and the model predicts v = eps - x_0, so the score is
+    -(x + (1 - s) v) / s. For any g(s) >= 0 the reverse SDE dx = [v - g^2/2 * score] ds + g dw has
+    the probability-flow ODE's marginals; its Euler-Maruyama step from s to s' (ds = s' - s < 0) is
+
+        mean = x + ds * v + g^2 ds / (2 s) * (x + (1 - s) v),   std = g * sqrt(-ds),
+
+    with g = eta * sqrt(s / (1 - s)). eta = 0 is exactly FlowMatchEulerDiscreteScheduler.step
+    (x + ds * v, same float ops). Every step is stochastic for eta > 0, the last one included
+    (it lands at s' = 0 with std ~ eta * s_last), as in Flow-GRPO.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    idx = _flow_index(scheduler, t)
+    sigmas = scheduler.sigmas.to(sample.device)
+    s, s_next = sigmas[idx], sigmas[idx + 1]
+    ds = s_next - s
+    g, std = flow_sde_std(float(s), float(s_next), eta, float(sigmas[1]) if len(sigmas) > 2 else 0.0)
+    dt = sample.dtype
+    v = model_output
+    mean = sample + ds.to(dt) * v
+    if g > 0:
+        c = torch.as_tensor(g * g * float(ds) / (2 * float(s)), dtype=dt, device=sample.device)
+        mean = mean + c * (sample + (1 - s.to(dt)) * v)
+    x0 = sample - s.to(dt) * v
+    return mean, torch.as_tensor(std, dtype=dt, device=sample.device), x0
 
 
 def _prev_timestep(scheduler, t: int) -> int:
@@ -164,6 +263,8 @@ def transition(
     """
     if model_output.shape[1] == 2 * sample.shape[1]:
         model_output = model_output[:, : sample.shape[1]]
+    if isinstance(scheduler, FLOW_SUPPORTED):
+        return _flow_transition(scheduler, model_output, t, sample, eta)
     a_t64, a_prev64 = _alphas(scheduler, int(t), sample.device, sample.dtype)
     x0, eps = _pred_x0_eps(scheduler, model_output, sample, a_t64)
     dt = sample.dtype
@@ -211,6 +312,8 @@ def log_prob(
     step has no noise.
     """
     tt = torch.as_tensor(t, device=x_t.device)
+    if isinstance(scheduler, FLOW_SUPPORTED):  # callers pass int(t); the model must see the float timestep
+        tt = scheduler.timesteps[_flow_index(scheduler, t)].to(x_t.device)
     mean, std, _ = transition(scheduler, denoise(x_t, tt), int(t), x_t, eta)
     return gaussian_log_prob(x_prev, mean, std)
 
@@ -374,12 +477,21 @@ def run_chain(
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Forward process q(x_t | x_0), for training losses (pretraining, Diff-Tuning)."""
+    """Forward process q(x_t | x_0), for training losses (pretraining, Diff-Tuning).
+
+    Flow matching: x_t = (1 - s) x_0 + s * noise with s = t / num_train_timesteps (the transformer
+    is conditioned on t = 1000 s; the schedule's shift only changes which s inference visits).
+    """
+    if is_flow_scheduler(scheduler):
+        s = _flow_sigma(scheduler, t, x0)
+        return (1 - s) * x0 + s * noise
     return scheduler.add_noise(x0, noise, t)
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the denoiser should output for the scheduler's prediction type."""
+    if is_flow_scheduler(scheduler):
+        return noise - x0  # the velocity d x_t / d s
     pt = scheduler.config.prediction_type
     if pt == "epsilon":
         return noise
@@ -388,3 +500,8 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     if pt == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     raise ValueError(f"unsupported prediction_type {pt!r}")
+
+
+def _flow_sigma(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(t, device=like.device).to(like.dtype) / scheduler.config.num_train_timesteps
+    return s.reshape(-1, *([1] * (like.dim() - 1))) if s.dim() > 0 else s

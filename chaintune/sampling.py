@@ -7,14 +7,21 @@ from collections.abc import Sequence
 import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel
-from chaintune.chain import StepGrad, Trajectory, make_scheduler, run_chain
+from chaintune.chain import StepGrad, Trajectory, is_flow_scheduler, make_scheduler, run_chain
 
 
 def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddim"):
     """The scheduler a chain runs with: ``'ddim'`` (eta-controlled), ``'ddpm'``, an instance, or
-    ``None`` for the model's own."""
+    ``None`` for the model's own.
+
+    Flow-matching models (``kind='flow'``) have no DDIM/DDPM form: any string kind ('ddim',
+    'ddpm', 'flow') gives their FlowMatchEulerDiscreteScheduler, run as an SDE whose noise level is
+    ``eta`` (eta = 0 is the pipeline's Euler sampler), so trainers keep their 'ddim' default.
+    """
     if scheduler is None:
         return model.scheduler
+    if isinstance(scheduler, str) and is_flow_scheduler(model.scheduler):
+        return make_scheduler("flow", model.scheduler.config)
     if isinstance(scheduler, str):
         return make_scheduler(scheduler, model.scheduler.config)
     return scheduler

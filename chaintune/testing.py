@@ -117,3 +117,44 @@ def tiny_dit_model(seed: int = 0, num_classes: int = 4):
     )
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     return DiTModel(dit, tiny_vae(seed), sched, source="tiny-dit")
+
+
+def _tiny_clip_with_projection(tok, seed: int, hidden: int = 8):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+
+
+def tiny_flow_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline at toy size: two tiny CLIP encoders (no T5: diffusers then feeds
+    zeros for the T5 tokens), a 1-layer SD3 transformer on 8 px latents, a tiny VAE with SD3's
+    shift/scaling factors, and a shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    enc, enc2 = _tiny_clip_with_projection(tok, seed), _tiny_clip_with_projection(tok2, seed + 1)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8,
+    )
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=sched, vae=vae, text_encoder=enc, tokenizer=tok,
+        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def tiny_flow_model(seed: int = 0):
+    """A :class:`~chaintune.backends.flow.FlowModel` on :func:`tiny_flow_pipeline` (8 T5 slots)."""
+    from chaintune.backends.flow import FlowModel
+
+    return FlowModel(tiny_flow_pipeline(seed), source="tiny-flow", max_sequence_length=8)

@@ -1,0 +1,136 @@
+"""Rectified-flow text-to-image backend: a ``StableDiffusion3Pipeline``'s transformer, encoders, VAE.
+
+The trainable module is the ``SD3Transformer2DModel`` (velocity prediction, v = noise - x_0). The
+chain runs ``FlowMatchEulerDiscreteScheduler`` in its SDE form (``chaintune.chain``: eta = 0 is
+the pipeline's Euler ODE sampler, eta > 0 gives Gaussian steps with exact log-probs).
+
+Prompts go through the pipeline's own ``encode_prompt`` (CLIP-L + CLIP-G, plus T5 when present;
+without ``text_encoder_3`` the T5 part is zeros, as in diffusers), once per batch, with
+``max_sequence_length`` T5 tokens. Classifier-free guidance uses empty negative prompts, like the
+pipeline. Decoding applies the VAE's ``shift_factor`` and ``scaling_factor``
+(x = vae.decode(z / scaling + shift)) and can run in chunks (``vae_chunk``) to bound memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from chaintune.backends.base import Conditions, DiffusionModel
+
+
+class FlowModel(DiffusionModel):
+    kind = "flow"
+
+    def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 256):
+        from chaintune.chain import as_chain_scheduler
+
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.scheduler = as_chain_scheduler(pipe.scheduler)
+        self.vae = pipe.vae
+        self.source = source
+        self.vae_chunk = vae_chunk
+        self.max_sequence_length = max_sequence_length
+        self.vae.requires_grad_(False)
+        for m in self._text_encoders():
+            m.requires_grad_(False)
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        encs = [getattr(self.pipe, k, None) for k in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        return [e for e in encs if e is not None]
+
+    def modules(self):
+        mods = {"denoiser": self.denoiser, "vae": self.vae}
+        for k in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(self.pipe, k, None) is not None:
+                mods[k] = getattr(self.pipe, k)
+        return mods
+
+    @property
+    def latent_shape(self):
+        c = self.denoiser.config
+        s = c.sample_size
+        s = (s, s) if isinstance(s, int) else tuple(s)
+        return (c.in_channels, *s)
+
+    @property
+    def conditional(self) -> bool:
+        return True
+
+    def default_conditions(self, n, generator=None):
+        return Conditions(prompts=[""] * n, guidance_scale=1.0)
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence embeddings [n, L, joint_attention_dim], pooled [n, pooled_projection_dim])."""
+        emb, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return emb.to(self.dtype), pooled.to(self.dtype)
+
+    def encode_conditions(self, cond: Conditions) -> dict:
+        prompts = list(cond.prompts) if cond.prompts is not None else [""]
+        emb, pooled = self._embed(prompts)
+        enc = {"cond": emb, "pooled": pooled}
+        if cond.guidance_scale != 1.0:
+            enc["uncond"], enc["uncond_pooled"] = self._embed([""] * len(prompts))
+        return enc
+
+    def _call(self, x, t, emb, pooled):
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if emb.shape[0] != x.shape[0]:
+            emb, pooled = emb.expand(x.shape[0], -1, -1), pooled.expand(x.shape[0], -1)
+        return self.denoiser(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
+                             timestep=t.to(x.device, x.dtype), return_dict=False)[0]
+
+    def model_output(self, x, t, cond, encoded=None):
+        enc = encoded or self.encode_conditions(cond)
+        return self._call(x, t, enc["cond"], enc["pooled"])
+
+    def denoise_fn(self, cond, encoded=None):
+        enc = encoded or self.encode_conditions(cond)
+        g = cond.guidance_scale
+        if g == 1.0:
+            return lambda x, t: self._call(x, t, enc["cond"], enc["pooled"])
+        emb = torch.cat([enc["uncond"], enc["cond"]])
+        pooled = torch.cat([enc["uncond_pooled"], enc["pooled"]])
+
+        def fn(x, t):
+            tt = t if t.dim() == 0 else torch.cat([t, t])
+            u, c = self._call(torch.cat([x, x]), tt, emb, pooled).chunk(2)
+            return u + g * (c - u)
+
+        return fn
+
+    def decode(self, latents):
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        chunk = self.vae_chunk or z.shape[0]
+        parts = [self.vae.decode(z[i: i + chunk].to(self.vae.dtype)).sample for i in range(0, z.shape[0], chunk)]
+        return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images):
+        cfg = self.vae.config
+        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.sample()
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def save(self, path):
+        self.pipe.save_pretrained(str(path), safe_serialization=True)
+
+
+def load_flow(path: str | Path, source: str = "", **kw) -> FlowModel:
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    # components saved as null (no T5, no IP-adapter image encoder) must be passed as None explicitly
+    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):
+        if name not in kw and (index.get(name) is None or index.get(name) == [None, None]):
+            kw[name] = None
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **kw)
+    return FlowModel(pipe, source=source or str(path))
