@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps per run (equal for all methods)")
     p.add_argument("--shots", default="10,50", help="images per class in the few-shot target (comma list)")
-    p.add_argument("--peft", default="difffit,lora", help="PEFT variants run with seed 0 (empty: none)")
+    p.add_argument("--peft", default="", help="PEFT variants run with seed 0, e.g. difffit,lora (default: none)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--bank-size", type=int, default=1000)
     p.add_argument("--eval-samples", type=int, default=1000)
@@ -89,18 +89,22 @@ def main(argv=None) -> dict:
     def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
         cfg = TransferConfig(model=args.base, data=f"digits-fewshot:{k}", method=method, peft=peft,
                              steps=args.steps, lr=args.lr if peft == "none" else args.lr * 10,
-                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data=None, seed=seed,
-                             log_every=max(1, args.steps // 10))
+                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data="digits:test",
+                             feature="digits-cnn", eval_every=args.steps // 2, eval_samples=args.eval_samples,
+                             sample_steps=sample_steps, seed=seed, log_every=max(1, args.steps // 10))
         t0 = time.time()
         res = transfer(cfg, model=copy.deepcopy(base), show_progress=False)
-        m = fid_of(res.model)
-        row = {"method": method, "peft": peft, "shots": k, "seed": seed, "steps": args.steps, **m,
+        curve = {r["step"]: r["fid"] for r in res.history if "fid" in r}
+        m = res.final
+        row = {"method": method, "peft": peft, "shots": k, "seed": seed, "steps": args.steps, "fid": m["fid"],
+               "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": round(time.time() - t0, 1)}
         runs.append(row)
         tuned_models[(method, peft, k, seed)] = res.model
+        mid = " ".join(f"@{s_}:{f:.3f}" for s_, f in curve.items())
         print(f"  {method:12s} {peft:8s} shots={k:<3d} seed={seed}  FID {m['fid']:7.3f}  KID {m['kid']:.4f}"
-              f"  ({row['seconds']}s)", flush=True)
+              f"  curve {mid}  ({row['seconds']}s)", flush=True)
         return row
 
     print(f"base FID {refs['base model (glyphs), no tuning']['fid']:.3f}; bank {len(bank)} samples "
@@ -118,7 +122,7 @@ def main(argv=None) -> dict:
     thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
     forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
                          num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
-                         handover_n=args.eval_samples, steps=sample_steps, feature="digits-cnn")
+                         handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn")
 
     summary = summarize(runs)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -142,7 +146,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         fids = [r["fid"] for r in rows]
         out.append({"method": method, "peft": peft, "shots": k, "n": len(rows), "fid_mean": statistics.mean(fids),
                     "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
-                    "kid_mean": statistics.mean(r["kid"] for r in rows), "fids": fids})
+                    "kid_mean": statistics.mean(r["kid"] for r in rows), "fids": fids,
+                    "fid_half_mean": statistics.mean(min(r["fid_curve"].items())[1] for r in rows)})
     return out
 
 
@@ -154,7 +159,7 @@ def print_table(result: dict) -> None:
     for s in result["summary"]:
         seeds = " ".join(f"{f:.3f}" for f in s["fids"])
         print(f"{s['method']:12s} {s['peft']:8s} {s['shots']:5d} {s['n']:2d} {s['fid_mean']:9.3f} "
-              f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}")
+              f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}   half-way: {s['fid_half_mean']:.3f}")
     f = result["forgetting"]
     print(f"\nchain of forgetting (plain fine-tuning): Spearman(t, relative bank-loss increase) = "
           f"{f.get('forgetting_spearman', float('nan')):.2f}")

@@ -111,8 +111,8 @@ def test_bank_trains_the_null_label_of_a_conditional_model():
     x = torch.zeros(2, 1, 8, 8)
     with torch.no_grad():
         diff_tuning_loss(m, x, Conditions(labels=torch.tensor([0, 2])), x)
-    assert seen[0].labels.tolist() == [0, 2] and seen[1].labels is None  # None -> the backend's null class
     assert m.null_label == 3
+    assert [c.labels.tolist() for c in seen] == [[0, 2, 3, 3]]  # one batch: target labels, then null for the bank
 
 
 def test_bank_is_cached_and_reused(tmp_path, monkeypatch):
