@@ -1,0 +1,63 @@
+"""Smoke tests of the alignment-side benchmarks: each script's ``--quick`` run in a subprocess.
+
+Each run writes NAME.json and NAME.png into a temporary folder; the JSON must carry the keys the
+README tables are built from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(name: str, tmp_path: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_estimators_quick(tmp_path):
+    res = _run("estimators", tmp_path)
+    assert {"config", "machine", "bias", "sweep", "seconds"} <= set(res)
+    rows = {r["estimator"]: r for r in res["bias"]}
+    assert {"full-backprop", "truncated k=1", "rlr h=2", "half-order h=1", "half-order h=2", "reinforce",
+            "zeroth-order"} <= set(rows)
+    for r in rows.values():
+        assert {"cosine", "norm_distance", "noise_floor", "mean_z2", "max_abs_z", "proj_ci95", "total_var",
+                "total_var_ci95", "sec_per_estimate", "unbiased_at_1pct"} <= set(r)
+    assert all({"d", "full-backprop", "half-order h=2", "zeroth-order", "zo_over_ho"} <= set(s) for s in res["sweep"])
+
+
+def test_alignment_quick(tmp_path):
+    res = _run("alignment", tmp_path)
+    assert {"config", "machine", "runs", "reach", "seconds"} <= set(res)
+    assert len(res["runs"]) == 3
+    for run in res["runs"]:
+        assert {"method", "evals", "sec_per_step", "sample_sec_same_batch", "peak_mib"} <= set(run)
+        last = run["evals"][-1]
+        assert {"eval/reward", "eval/heldout_reward", "eval/class_share", "eval/diversity", "samples"} <= set(last)
+    assert {"levels", "samples", "base_reward"} <= set(res["reach"])
+
+
+def test_memory_quick(tmp_path):
+    res = _run("memory", tmp_path)
+    assert {"config", "machine", "rows", "growth_mib_per_step"} <= set(res)
+    assert {r["T"] for r in res["rows"]} == {5, 10}
+    assert all("peak_mib" in r and "error" not in r for r in res["rows"]), res["rows"]
+    assert {"full-backprop", "rlr h=2"} <= set(res["growth_mib_per_step"])
+
+
+def test_sampler_quick(tmp_path):
+    res = _run("sampler", tmp_path)
+    rows = {r["eta"]: r for r in res["rows"]}
+    assert set(rows) == {0.0, 1.0}
+    assert {"chaintune_s", "diffusers_s", "ratio", "max_abs_diff", "agree"} <= set(rows[0.0])
+    assert rows[0.0]["agree"]
