@@ -55,14 +55,14 @@ def test_flow_sde_keeps_the_ode_marginals():
         return x * (s - (1 - s) * c**2) / var
 
     sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    x_T = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_T = torch.randn(8000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ends = {}
-    for eta in (0.0, 0.7):
-        tr = run_chain(velocity, sched, x_T, num_steps=200, eta=eta, generator=torch.Generator().manual_seed(1))
-        ends[eta] = float(tr.x0.std())
+    for eta in (0.0, 0.7, 1.0):
+        tr = run_chain(velocity, sched, x_T, num_steps=100, eta=eta, generator=torch.Generator().manual_seed(1))
+        ends[eta] = tr.x0
         assert bool(tr.stochastic.all()) == (eta > 0)
-    assert ends[0.0] == pytest.approx(c, rel=0.03)
-    assert ends[0.7] == pytest.approx(c, rel=0.03)
+        assert float(tr.x0.std()) == pytest.approx(c, rel=0.03)
+    assert float((ends[0.7] - ends[0.0]).abs().mean()) > 0.1 * c  # same marginal, different paths
 
 
 def test_flow_log_probs_are_exact_and_recomputable():
@@ -215,3 +215,73 @@ def test_dcot_rlr_with_restricted_j_on_staged_model():
         assert all(torch.isfinite(g).all() for g in grads.values())
         assert sum(float(g.abs().sum()) for g in grads.values()) > 0
     assert js <= {4, 5, 6}  # the span j..j+h-1 stays inside paper steps [4, 7]
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision and memory options
+
+
+@pytest.mark.parametrize("backend", ["sd", "flow"])
+def test_bf16_autocast_on_cpu_keeps_fp32_adapters(backend):
+    from chaintune.estimators import EstimationContext, get_estimator
+    from chaintune.sampling import chain_scheduler, make_conditions
+
+    make, cond_kw = BACKENDS[backend]
+    m = make()
+    apply_lora(m.denoiser, rank=2)
+    for est in ("full-backprop", "rlr"):
+        ctx = EstimationContext(model=m, reward=BRIGHTNESS, n=2, steps=4, eta=1.0, scheduler=chain_scheduler(m, "ddim"),
+                                generator=torch.Generator().manual_seed(0), conditions=make_conditions(m, 2, **cond_kw),
+                                autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        m.denoiser.zero_grad(set_to_none=True)
+        next(iter(get_estimator(est, **({"h": 2, "sigma": 1e-2} if est == "rlr" else {})).updates(ctx)))
+        lora = [p for n, p in m.denoiser.named_parameters() if "lora_" in n]
+        assert lora and all(p.dtype == torch.float32 for p in lora)
+        grads = [p.grad for p in lora if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_vae_chunk_decodes_identically():
+    m = tiny_sd_model()
+    z = torch.randn(5, *m.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m.decode(z)
+        m.vae_chunk = 2
+        torch.testing.assert_close(m.decode(z), full, rtol=1e-5, atol=1e-6)
+
+
+def test_make_optimizer_eight_bit_falls_back_with_a_warning():
+    from chaintune.training.optim import eight_bit_available, make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert type(make_optimizer([p], lr=1e-3, weight_decay=0.01)) is torch.optim.AdamW
+    ok, why = eight_bit_available([p])
+    if ok:  # pragma: no cover - only with CUDA + bitsandbytes
+        pytest.skip("8-bit AdamW is usable here")
+    with pytest.warns(RuntimeWarning, match="8-bit AdamW"):
+        opt = make_optimizer([p], lr=1e-3, weight_decay=0.01, eight_bit=True)
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01
+    with pytest.raises(ValueError):
+        make_optimizer([torch.nn.Parameter(torch.zeros(1), requires_grad=False)], lr=1e-3)
+
+
+def test_cli_align_flow_pipeline_bf16_lora(tmp_path):
+    """`chaintune align --mixed-precision bf16 --peft lora` on a saved SD3 pipeline, then load the run."""
+    import os
+    import subprocess
+    import sys
+
+    tiny_flow_model().save(tmp_path / "sd3")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chaintune.cli.main", "align", "--model", str(tmp_path / "sd3"),
+           "--reward", "jpeg-compressibility", "--prompt", "a cat", "--prompt", "a dog", "--guidance-scale", "2",
+           "--mixed-precision", "bf16", "--peft", "lora", "--estimator", "rlr", "--steps", "2", "--sample-steps", "4",
+           "--batch-size", "4", "--eval-every", "100", "--eval-samples", "4", "--save-every", "100",
+           "--no-tensorboard", "--device", "cpu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = chaintune.load(out)
+    assert run.kind == "flow" and all(p.dtype == torch.float32 for p in run.denoiser.parameters())
+    assert chaintune.sample(run, 2, steps=3, prompts="a cat").images.shape == (2, 3, 16, 16)

@@ -119,7 +119,11 @@ class FlowModel(DiffusionModel):
         return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def save(self, path):
-        self.pipe.save_pretrained(str(path), safe_serialization=True)
+        """Save the pipeline with ``self.denoiser`` as its transformer (trainers swap in merged copies)."""
+        pipe = self.pipe
+        if pipe.transformer is not self.denoiser:
+            pipe = type(pipe)(**{**pipe.components, "transformer": self.denoiser})
+        pipe.save_pretrained(str(path), safe_serialization=True)
 
 
 def load_flow(path: str | Path, source: str = "", **kw) -> FlowModel:
