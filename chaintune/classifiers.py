@@ -75,8 +75,27 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
-def train_classifier(name: str, epochs: int = 60, seed: int = 0) -> tuple[nn.Module, float]:
-    """Train ``name`` on the fixed digits train split; return it and its test accuracy."""
+def _junk(n: int, g: torch.Generator) -> torch.Tensor:
+    """Off-manifold images (noise, blurred noise, noisy digits-like blobs) that are no digit at all.
+
+    A reward classifier trained only on digits gives confident answers on noise, which alignment
+    then exploits (adversarial pixels that "are a 3"); trained to answer uniform on junk, it does not.
+    """
+    kind = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    blur = (blur - blur.amin((2, 3), keepdim=True)) / (blur.amax((2, 3), keepdim=True) - blur.amin((2, 3), keepdim=True)
+                                                      + 1e-6)
+    sparse = (torch.rand(n, 1, 8, 8, generator=g) < 0.3).float() * torch.rand(n, 1, 8, 8, generator=g)
+    return torch.where(kind.view(-1, 1, 1, 1) == 0, x, torch.where(kind.view(-1, 1, 1, 1) == 1, blur, sparse))
+
+
+def train_classifier(name: str, epochs: int = 60, seed: int = 0, junk_fraction: float = 0.25
+                     ) -> tuple[nn.Module, float]:
+    """Train ``name`` on the fixed digits train split; return it and its test accuracy.
+
+    ``junk_fraction`` of each batch is off-manifold junk with a uniform target (see :func:`_junk`).
+    """
     from chaintune.data import digits_split
 
     torch.manual_seed(seed)
@@ -91,6 +110,9 @@ def train_classifier(name: str, epochs: int = 60, seed: int = 0) -> tuple[nn.Mod
         for i in range(0, len(xtr), 64):
             b = perm[i : i + 64]
             loss = F.cross_entropy(net(_augment(xtr[b], g)), ytr[b], label_smoothing=0.05)
+            if junk_fraction > 0:
+                junk = _junk(max(1, int(len(b) * junk_fraction)), g)
+                loss = loss + junk_fraction * -F.log_softmax(net(junk), 1).mean(1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
