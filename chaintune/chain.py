@@ -181,7 +181,7 @@ def flow_sde_std(sigma: float, sigma_next: float, eta: float, sigma_max: float) 
 
 
 def _flow_transition(scheduler, model_output, t, sample, eta):
-    """Rectified-flow SDE step (Flow-GRPO, Liu et al. 2025, eq. 9).
+    """Rectified-flow SDE step, as in Flow-GRPO (Liu et al. 2025, `sde_step_with_logprob`).
 
     Noising is x_s = (1 - s) x_0 + s eps and the model predicts v = eps - x_0, so the score is
     -(x + (1 - s) v) / s. For any g(s) >= 0 the reverse SDE dx = [v - g^2/2 * score] ds + g dw has

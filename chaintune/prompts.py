@@ -174,10 +174,23 @@ class StagedModel:
         return {round(float(t), 3): i / steps for i, t in enumerate(sched.timesteps)}
 
     def __getattr__(self, name):
+        if name in ("model", "stages", "_positions") or name.startswith("__"):
+            raise AttributeError(name)  # not initialised yet (copy/pickle protocols): never recurse
         return getattr(self.model, name)
 
     def __setattr__(self, name, value):
         setattr(self.model, name, value)  # e.g. trainers swapping model.denoiser for a frozen copy
+
+    def __copy__(self) -> StagedModel:
+        """A shallow copy wraps a shallow copy of the model, so setting attributes on it (e.g. a merged
+        denoiser before saving) leaves the original untouched."""
+        import copy
+
+        new = object.__new__(StagedModel)
+        object.__setattr__(new, "model", copy.copy(self.model))
+        object.__setattr__(new, "stages", self.stages)
+        object.__setattr__(new, "_positions", self._positions)
+        return new
 
     def fraction(self, t) -> float:
         """Chain-position fraction in [0, 1) of timestep ``t`` (0 = first, noisiest step)."""

@@ -285,3 +285,15 @@ def test_cli_align_flow_pipeline_bf16_lora(tmp_path):
     run = chaintune.load(out)
     assert run.kind == "flow" and all(p.dtype == torch.float32 for p in run.denoiser.parameters())
     assert chaintune.sample(run, 2, steps=3, prompts="a cat").images.shape == (2, 3, 16, 16)
+
+
+def test_staged_model_copies_do_not_touch_the_original():
+    import copy
+
+    m = tiny_sd_model()
+    staged = StagedModel(m, StagePrompts(coarse="x"), steps=4)
+    shallow = copy.copy(staged)
+    shallow.denoiser = torch.nn.Identity()
+    assert m.denoiser is not shallow.denoiser and staged.denoiser is m.denoiser
+    deep = copy.deepcopy(staged)
+    assert deep.denoiser is not m.denoiser and deep.stages.coarse == "x"
