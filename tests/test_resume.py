@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["--model", "builtin:digits", "--reward", "digit:3", "--estimator", "rlr", "--h", "1", "--steps", "8",
+ARGS = ["--model", "builtin:digits", "--reward", "digit:3", "--estimator", "rlr", "--h", "1", "--zo", "--steps", "8",
         "--save-every", "2", "--batch-size", "4", "--sample-steps", "4", "--eval-every", "100",
         "--eval-samples", "8", "--no-tensorboard", "--lr", "1e-3"]
 

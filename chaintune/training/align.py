@@ -36,10 +36,13 @@ class AlignConfig:
     reward: str = "digit:3"
     estimator: str = "rlr"
     # estimator options
-    h: int = 2
+    h: int = 1
     j: str = "uniform"  # uniform | grad-norm | "a,b"
     sigma: float = 1e-3
-    zo: bool = True  # rlr: zeroth-order on the remaining steps (False = paper's "without ZO" ablation)
+    # rlr: zeroth-order on the remaining steps. Off by default: with >= 1e4 trainable parameters the ZO terms
+    # multiply the estimate's variance by ~d*T and stall training (README, "RLR in practice"); the
+    # authors' released code omits them too. --zo gives the paper's full, unbiased eq. 6.
+    zo: bool = False
     ho: bool = True  # rlr: half-order span (False = paper's "without HO" ablation)
     shared_perturbation: bool = False  # rlr / zeroth-order: one direction u for all ZO steps
     k: int = 1
@@ -55,7 +58,7 @@ class AlignConfig:
     labels: list[int] | None = None
     # optimisation
     steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 32
     grad_accum: int = 1
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -163,6 +166,24 @@ def pairwise_diversity(images: torch.Tensor) -> float:
         return 0.0
     d = torch.cdist(x, x) / math.sqrt(x.shape[1])
     return float(d.sum() / (len(x) * (len(x) - 1)))
+
+
+def nearest_real_distance(images: torch.Tensor) -> float:
+    """Mean RMS pixel distance from each sample to its nearest real training digit (scikit-learn digits).
+
+    Classifier rewards on 8x8 images are easy to fool with noise that a classifier calls a "3";
+    samples that stay digits stay close to some real digit, so this rises when alignment hacks.
+    """
+    import torch.nn.functional as F
+
+    from chaintune.data import digits_split
+
+    real, _ = digits_split("train", 8)
+    x = images.float().cpu()
+    if x.shape[-1] != 8:
+        x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+    d = torch.cdist(x.flatten(1), real.flatten(1)) / 8.0
+    return float(d.min(1).values.mean())
 
 
 @contextlib.contextmanager
@@ -320,6 +341,7 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                 k = int(cfg.reward.split(":")[1])
                 row["eval/class_share"] = float((load_classifier("digits-mlp")(tr.images).argmax(1) == k)
                                                 .float().mean())
+                row["eval/nn_distance"] = nearest_real_distance(tr.images)
         if main:
             save_grid(tr.images[:64], out / "samples" / f"step_{step:06d}.png")
         return row
@@ -358,12 +380,12 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                 with acc.autocast():
                     kl = kl_to_base(model, frozen, cfg, sched, gen, kl_cond)
                 (cfg.kl_weight * kl * len(got)).backward()
-                guard["kl"] = float(kl)
+                guard["kl"] = float(kl.detach())
             if bank is not None:
                 with acc.autocast():
                     ret = retention_loss(model, bank, gen, cfg.batch_size)
                 (cfg.retention_weight * ret * len(got)).backward()
-                guard["retention_loss"] = float(ret)
+                guard["retention_loss"] = float(ret.detach())
             reduce_gradients(params, acc, len(got))
             finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
             if not finite:

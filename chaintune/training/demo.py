@@ -12,7 +12,7 @@ from pathlib import Path
 
 from chaintune.training.align import AlignConfig, align, read_metrics
 
-DEMO_DEFAULTS = dict(model="builtin:digits", sample_steps=20, batch_size=16, lr=1e-4, eval_samples=128,
+DEMO_DEFAULTS = dict(model="builtin:digits", sample_steps=20, batch_size=32, lr=3e-4, eval_samples=128,
                      save_every=10_000, tensorboard=False)
 
 
@@ -20,9 +20,11 @@ def demo_config(method: str, digit: int, steps: int, out: Path, seed: int) -> Al
     opts = dict(DEMO_DEFAULTS, reward=f"digit:{digit}", steps=steps, eval_every=max(1, steps // 3),
                 out=str(out / method), seed=seed)
     if method == "rlr":
-        opts.update(estimator="rlr", h=2)
+        opts.update(estimator="rlr", h=1, zo=False)
+    elif method == "rlr+zo":
+        opts.update(estimator="rlr", h=1, zo=True)
     elif method in ("reinforce", "ddpo"):
-        opts.update(estimator="reinforce", lr=3e-4)
+        opts.update(estimator="reinforce")
     else:
         opts.update(estimator=method)
     return AlignConfig(**opts)
@@ -31,7 +33,7 @@ def demo_config(method: str, digit: int, steps: int, out: Path, seed: int) -> Al
 def run_demo(out: str | Path, steps: int = 60, digit: int = 3, baseline: str | None = "reinforce",
              seed: int = 0) -> list[dict]:
     out = Path(out)
-    methods = ["rlr"] + ([baseline] if baseline else [])
+    methods = ["rlr", "rlr+zo"] + ([baseline] if baseline else [])
     rows = []
     for method in methods:
         cfg = demo_config(method, digit, steps, out, seed)

@@ -1,0 +1,107 @@
+"""The alignment trainer end to end on builtin:digits at toy size: outputs, LoRA, guards, config, planner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import chaintune
+from chaintune.training.align import AlignConfig, align, read_metrics
+
+TINY = dict(model="builtin:digits", reward="digit:3", steps=3, batch_size=4, sample_steps=4, eval_every=3,
+            eval_samples=8, tensorboard=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    align(AlignConfig(**TINY, estimator="rlr", zo=True, out=str(out)))
+    return out
+
+
+def test_run_directory_is_complete_and_loads_in_diffusers(full_run):
+    from diffusers import DDPMPipeline
+
+    info = json.loads((full_run / "chaintune_run.json").read_text())
+    assert info["status"] == "finished" and info["config"]["estimator"] == "rlr"
+    rows = read_metrics(full_run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in ("eval/reward", "eval/heldout_reward", "eval/class_share", "eval/diversity", "eval/nn_distance"):
+        assert key in rows[0] and key in rows[-1]
+    assert {"reward_mean", "grad_norm", "zo_steps"} <= set(rows[1])
+    assert sorted(p.name for p in (full_run / "samples").glob("*.png")) == ["step_000000.png", "step_000003.png"]
+    assert (full_run / "config.yaml").exists() and list((full_run / "checkpoints").glob("step_*"))
+    pipe = DDPMPipeline.from_pretrained(full_run / "model")
+    tuned = chaintune.load(full_run)
+    base = chaintune.load("builtin:digits")
+    w = "conv_out.weight"
+    torch.testing.assert_close(pipe.unet.state_dict()[w], tuned.denoiser.state_dict()[w])
+    assert not torch.equal(base.denoiser.state_dict()[w], tuned.denoiser.state_dict()[w])  # training moved it
+
+
+def test_lora_run_writes_adapter_and_merged_model(tmp_path):
+    out = tmp_path / "lora"
+    align(AlignConfig(**TINY, estimator="truncated-backprop", peft="lora", lora_rank=2, lr=1e-2, out=str(out)))
+    info = json.loads((out / "chaintune_run.json").read_text())
+    assert info["peft"] == "lora" and 0 < info["trainable_parameters"] < 20_000
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    merged = chaintune.load(out)  # model/ (LoRA merged into the weights)
+    import shutil
+
+    shutil.rmtree(out / "model")
+    adapted = chaintune.load(out)  # base model + adapter/
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        a = merged.denoiser(x, t).sample
+        b = adapted.denoiser(x, t).sample
+        c = chaintune.load("builtin:digits").denoiser(x, t).sample
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c)
+
+
+def test_guards_are_trained_and_logged(tmp_path):
+    out = tmp_path / "guards"
+    align(AlignConfig(**TINY, estimator="rlr", kl_weight=0.1, retention_weight=0.5, retention_samples=8,
+                      out=str(out)))
+    rows = read_metrics(out)
+    assert all("kl" in r and "retention_loss" in r for r in rows[1:])
+    assert all(r["kl"] >= 0 for r in rows[1:])
+
+
+def test_kl_is_zero_before_any_update():
+    from chaintune.sampling import chain_scheduler
+    from chaintune.training.adapters import apply_lora
+    from chaintune.training.align import kl_to_base
+
+    model = chaintune.load("builtin:digits")
+    apply_lora(model.denoiser, rank=2)
+    cfg = AlignConfig(**TINY)
+    kl = kl_to_base(model, None, cfg, chain_scheduler(model, "ddim"), torch.Generator().manual_seed(0),
+                    model.default_conditions(4))
+    assert float(kl) == pytest.approx(0.0, abs=1e-10)  # LoRA B starts at zero: tuned == base
+
+
+def test_config_file_and_flags(tmp_path, monkeypatch):
+    from chaintune.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("steps: 1\nbatch_size: 2\nsample_steps: 3\neval_samples: 4\nlr: 0.5\n"
+                                     "tensorboard: false\nestimator: truncated-backprop\n")
+    main(["align", "--config", "c.yaml", "--lr", "0.001", "--out", "r"])  # returns normally on success
+    saved = json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["config"]
+    assert saved["lr"] == 0.001 and saved["batch_size"] == 2 and saved["estimator"] == "truncated-backprop"
+
+
+def test_planner_formula_and_cli(capsys):
+    from chaintune.cli.main import main
+    from chaintune.training.planner import h_star
+
+    # paper: h* = floor((B - B_z (T-1)) / (B_h - B_z)), capped by the variance bound
+    assert h_star(1000, 110, 10, 50) == (1000 - 10 * 49) // 100
+    assert h_star(10_000, 110, 10, 50, v_h=1.0, v_z=2.0) == min((10_000 - 490) // 100, int(50 * 2.0 / 2.0 - 1), 49)
+    main(["plan", "--model", "builtin:digits", "--memory-budget", "2GB", "--sample-steps", "20"])
+    out = capsys.readouterr().out
+    assert "h*" in out and "B_h" in out
