@@ -21,4 +21,6 @@ from chaintune.sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "sample", "estimate_gradient", "DiffusionModel", "Conditions", "StepGrad", "Trajectory", "__version__"]
+__all__ = [
+    "load", "sample", "estimate_gradient", "DiffusionModel", "Conditions", "StepGrad", "Trajectory", "__version__",
+]

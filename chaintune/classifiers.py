@@ -147,7 +147,7 @@ def load_classifier(name: str = "digits-cnn") -> nn.Module:
     if name not in _CACHE:
         path = CLASSIFIER_DIR / f"{name}.safetensors"
         if not path.exists():
-            raise FileNotFoundError(f"classifier weights missing at {path}; rebuild with `chaintune pretrain-classifiers`")
+            raise FileNotFoundError(f"classifier weights missing at {path}; rebuild with classifiers.train_classifier")
         net = _ARCH[name]()
         net.load_state_dict(load_file(str(path)))
         net.eval().requires_grad_(False)

@@ -39,7 +39,8 @@ def test_tiny_sd_and_dit_sample_offline():
                           generator=torch.Generator().manual_seed(0))
     assert tr.images.shape == (2, 3, 16, 16) and torch.isfinite(tr.log_probs).all()
     dit = tiny_dit_model()
-    tr = chaintune.sample(dit, 2, steps=3, labels=[0, 3], guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    tr = chaintune.sample(dit, 2, steps=3, labels=[0, 3], guidance_scale=2.0,
+                          generator=torch.Generator().manual_seed(0))
     assert tr.images.shape == (2, 3, 16, 16)
 
 

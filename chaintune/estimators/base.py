@@ -85,8 +85,8 @@ class Estimator:
 
             raise ChaintuneError(
                 f"estimator {self.name!r} backpropagates through the reward, but reward "
-                f"{getattr(ctx.reward, 'name', ctx.reward)!r} is not differentiable; use 'reinforce' or 'zeroth-order', "
-                "or 'half-order'/'rlr' with an eta > 0 final step"
+                f"{getattr(ctx.reward, 'name', ctx.reward)!r} is not differentiable; use 'rlr', 'half-order', "
+                "'reinforce' or 'zeroth-order'"
             )
         if not ctx.params:
             raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")

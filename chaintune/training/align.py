@@ -295,7 +295,7 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     frozen = None
     if cfg.kl_weight > 0 and cfg.peft == "none":
         frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
-    trainable = apply_peft(model.denoiser, cfg.peft, rank=cfg.lora_rank)
+    apply_peft(model.denoiser, cfg.peft, rank=cfg.lora_rank)
     if cfg.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
         pass  # the chain checkpoints whole model calls (EstimationContext.checkpoint); no double recompute
     params = [p for p in model.denoiser.parameters() if p.requires_grad]

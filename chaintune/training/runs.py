@@ -36,7 +36,8 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         if resume:
             return path
         if not overwrite:
-            raise ChaintuneError(f"{path} already holds files; pass --resume to continue it or --overwrite to replace it")
+            raise ChaintuneError(
+                f"{path} already holds files; pass --resume to continue it or --overwrite to replace it")
         import shutil
 
         shutil.rmtree(path)
