@@ -75,7 +75,12 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "HF_HUB_OFFLINE": "1"})
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # a forked child inherits the parent's accelerate singletons (one process, if it made an
+    # Accelerator earlier); drop them so this process sees the distributed environment above
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world, f"accelerate sees {acc.num_processes} processes, expected {world}"
     per = N // world
