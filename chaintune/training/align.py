@@ -68,6 +68,13 @@ class AlignConfig:
     lora_rank: int = 4
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = True
+    vae_chunk: int | None = None  # decode latents this many samples at a time (peak memory of reward backprop)
+    eight_bit_adam: bool = False  # bitsandbytes AdamW8bit when usable (CUDA), else AdamW with a warning
+    # diffusive chain of thought: per-stage prompts (None = the sample's own prompt)
+    coarse_prompt: str | None = None
+    mid_prompt: str | None = None
+    fine_prompt: str | None = None
+    stage_boundaries: str = "0.3333,0.6667"  # chain-position fractions b1,b2
     baseline: str = "batch"
     # reward-hacking guards
     kl_weight: float = 0.0
@@ -140,15 +147,25 @@ def default_heldout(reward_spec: str) -> str | None:
 
 
 def _prompts(cfg: AlignConfig) -> list[str] | None:
+    """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt."""
     if cfg.prompt_file:
-        p = Path(cfg.prompt_file)
-        if not p.exists():
-            raise ChaintuneError(f"prompt file not found: {p}")
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-        if not lines:
-            raise ChaintuneError(f"prompt file {p} is empty")
-        return lines
+        from chaintune.prompts import load_prompts
+
+        try:
+            return load_prompts(cfg.prompt_file).prompts
+        except (FileNotFoundError, ValueError) as e:
+            raise ChaintuneError(str(e)) from e
     return cfg.prompts
+
+
+def _stage_prompts(cfg: AlignConfig):
+    """A StagePrompts when any per-stage prompt is set, else None."""
+    if cfg.coarse_prompt is None and cfg.mid_prompt is None and cfg.fine_prompt is None:
+        return None
+    from chaintune.prompts import StagePrompts
+
+    b1, b2 = (float(v) for v in cfg.stage_boundaries.split(","))
+    return StagePrompts(coarse=cfg.coarse_prompt, mid=cfg.mid_prompt, fine=cfg.fine_prompt, boundaries=(b1, b2))
 
 
 def _conditions(model, n: int, prompts, labels, cfg: AlignConfig, gen: torch.Generator) -> Conditions:
@@ -291,7 +308,7 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     acc.wait_for_everyone()
 
     # ---- model -------------------------------------------------------------------------------
-    model = chaintune.load(cfg.model, device=str(acc.device))
+    model = chaintune.load(cfg.model, device=str(acc.device), vae_chunk=cfg.vae_chunk)
     frozen = None
     if cfg.kl_weight > 0 and cfg.peft == "none":
         frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
@@ -299,11 +316,18 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     if cfg.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
         pass  # the chain checkpoints whole model calls (EstimationContext.checkpoint); no double recompute
     params = [p for p in model.denoiser.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from chaintune.training.optim import make_optimizer
+
+    opt = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eight_bit=cfg.eight_bit_adam)
     from diffusers.optimization import get_constant_schedule_with_warmup
 
     lr_sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
     sched = chain_scheduler(model, cfg.scheduler)
+    stages = _stage_prompts(cfg)
+    if stages is not None:  # every denoiser closure (training, KL, eval) then switches prompts by chain position
+        from chaintune.prompts import StagedModel
+
+        model = StagedModel(model, stages, steps=cfg.sample_steps, scheduler=sched)
     prompts, labels = _prompts(cfg), cfg.labels
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
     bank = None
