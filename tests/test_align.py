@@ -105,3 +105,15 @@ def test_planner_formula_and_cli(capsys):
     main(["plan", "--model", "builtin:digits", "--memory-budget", "2GB", "--sample-steps", "20"])
     out = capsys.readouterr().out
     assert "h*" in out and "B_h" in out
+
+
+def test_demo_runs_and_prints_table(tmp_path, capsys):
+    from chaintune.training.demo import run_demo
+
+    rows = run_demo(tmp_path / "demo", steps=3, digit=3, eval_samples=8, batch_size=8)
+    out = capsys.readouterr().out
+    assert [r["method"] for r in rows] == ["rlr", "rlr+zo", "reinforce"]
+    assert "share of 3s" in out and "nn-dist" in out
+    for name in ("before.png", "after_rlr.png", "after_rlr+zo.png", "after_reinforce.png"):
+        assert (tmp_path / "demo" / name).exists()
+    assert rows[0]["samples"] == 3 * 8

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from chaintune.training.align import AlignConfig, align, read_metrics
 
-DEMO_DEFAULTS = dict(model="builtin:digits", sample_steps=20, batch_size=32, lr=3e-4, eval_samples=128,
-                     save_every=10_000, tensorboard=False)
+# lr and the KL guard were chosen by measurement (README, Results): without the guard every estimator learns
+# to fool the classifier with off-manifold images (eval/nn_distance rises from 0.12 towards noise's 0.44).
+DEMO_DEFAULTS = dict(model="builtin:digits", sample_steps=20, batch_size=32, lr=1e-4, kl_weight=0.1,
+                     eval_samples=128, save_every=10_000, tensorboard=False)
 
 
-def demo_config(method: str, digit: int, steps: int, out: Path, seed: int) -> AlignConfig:
+def demo_config(method: str, digit: int, steps: int, out: Path, seed: int, **overrides) -> AlignConfig:
     opts = dict(DEMO_DEFAULTS, reward=f"digit:{digit}", steps=steps, eval_every=max(1, steps // 3),
-                out=str(out / method), seed=seed)
+                out=str(out / method), seed=seed, **overrides)
     if method == "rlr":
         opts.update(estimator="rlr", h=1, zo=False)
     elif method == "rlr+zo":
@@ -30,23 +32,27 @@ def demo_config(method: str, digit: int, steps: int, out: Path, seed: int) -> Al
     return AlignConfig(**opts)
 
 
-def run_demo(out: str | Path, steps: int = 60, digit: int = 3, baseline: str | None = "reinforce",
-             seed: int = 0) -> list[dict]:
+def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | None = "reinforce",
+             seed: int = 0, **overrides) -> list[dict]:
+    """RLR for ``steps`` optimizer steps; the comparison runs (RLR with ZO, a baseline) for a third as many.
+
+    ``overrides`` replace demo settings (any AlignConfig field, e.g. ``eval_samples``)."""
     out = Path(out)
     methods = ["rlr", "rlr+zo"] + ([baseline] if baseline else [])
     rows = []
     for method in methods:
-        cfg = demo_config(method, digit, steps, out, seed)
+        cfg = demo_config(method, digit, steps if method == "rlr" else max(1, steps // 3), out, seed, **overrides)
         t0 = time.time()
         run = align(cfg, overwrite=True)
         dt = time.time() - t0
         metrics = [m for m in read_metrics(run) if "eval/reward" in m]
         first, last = metrics[0], metrics[-1]
         rows.append({"method": method, "reward_before": first["eval/reward"], "reward_after": last["eval/reward"],
+                     "nn_before": first.get("eval/nn_distance"), "nn_after": last.get("eval/nn_distance"),
                      "share_before": first.get("eval/class_share"), "share_after": last.get("eval/class_share"),
                      "heldout_after": last.get("eval/heldout_reward"), "diversity_before": first["eval/diversity"],
                      "diversity_after": last["eval/diversity"], "seconds": dt,
-                     "samples": steps * cfg.batch_size * cfg.grad_accum})
+                     "samples": cfg.steps * cfg.batch_size * cfg.grad_accum})
         grids = sorted((run / "samples").glob("step_*.png"))
         shutil.copy(grids[0], out / "before.png")
         shutil.copy(grids[-1], out / f"after_{method}.png")
@@ -57,13 +63,16 @@ def run_demo(out: str | Path, steps: int = 60, digit: int = 3, baseline: str | N
 
 
 def format_table(rows: list[dict], digit: int) -> str:
-    head = (f"{'method':<12} {'reward':>17} {f'share of {digit}s':>17} {'held-out':>9} {'diversity':>15} "
-            f"{'samples':>8} {'time':>7}")
+    head = (f"{'method':<10} {'reward':>16} {f'share of {digit}s':>13} {'held-out':>8} {'diversity':>14} "
+            f"{'nn-dist':>14} {'samples':>7} {'time':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         share = (f"{r['share_before']:.0%} -> {r['share_after']:.0%}" if r["share_before"] is not None else "-")
+        nn = f"{r['nn_before']:.3f} -> {r['nn_after']:.3f}" if r.get("nn_before") is not None else "-"
         lines.append(
-            f"{r['method']:<12} {r['reward_before']:>7.2f} -> {r['reward_after']:>6.2f} {share:>17} "
-            f"{(r['heldout_after'] or float('nan')):>9.2f} {r['diversity_before']:>6.3f} -> {r['diversity_after']:.3f} "
-            f"{r['samples']:>8} {r['seconds']:>6.0f}s")
+            f"{r['method']:<10} {r['reward_before']:>6.2f} -> {r['reward_after']:>6.2f} {share:>13} "
+            f"{(r['heldout_after'] or float('nan')):>8.2f} {r['diversity_before']:.3f} -> {r['diversity_after']:.3f} "
+            f"{nn:>14} {r['samples']:>7} {r['seconds']:>5.0f}s")
+    lines.append("share: held-out classifier; nn-dist: distance to the nearest real digit (base 0.12, noise 0.44; "
+                 "rising = reward hacking)")
     return "\n".join(lines)
