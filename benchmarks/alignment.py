@@ -16,11 +16,13 @@ rlr h=2 no-ZO lr=2e-4  the same at twice the learning rate (reward-hacking check
 
 Logged per evaluation (64 held-out seeds): ``eval/reward`` (mean log p(3) under the training
 classifier), ``eval/heldout_reward`` (a second classifier training never saw), ``eval/class_share``
-(share of samples the held-out classifier calls a 3), ``eval/diversity``. Also: seconds per
-optimizer step (median), seconds of a no-grad ``chaintune.sample`` of the same batch, peak memory of
-one gradient estimate (forked child, see ``_common.py``), and samples needed to reach a reward level.
+(share of samples the held-out classifier calls a 3), ``eval/diversity``, ``eval/nn_distance`` (RMS
+distance to the nearest real digit, when the trainer logs it: rises when samples stop looking like
+digits). Also: seconds per optimizer step (median), seconds of a no-grad ``chaintune.sample`` of the
+same batch, peak memory of one gradient estimate (forked child, see ``_common.py``), and samples
+needed to reach a reward level.
 
-    python benchmarks/alignment.py            # 9 methods x 60 steps (about 15 min on 2 CPU cores)
+    python benchmarks/alignment.py            # 10 methods x 60 steps (about 14 min on 2 CPU cores)
     python benchmarks/alignment.py --quick    # 3 methods x 5 steps (CI smoke, < 90 s)
 """
 
@@ -38,17 +40,17 @@ try:
 except ImportError:  # run as a script
     import _common as C  # type: ignore[no-redef]
 
-METHODS: dict[str, dict] = {
-    "rlr h=1": {"estimator": "rlr", "h": 1},
-    "rlr h=2": {"estimator": "rlr", "h": 2},
-    "rlr h=4": {"estimator": "rlr", "h": 4},
-    "rlr h=2 no-ZO": {"estimator": "rlr", "h": 2, "zo": False},
-    "rlr h=2 no-HO": {"estimator": "rlr", "h": 2, "ho": False},
+METHODS: dict[str, dict] = {  # every estimator option explicit: AlignConfig's defaults are not pinned
+    "rlr h=1": {"estimator": "rlr", "h": 1, "zo": True, "ho": True},
+    "rlr h=2": {"estimator": "rlr", "h": 2, "zo": True, "ho": True},
+    "rlr h=4": {"estimator": "rlr", "h": 4, "zo": True, "ho": True},
+    "rlr h=2 no-ZO": {"estimator": "rlr", "h": 2, "zo": False, "ho": True},
+    "rlr h=2 no-HO": {"estimator": "rlr", "h": 2, "zo": True, "ho": False},
     "truncated k=1": {"estimator": "truncated-backprop", "k": 1},
     "full-backprop": {"estimator": "full-backprop"},
     "reinforce (DDPO)": {"estimator": "reinforce"},
     "zeroth-order": {"estimator": "zeroth-order"},
-    "rlr h=2 no-ZO lr=2e-4": {"estimator": "rlr", "h": 2, "zo": False, "lr": 2e-4},
+    "rlr h=2 no-ZO lr=2e-4": {"estimator": "rlr", "h": 2, "zo": False, "ho": True, "lr": 2e-4},
 }
 QUICK = ["rlr h=2 no-ZO", "truncated k=1", "reinforce (DDPO)"]
 
@@ -78,7 +80,10 @@ def config(args, label: str, out: Path):
     opts = dict(model="builtin:digits", reward="digit:3", steps=args.steps, batch_size=args.batch,
                 sample_steps=args.sample_steps, lr=args.lr, eval_every=args.eval_every,
                 eval_samples=args.eval_samples, save_every=10**9, tensorboard=False, progress=False,
-                seed=args.seed, out=str(out), device="cpu")
+                seed=args.seed, out=str(out), device="cpu", j="uniform", sigma=1e-3, k=1, eta=1.0,
+                scheduler="ddim", max_grad_norm=1.0, weight_decay=0.0, warmup_steps=0, peft="none",
+                mixed_precision="no", gradient_checkpointing=True, baseline="batch", inner_epochs=1,
+                clip_range=1e-4, kl_weight=0.0, retention_weight=0.0, grad_accum=1, heldout_reward="auto")
     opts.update(METHODS[label])
     return AlignConfig(**opts)
 
@@ -214,11 +219,13 @@ def print_table(result: dict) -> None:
         rows.append({"method": r["method"], "r0": f["eval/reward"], "r1": last["eval/reward"],
                      "best": best["eval/reward"], "h1": last.get("eval/heldout_reward"),
                      "s0": f.get("eval/class_share"), "s1": last.get("eval/class_share"),
-                     "d1": last.get("eval/diversity"), "d0": f.get("eval/diversity"), "sps": r["sec_per_step"],
+                     "d1": last.get("eval/diversity"), "d0": f.get("eval/diversity"),
+                     "nn0": f.get("eval/nn_distance"), "nn1": last.get("eval/nn_distance"), "sps": r["sec_per_step"],
                      "ratio": r["step_over_sample"], "mem": r["peak_mib"], "samples": last["samples"]})
     cols = [("method", "method", "s"), ("r0", "reward@0", ".3f"), ("r1", "reward@end", ".3f"), ("best", "best", ".3f"),
             ("h1", "heldout@end", ".3f"), ("s0", "3s@0", ".0%"), ("s1", "3s@end", ".0%"), ("d0", "div@0", ".3f"),
-            ("d1", "div@end", ".3f"), ("sps", "s/step", ".2f"), ("ratio", "step/sample", ".1f"),
+            ("d1", "div@end", ".3f"), ("nn0", "nn-dist@0", ".3f"), ("nn1", "nn-dist@end", ".3f"),
+            ("sps", "s/step", ".2f"), ("ratio", "step/sample", ".1f"),
             ("mem", "peak MiB", ".0f"), ("samples", "samples", "d")]
     cfg = result["config"]
     print()

@@ -10,7 +10,12 @@ of the full-backprop (FB) draws it reports
 * per-coordinate Welch z-scores: ``mean z^2`` (about 1 when unbiased, >> 1 when biased) and max |z|
   against a Bonferroni bound (1% family-wise over the coordinates);
 * the projection of the mean on the FB direction with its 95% confidence interval (unbiased
-  estimators' intervals cover FB's value);
+  estimators' intervals cover FB's value) and the Welch z of its difference to FB's projection;
+* verdict "unbiased" when |z(proj)| <= 3 and mean z^2 <= 3. The per-coordinate Bonferroni test
+  (max |z| against the 1% family-wise bound) is reported too (``coord_test_passed``) but not used:
+  the gradient draws are heavy-tailed (rare draws 10-100x the typical norm, full backprop included),
+  which makes a max-over-289-coordinates Welch test anti-conservative at a few hundred draws — the
+  full-backprop split-half "null" comparison itself reaches mean z^2 ~ 1.8;
 * total variance (trace of the covariance) with a bootstrap 95% interval, and seconds per estimate.
 
 Part 2 (dimension sweep): total variance of FB, half-order (h=2) and zeroth-order against the
@@ -64,7 +69,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--n", type=int, default=8, help="samples per estimate")
     p.add_argument("--draws-scale", type=float, default=1.0, help="multiply every estimator's number of draws")
     p.add_argument("--sweep-draws", type=int, default=16)
-    p.add_argument("--sweep-d", default="1,300,10000,100000,all", help="trainable-parameter counts to sweep")
+    p.add_argument("--sweep-d", default="1,30,300,10000,100000,all", help="trainable-parameter counts to sweep")
     p.add_argument("--all-params", action="store_true", help="also run the bias table with all parameters trainable")
     a = p.parse_args(argv)
     if a.quick:
@@ -144,7 +149,7 @@ def compare(x, ref) -> dict:
     bonf = math.sqrt(2) * float(torch.erfinv(torch.tensor(1 - 0.01 / d, dtype=torch.float64)))
     tv, lo, hi = trace_var_ci(x)
     half = 1.96 * float(proj.std()) / math.sqrt(len(proj))
-    return {
+    out = {
         "d": d, "draws": len(x),
         "cosine": float(torch.nn.functional.cosine_similarity(m, mr, dim=0)),
         "norm_distance": float((m - mr).norm() / mr.norm()),
@@ -155,7 +160,17 @@ def compare(x, ref) -> dict:
         "fb_proj_mean": float(ref_proj.mean()),
         "fb_proj_ci95_half": 1.96 * float(ref_proj.std()) / math.sqrt(len(ref_proj)),
         "total_var": tv, "total_var_ci95": [lo, hi], "mean_norm": float(m.norm()),
-        "unbiased_at_1pct": bool(float(z.abs().max()) < bonf),
+        "proj_z": (float(proj.mean()) - float(ref_proj.mean()))
+        / math.sqrt(float(proj.var()) / len(proj) + float(ref_proj.var()) / len(ref_proj)),
+        "coord_test_passed": bool(float(z.abs().max()) < bonf),
+        "draw_norm_median": float(x.norm(dim=1).median()), "draw_norm_max": float(x.norm(dim=1).max()),
+        "max_draw_share_of_tr_var": float(((x - m) ** 2).sum(1).max() / ((x - m) ** 2).sum()),
+    }
+    out["unbiased"] = bool(abs(out["proj_z"]) <= 3 and out["mean_z2"] <= 3)
+    return out
+
+
+_UNUSED = {
     }
 
 
@@ -177,7 +192,7 @@ def bias_table(model, reward, args, names: list[str], scale: float, label: str) 
             h = len(x) // 2
             row.update({k: v for k, v in compare(x[:h], x[h:]).items() if k in (
                 "cosine", "norm_distance", "noise_floor", "mean_z2", "max_abs_z", "frac_abs_z_gt_3",
-                "unbiased_at_1pct")})
+                "proj_z", "coord_test_passed", "unbiased")})
             row["note"] = "bias columns: first half of the FB draws vs second half"
         rows.append(row)
     return rows
@@ -188,13 +203,13 @@ def sweep(model, reward, args) -> list[dict]:
     specs = [("full-backprop", ("full-backprop", {})), ("half-order h=2", ("half-order", {"h": 2})),
              ("zeroth-order", ("zeroth-order", {}))]
     out = []
-    for ti, target in enumerate(targets):
+    for target in targets:
         names = output_side(model, target)
         d = set_trainable(model, names)
         row = {"d": d, "params": names if len(names) <= 4 else f"{len(names)} tensors"}
         for si, (lab, spec) in enumerate(specs):
             x, times = draw(model, reward, spec, args.sweep_draws, args,
-                            seed0=args.seed * 1_000_000 + 500_000 + 10_000 * (3 * ti + si))
+                            seed0=args.seed * 1_000_000 + 500_000 + 10_000 * si)  # same draws for every d
             tv, lo, hi = trace_var_ci(x)
             row[lab] = {"total_var": tv, "ci95": [lo, hi], "sec": sum(times) / len(times),
                         "mean_norm": float(x.mean(0).norm())}
@@ -236,9 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
 def print_tables(result: dict) -> None:
     cols = [("estimator", "estimator", "s"), ("draws", "K", "d"), ("cosine", "cos(mean,FB)", ".3f"),
             ("norm_distance", "|m-FB|/|FB|", ".3f"), ("noise_floor", "noise floor", ".3f"),
-            ("mean_z2", "mean z^2", ".2f"), ("max_abs_z", "max|z|", ".2f"), ("proj", "proj on FB dir [95% CI]", "s"),
+            ("mean_z2", "mean z^2", ".2f"), ("max_abs_z", "max|z|", ".2f"), ("proj_z", "z(proj)", ".2f"),
+            ("proj", "proj on FB dir [95% CI]", "s"),
             ("total_var", "tr Var", ".4g"), ("tv_ci", "tr Var 95% CI", "s"), ("sec_per_estimate", "s/est", ".3f"),
-            ("verdict", "unbiased?", "s")]
+            ("max_draw_share_of_tr_var", "top draw share", ".2f"), ("verdict", "unbiased?", "s")]
     for key, title in (("bias", "conv_out subset"), ("bias_all_params", "all parameters")):
         if key not in result:
             continue
@@ -246,7 +262,7 @@ def print_tables(result: dict) -> None:
         for r in result[key]:
             rows.append({**r, "proj": f"{r['proj_mean']:.3g} [{r['proj_ci95'][0]:.3g}, {r['proj_ci95'][1]:.3g}]",
                          "tv_ci": f"[{r['total_var_ci95'][0]:.3g}, {r['total_var_ci95'][1]:.3g}]",
-                         "verdict": "yes" if r["unbiased_at_1pct"] else "NO (biased)"})
+                         "verdict": "yes" if r["unbiased"] else "NO (biased)"})
         d = result[key][0]["d"]
         fb = result[key][0]
         print()
@@ -279,7 +295,7 @@ def plot(result: dict, path) -> None:
     ax = axes[0]
     means = [r["proj_mean"] for r in rows]
     errs = [(r["proj_ci95"][1] - r["proj_ci95"][0]) / 2 for r in rows]
-    colors = ["tab:red" if not r["unbiased_at_1pct"] else "tab:blue" for r in rows]
+    colors = ["tab:red" if not r["unbiased"] else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), means, yerr=errs, color=colors, capsize=3)
     ax.axhline(rows[0]["fb_proj_mean"], color="k", lw=1, ls="--", label="full backprop")
     ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)

@@ -32,7 +32,7 @@ def test_estimators_quick(tmp_path):
             "zeroth-order"} <= set(rows)
     for r in rows.values():
         assert {"cosine", "norm_distance", "noise_floor", "mean_z2", "max_abs_z", "proj_ci95", "total_var",
-                "total_var_ci95", "sec_per_estimate", "unbiased_at_1pct"} <= set(r)
+                "total_var_ci95", "sec_per_estimate", "unbiased", "proj_z"} <= set(r)
     assert all({"d", "full-backprop", "half-order h=2", "zeroth-order", "zo_over_ho"} <= set(s) for s in res["sweep"])
 
 
