@@ -100,6 +100,14 @@ def test_config_typo_suggests(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_pretrain_config_typo(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("steps: 1\nbatchsize: 4\n")
+    code, _, err = run_cli(capsys, "pretrain", "--config", "p.yaml", "--out", "m")
+    assert_one_line_error(code, err, "batchsize", "batch_size")
+    assert not (tmp_path / "m").exists()
+
+
 def test_corrupt_checkpoint_on_resume(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ck = tmp_path / "run" / "checkpoints" / "step_000002"

@@ -58,24 +58,17 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     ):
         """Train a small pixel DDPM from scratch (how builtin:digits is made)."""
-        from dataclasses import fields
-
         from chaintune.errors import ChaintuneError
         from chaintune.training.pretrain import PretrainConfig
         from chaintune.training.pretrain import pretrain as run
-        from chaintune.utils.io import load_config_file
+        from chaintune.utils.io import load_config_file, strict_config
 
         values = load_config_file(config) if config else {}
-        known = {f.name for f in fields(PretrainConfig)}
-        bad = sorted(set(values) - known)
-        if bad:
-            from chaintune.errors import unknown_name
-
-            raise unknown_name("pretrain option", bad[0], known)
+        strict_config(PretrainConfig, values, "pretrain option")  # typos fail before anything is written
         for k, v in (("dataset", dataset), ("steps", steps), ("seed", seed)):
             if v is not None:
                 values[k] = v
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise ChaintuneError(f"{out} already exists; pass --overwrite to replace it")
-        run(PretrainConfig(**values), out=out)
+        run(strict_config(PretrainConfig, values, "pretrain option"), out=out)
         typer.echo(f"saved model to {out}")

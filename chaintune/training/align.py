@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,13 +97,9 @@ class AlignConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> AlignConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(values) - known)
-        if bad:
-            from chaintune.errors import unknown_name
+        from chaintune.utils.io import strict_config
 
-            raise unknown_name("align option", bad[0], known)
-        return cls(**values)
+        return strict_config(cls, values, "align option")
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

@@ -79,3 +79,16 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping of option: value")
     return data
+
+
+def strict_config(cls, values: dict, what: str):
+    """``cls(**values)`` for a config dataclass, rejecting unknown keys with a did-you-mean."""
+    from dataclasses import fields
+
+    from chaintune.errors import unknown_name
+
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(values) - known)
+    if bad:
+        raise unknown_name(what, bad[0], known)
+    return cls(**values)
