@@ -436,6 +436,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 
     def evaluate(step: int) -> dict:
+        if run_dir is None and not (feature and eval_images is not None):
+            return {}  # nothing to write and nothing to measure
         ema.store(params)
         ema.copy_to(params)
         model.denoiser.eval()
