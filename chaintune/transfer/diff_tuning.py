@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -124,13 +124,9 @@ class TransferConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TransferConfig:
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(values) - known)
-        if bad:
-            from chaintune.errors import unknown_name
+        from chaintune.utils.io import strict_config
 
-            raise unknown_name("transfer option", bad[0], known)
-        return cls(**values)
+        return strict_config(cls, values, "transfer option")
 
 
 @dataclass
