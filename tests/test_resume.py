@@ -55,3 +55,31 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = [int(line.split('"step": ')[1].split(",")[0].rstrip("}"))
              for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 8 and len(steps) == len(set(steps))
+
+
+def test_transfer_resume_from_checkpoint_matches_uninterrupted(tmp_path):
+    """A transfer run resumed from its mid-run checkpoint ends with the same weights (and EMA)."""
+    import shutil
+
+    from chaintune.testing import tiny_unet_model
+    from chaintune.transfer.diff_tuning import TransferConfig, transfer
+
+    cfg = dict(model="tiny", data="digits-fewshot:2", method="diff-tuning", steps=6, batch_size=8, bank_size=8,
+               bank_steps=3, checkpoint_every=3, eval_every=0, grid_samples=4, sample_steps=3, log_every=1,
+               feature=None, eval_data=None)
+    data = (torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(20, dtype=torch.long))
+
+    def run(out, resume=False):
+        model = tiny_unet_model()
+        return transfer(TransferConfig.from_dict(cfg), out=out, model=model, target=data, resume=resume,
+                        show_progress=False)
+
+    full = run(tmp_path / "full")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000003", cut / "checkpoints" / "step_000003")
+    shutil.copy(tmp_path / "full" / "config.yaml", cut / "config.yaml")
+    resumed = run(cut, resume=True)
+    for (k, a), b in zip(full.model.denoiser.state_dict().items(), resumed.model.denoiser.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

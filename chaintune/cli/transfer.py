@@ -36,21 +36,26 @@ def register(app: typer.Typer) -> None:
         = None,
         seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
         device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: best available).")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(
+            help="Write a resumable checkpoint every N steps (0: none).")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+        resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its latest checkpoint.")] = False,
     ):
         """Fine-tune a pretrained model on new data with Diff-Tuning or plain fine-tuning."""
         from chaintune.transfer.diff_tuning import TransferConfig
         from chaintune.transfer.diff_tuning import transfer as run
         from chaintune.utils.io import load_config_file
 
+        if resume and config is None and (out / "config.yaml").exists():
+            config = out / "config.yaml"  # continue with the run's own settings; flags given now override
         values = load_config_file(config) if config else {}
         cli = {"model": model, "data": data, "method": method, "peft": peft, "steps": steps,
                "batch_size": batch_size, "lr": lr, "lam": lam, "bank_size": bank_size,
                "timestep_mode": timestep_mode, "eval_data": eval_data, "feature": feature,
-               "eval_every": eval_every, "seed": seed, "device": device}
+               "eval_every": eval_every, "seed": seed, "device": device, "checkpoint_every": checkpoint_every}
         values.update({k: v for k, v in cli.items() if v is not None})
         cfg = TransferConfig.from_dict(values)
-        res = run(cfg, out=out, overwrite=overwrite)
+        res = run(cfg, out=out, overwrite=overwrite, resume=resume)
         fid = res.final.get("fid")
         tail = f", FID {fid:.3f} (KID {res.final['kid']:.4f})" if fid is not None else ""
         typer.echo(f"saved run to {out} ({cfg.method}/{cfg.peft}, {cfg.steps} steps{tail}); "

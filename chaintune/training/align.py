@@ -336,7 +336,7 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     if resume:
         start_step = ckpt.restore(out, model.denoiser, opt, lr_sched, gen, state, estimator=estimator)
         if main:
-            _truncate_metrics(out, start_step)
+            ckpt.truncate_metrics(out, start_step)
     if main:
         write_run_info(out, {"command": "align", "base_model": cfg.model, "peft": cfg.peft, "status": "running",
                              "trainable_parameters": sum(p.numel() for p in params),
@@ -452,24 +452,6 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
                              "trainable_parameters": sum(p.numel() for p in params), "config": asdict(cfg)})
         logger.close()
     return out
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-    from chaintune.utils.io import atomic_file
-
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-    with atomic_file(path) as f:
-        f.write("".join(k + "\n" for k in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

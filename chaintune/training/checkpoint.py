@@ -68,6 +68,7 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, opt, lr_sched, gen: 
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "state": state,
             "estimator": getattr(estimator, "_norms", None) and {str(k): v for k, v in estimator._norms.items()},
+            "ema_step": getattr(ema, "optimization_step", None),  # drives the EMA's decay warm-up
         })
     ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in ckpts[:-keep] if keep > 0 else []:
@@ -118,8 +119,11 @@ def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Ge
         estimator._norms = {int(k): v for k, v in meta["estimator"].items()}
     if ema is not None and (path / "ema.safetensors").exists():
         e = load_file(str(path / "ema.safetensors"))
-        for i, t in enumerate(ema.shadow_params):
-            t.copy_(e[f"ema.{i}"])
+        with torch.no_grad():
+            for i, t in enumerate(ema.shadow_params):
+                t.copy_(e[f"ema.{i}"])
+        if meta.get("ema_step") is not None:
+            ema.optimization_step = meta["ema_step"]
     return int(meta["step"])
 
 
@@ -128,3 +132,19 @@ def save_config(run_dir: Path, config: dict) -> None:
 
     with atomic_file(Path(run_dir) / "config.yaml") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+    with atomic_file(path) as f:
+        f.write("".join(k + "\n" for k in keep))

@@ -82,6 +82,7 @@ class TransferConfig:
     grid_samples: int = 64
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
 
@@ -358,13 +359,14 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, overwrite: bool = False,
-             show_progress: bool = True, model: DiffusionModel | None = None,
+             resume: bool = False, show_progress: bool = True, model: DiffusionModel | None = None,
              target: tuple[torch.Tensor, torch.Tensor] | None = None,
              eval_images: torch.Tensor | None = None) -> TransferResult:
     """Fine-tune ``config.model`` on ``config.data``; with ``out``, write a run directory (a model id).
 
     ``model`` / ``target`` / ``eval_images`` may be given directly (tests, benchmarks, notebooks);
-    otherwise they are loaded from the ids in the config.
+    otherwise they are loaded from the ids in the config. ``resume`` continues the run in ``out`` from
+    its latest checkpoint (weights, EMA, optimizer, LR schedule, RNG states), bit-identically.
     """
     import chaintune
     from chaintune.training.adapters import apply_peft
@@ -373,7 +375,7 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     cfg = TransferConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
     run_dir = None
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not (overwrite or resume):
         raise ChaintuneError(f"{out} already holds files; pass --overwrite to replace it")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
@@ -411,7 +413,7 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     if out is not None:  # only now: a bad model/data id leaves no half-made run directory behind
         from chaintune.training.runs import prepare_run_dir, write_run_info
 
-        run_dir = prepare_run_dir(out, overwrite=overwrite)
+        run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
         (run_dir / "samples").mkdir(exist_ok=True)
         _write_config(run_dir, cfg)
         info = {"command": "transfer", "base_model": cfg.model, "peft": cfg.peft, "config": asdict(cfg),
@@ -426,6 +428,14 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(params, decay=cfg.ema_decay)
+    start = 0
+    if resume:
+        from chaintune.training import checkpoint as ckpt
+
+        if run_dir is None:
+            raise ChaintuneError("resume needs the run directory (out)")
+        start = ckpt.restore(run_dir, model.denoiser, opt, sched, g, {}, ema=ema)
+        ckpt.truncate_metrics(run_dir, start)
     model.denoiser.train()
     n_tgt = cfg.batch_size - n_bank
     history: list[dict] = []
@@ -455,7 +465,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
             model.denoiser.train()
         return row
 
-    bar = progress(range(cfg.steps), desc=f"transfer[{cfg.method}/{cfg.peft}]", disable=not show_progress)
+    bar = progress(range(start, cfg.steps), desc=f"transfer[{cfg.method}/{cfg.peft}]", disable=not show_progress,
+                   total=cfg.steps, initial=start)
     t0 = time.time()
     for step in bar:
         idx = torch.randint(0, len(x0_all), (n_tgt,), generator=g)
@@ -489,7 +500,9 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
             if metrics_path is not None:
                 _append_jsonl(metrics_path, row)
         if run_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-            _checkpoint(run_dir, done, model, ema, opt, cfg)
+            from chaintune.training import checkpoint as ckpt
+
+            ckpt.save(run_dir, done, model.denoiser, opt, sched, g, {}, keep=cfg.keep_checkpoints, ema=ema)
 
     final = evaluate(cfg.steps)
     ema.copy_to(params)
@@ -516,18 +529,3 @@ def _write_config(run_dir: Path, cfg: TransferConfig) -> None:
 
     with atomic_file(run_dir / "config.yaml") as f:
         yaml.safe_dump(asdict(cfg), f, sort_keys=False)
-
-
-def _checkpoint(run_dir: Path, step: int, model: DiffusionModel, ema, opt, cfg: TransferConfig) -> None:
-    """Trainable weights (raw and EMA), optimizer state and the step, in checkpoints/step-N/."""
-    from safetensors.torch import save_file
-
-    from chaintune.utils.io import atomic_dir, save_json
-
-    named = {n: p.detach().cpu().contiguous() for n, p in model.denoiser.named_parameters() if p.requires_grad}
-    with atomic_dir(run_dir / "checkpoints" / f"step-{step:06d}") as tmp:
-        save_file(named, str(tmp / "trainable.safetensors"))
-        save_file({n: s.detach().cpu().contiguous() for n, s in zip(named, ema.shadow_params, strict=True)},
-                  str(tmp / "ema.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        save_json(tmp / "state.json", {"step": step, "peft": cfg.peft, "time": time.time()})
