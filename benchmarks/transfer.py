@@ -1,15 +1,27 @@
-"""Offline transfer benchmark: builtin:glyphs (typeset digits) -> few-shot handwritten digits.
+"""Offline transfer benchmarks: Diff-Tuning vs plain fine-tuning at equal steps.
 
-Diff-Tuning vs plain fine-tuning at equal steps over several seeds (optionally with PEFT), FID
-against shots, and the chain-of-forgetting curve of a plainly fine-tuned model. FID/KID use the
-shipped digit classifier's features and compare 1000 generated images with the held-out
-``digits:test`` split (never seen in training). Nothing is pretrained or downloaded here.
+Two benchmarks (``--benchmark``):
 
-    python benchmarks/transfer.py            # full: about 15 min on 2 CPU cores
-    python benchmarks/transfer.py --quick    # CI smoke: under 2 min
+* ``glyphs`` (default): ``builtin:glyphs`` (digits typeset from fonts) -> few-shot handwritten
+  digits (``digits-fewshot:K``), FID vs the held-out ``digits:test``. Source and target differ
+  even in fine detail (typeset vs handwritten strokes).
+* ``classes``: a DDPM pretrained on handwritten digits 0-4 (``digits-0to4:train``, the shipped
+  ``builtin:digits`` config, pretrained here once (~13 min) and cached) -> few-shot handwritten digits 5-9
+  (``digits-fewshot-5to9:K``), FID vs the held-out ``digits-5to9:test``. Same writers, pen and
+  scanner, new global shapes: the setting where Diff-Tuning's premise (low-noise denoising is
+  shared across domains) holds by construction.
 
-Writes ``benchmarks/results/transfer.json`` and ``transfer.png`` (``--quick``: under
-``benchmarks/results/tmp/``) and prints a table.
+Both run several seeds (optionally PEFT variants with seed 0), record FID at intermediate steps
+(``fid_curve``), and analyse the chain of forgetting of the plainly fine-tuned model. FID/KID use
+the shipped digit classifier's features on 1000 generated images against images never seen in
+training.
+
+    python benchmarks/transfer.py                        # glyphs: about 30 min on one core
+    python benchmarks/transfer.py --benchmark classes --shots 10 --eval-every 250
+    python benchmarks/transfer.py --quick                # CI smoke: under 2 min
+
+Writes ``benchmarks/results/transfer.json`` / ``transfer.png`` (``classes``: ``transfer_classes.*``;
+``--quick``: under ``benchmarks/results/tmp/``; ``--name`` overrides the stem) and prints a table.
 """
 
 from __future__ import annotations
@@ -40,20 +52,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bank-size", type=int, default=1000)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model size)")
-    p.add_argument("--base", default="builtin:glyphs", help="pretrained source model")
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="glyphs",
+                   help="preset of base / target / evaluation data (module docstring)")
+    p.add_argument("--base", default=None, help="pretrained source model: a model id or pretrain:DATASET "
+                   "(default: the benchmark's)")
+    p.add_argument("--target", default=None, help="few-shot target dataset id with {k} for the shot count")
+    p.add_argument("--eval-data", default=None, help="held-out target images for FID")
+    p.add_argument("--eval-every", type=int, default=0, help="FID every N steps (default: steps // 2)")
+    p.add_argument("--name", default=None, help="stem of the result files (default: the benchmark's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    preset = BENCHMARKS[a.benchmark]
+    for key in ("base", "target", "eval_data", "name"):
+        if getattr(a, key) is None:
+            setattr(a, key, preset[key])
     if a.quick:
         a.seeds, a.steps, a.shots, a.peft = 1, 60, "10", ""
-        a.bank_size, a.eval_samples = 200, 300
+        a.bank_size, a.eval_samples, a.eval_every = 200, 300, 0
+    a.eval_every = a.eval_every or a.steps // 2
     a.out = a.out or (ROOT / "results" / ("tmp" if a.quick else ""))
     return a
+
+
+BENCHMARKS = {
+    "glyphs": {"base": "builtin:glyphs", "target": "digits-fewshot:{k}", "eval_data": "digits:test",
+               "real": "digits:train", "source": "glyphs:test", "name": "transfer"},
+    "classes": {"base": "pretrain:digits-0to4:train", "target": "digits-fewshot-5to9:{k}",
+                "eval_data": "digits-5to9:test", "real": "digits-5to9:train", "source": "digits-0to4:test",
+                "name": "transfer_classes"},
+}
+
+
+def pretrained_base(spec: str):
+    """``(model, id)`` for ``--base``: a model id, or ``pretrain:DATASET`` — the shipped
+    ``builtin:digits`` training config (``chaintune/configs/builtin_digits.yaml``) run on DATASET,
+    cached under ``benchmarks/results/tmp/bases/`` (deterministic: seed 0, about 13 min on one core)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    import chaintune
+
+    if not spec.startswith("pretrain:"):
+        return chaintune.load(spec), spec
+    from chaintune.training.pretrain import PretrainConfig, pretrain
+
+    cfg_path = Path(chaintune.__file__).resolve().parent / "configs" / "builtin_digits.yaml"
+    values = {**yaml.safe_load(cfg_path.read_text()), "dataset": spec.split(":", 1)[1]}
+    cfg = PretrainConfig(**values)
+    key = hashlib.sha256(json.dumps(vars(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    path = ROOT / "results" / "tmp" / "bases" / f"{cfg.dataset.replace(':', '-')}-{key}"
+    if not (path / "model_index.json").exists():
+        print(f"pretraining the source model on {cfg.dataset} -> {path}", flush=True)
+        pretrain(cfg, out=path, show_progress=False)
+    return chaintune.load(str(path)), str(path)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    import chaintune
     from chaintune.data import load_dataset
     from chaintune.metrics import fid_kid
     from chaintune.transfer import TransferConfig, transfer
@@ -62,9 +120,10 @@ def main(argv=None) -> dict:
     from chaintune.transfer.forgetting import analyze
 
     t_start = time.time()
-    base = chaintune.load(args.base)
-    test_x, _ = load_dataset("digits:test")
-    train_x, _ = load_dataset("digits:train")
+    base, base_id = pretrained_base(args.base)
+    preset = BENCHMARKS[args.benchmark]
+    test_x, _ = load_dataset(args.eval_data)
+    train_x, _ = load_dataset(preset["real"])
     bank_root = ROOT / "results" / "tmp" / "banks"
     bank = build_bank(base, BankConfig(size=args.bank_size), bank_root)
     shots = [int(s) for s in args.shots.split(",") if s]
@@ -75,25 +134,27 @@ def main(argv=None) -> dict:
         imgs = generate(model, args.eval_samples, sample_steps, 1.0, seed=12345)
         return fid_kid(test_x, imgs, "digits-cnn")
 
+    base_key = "base model (glyphs), no tuning" if args.base == "builtin:glyphs" else "base model, no tuning"
     refs = {
-        "base model (glyphs), no tuning": fid_of(base),
-        "digits:train (real data, reference)": fid_kid(test_x, train_x, "digits-cnn"),
-        "glyphs:test (source data)": fid_kid(test_x, load_dataset("glyphs:test")[0], "digits-cnn"),
+        base_key: fid_of(base),
+        f"{preset['real']} (real data, reference)": fid_kid(test_x, train_x, "digits-cnn"),
+        f"{preset['source']} (source data)": fid_kid(test_x, load_dataset(preset["source"])[0], "digits-cnn"),
     }
     for k in shots:
-        refs[f"digits-fewshot:{k} itself"] = fid_kid(test_x, load_dataset(f"digits-fewshot:{k}")[0], "digits-cnn")
+        name = args.target.format(k=k)
+        refs[f"{name} itself"] = fid_kid(test_x, load_dataset(name)[0], "digits-cnn")
 
     runs: list[dict] = []
     tuned_models: dict = {}
 
     def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
-        cfg = TransferConfig(model=args.base, data=f"digits-fewshot:{k}", method=method, peft=peft,
+        cfg = TransferConfig(model=base_id, data=args.target.format(k=k), method=method, peft=peft,
                              steps=args.steps, lr=args.lr if peft == "none" else args.lr * 10,
-                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data="digits:test",
-                             feature="digits-cnn", eval_every=args.steps // 2, eval_samples=args.eval_samples,
+                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data=args.eval_data,
+                             feature="digits-cnn", eval_every=args.eval_every, eval_samples=args.eval_samples,
                              sample_steps=sample_steps, seed=seed, log_every=max(1, args.steps // 10))
         t0 = time.time()
-        res = transfer(cfg, model=copy.deepcopy(base), show_progress=False)
+        res = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
         curve = {r["step"]: r["fid"] for r in res.history if "fid" in r}
         m = res.final
         row = {"method": method, "peft": peft, "shots": k, "seed": seed, "steps": args.steps, "fid": m["fid"],
@@ -107,7 +168,7 @@ def main(argv=None) -> dict:
               f"  curve {mid}  ({row['seconds']}s)", flush=True)
         return row
 
-    print(f"base FID {refs['base model (glyphs), no tuning']['fid']:.3f}; bank {len(bank)} samples "
+    print(f"base FID {refs[base_key]['fid']:.3f}; bank {len(bank)} samples "
           f"({'cached' if not bank.generated else 'generated'})", flush=True)
     for k in shots:
         for seed in range(args.seeds if k == shots[0] else 1):
@@ -117,12 +178,15 @@ def main(argv=None) -> dict:
         for method in ("plain", "diff-tuning"):
             run(method, shots[0], 0, peft)
 
-    # chain of forgetting of the plainly fine-tuned model (shots[0], seed 0)
-    tuned = tuned_models[("plain", "none", shots[0], 0)]
-    thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
-    forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
-                         num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
-                         handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn")
+    # chain of forgetting of the plainly fine-tuned model (full fine-tuning if it ran, first shot count, seed 0)
+    plain = [key for key in tuned_models if key[0] == "plain"]
+    forgetting: dict = {}
+    if plain:
+        tuned = tuned_models[min(plain, key=lambda key: (key[1] != "none", key[2] != shots[0], key[3]))]
+        thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
+        forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
+                             num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
+                             handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn")
 
     summary = summarize(runs)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -131,8 +195,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     from chaintune.utils.io import save_json
 
-    save_json(args.out / "transfer.json", result)
-    plot(result, args.out / "transfer.png")
+    save_json(args.out / f"{args.name}.json", result)
+    plot(result, args.out / f"{args.name}.png")
     print_table(result)
     return result
 
@@ -144,23 +208,34 @@ def summarize(runs: list[dict]) -> list[dict]:
     out = []
     for (method, peft, k), rows in groups.items():
         fids = [r["fid"] for r in rows]
+        steps = sorted(set.intersection(*(set(r["fid_curve"]) for r in rows)))
+        curve = {s_: statistics.mean(r["fid_curve"][s_] for r in rows) for s_ in steps}
+        curve_std = {s_: statistics.stdev([r["fid_curve"][s_] for r in rows]) if len(rows) > 1 else 0.0
+                     for s_ in steps}
+        half = rows[0]["steps"] // 2
         out.append({"method": method, "peft": peft, "shots": k, "n": len(rows), "fid_mean": statistics.mean(fids),
                     "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
                     "kid_mean": statistics.mean(r["kid"] for r in rows), "fids": fids,
-                    "fid_half_mean": statistics.mean(min(r["fid_curve"].items())[1] for r in rows)})
+                    "fid_half_mean": curve.get(half, float("nan")),
+                    "fid_curve_mean": curve, "fid_curve_std": curve_std})
     return out
 
 
 def print_table(result: dict) -> None:
-    print("\nreferences (FID vs digits:test, digits-cnn features)")
+    print(f"\nreferences (FID vs {result['config']['eval_data']}, digits-cnn features)")
     for k, v in result["references"].items():
         print(f"  {k:40s} {v['fid']:8.3f}")
     print(f"\n{'method':12s} {'peft':8s} {'shots':>5s} {'n':>2s} {'FID mean':>9s} {'± std':>7s} {'KID':>8s}  per seed")
     for s in result["summary"]:
         seeds = " ".join(f"{f:.3f}" for f in s["fids"])
         print(f"{s['method']:12s} {s['peft']:8s} {s['shots']:5d} {s['n']:2d} {s['fid_mean']:9.3f} "
-              f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}   half-way: {s['fid_half_mean']:.3f}")
+              f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}")
+        print("      FID at step: " + "  ".join(f"{st}: {m:.3f}±{s['fid_curve_std'][st]:.3f}"
+                                               for st, m in s["fid_curve_mean"].items()))
     f = result["forgetting"]
+    if not f:
+        print(f"\ntotal {result['seconds']:.0f}s")
+        return
     print(f"\nchain of forgetting (plain fine-tuning): Spearman(t, relative bank-loss increase) = "
           f"{f.get('forgetting_spearman', float('nan')):.2f}")
     for t, rel in zip(f["timesteps"], f.get("forgetting_relative", []), strict=False):
@@ -177,7 +252,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18.5, 3.8))
     ax = axes[0]
     labels, means, stds = [], [], []
     shots0 = min(s["shots"] for s in result["summary"])
@@ -191,7 +266,19 @@ def plot(result: dict, path: Path) -> None:
     colors = ["tab:gray" if "plain" in lab else "tab:blue" for lab in labels]
     ax.bar(range(len(labels)), means, yerr=stds, color=colors, capsize=3)
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set(ylabel="FID vs digits:test (lower is better)", title=f"glyphs -> digits, {shots0} shots/class")
+    cfg = result["config"]
+    ax.set(ylabel=f"FID vs {cfg['eval_data']} (lower is better)",
+           title=f"{cfg['base'].removeprefix('pretrain:')} -> {cfg['target'].format(k=shots0)}", )
+    ax.title.set_fontsize(8)
+    ax = axes[3]
+    for s in result["summary"]:
+        if s["shots"] != shots0:
+            continue
+        st = sorted(s["fid_curve_mean"])
+        ax.errorbar(st, [s["fid_curve_mean"][x] for x in st], yerr=[s["fid_curve_std"][x] for x in st], marker="o",
+                    ms=3, capsize=2, ls="-" if s["method"] == "plain" else "--", label=f"{s['method']} {s['peft']}")
+    ax.set(xlabel="fine-tuning step", ylabel="FID (EMA weights)", title=f"FID during training, {shots0} shots")
+    ax.legend(fontsize=6)
     ax = axes[1]
     for method, color in (("plain", "tab:gray"), ("diff-tuning", "tab:blue")):
         pts = sorted((s["shots"], s["fid_mean"]) for s in result["summary"] if s["method"] == method
@@ -201,7 +288,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set(xlabel="shots per class", ylabel="FID", title="FID against shots", xscale="log")
     ax.legend()
     ax = axes[2]
-    f = result["forgetting"]
+    f = result["forgetting"] or {"timesteps": [], "forgetting_relative": []}
     ax.plot(f["timesteps"], f["forgetting_relative"], "k-o", ms=3, label="bank-loss increase (rel.)")
     ax.set(xlabel="t", ylabel="(tuned - base) / base loss on bank", title="chain of forgetting")
     if "handover" in f:

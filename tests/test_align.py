@@ -95,6 +95,24 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
     assert saved["lr"] == 0.001 and saved["batch_size"] == 2 and saved["estimator"] == "truncated-backprop"
 
 
+def test_rlr_options_reach_the_estimator(tmp_path, monkeypatch):
+    from chaintune.cli.main import main
+    from chaintune.errors import ChaintuneError
+    from chaintune.training.align import estimator_from_config
+
+    est = estimator_from_config(AlignConfig(estimator="rlr", h=2, j="10,20", spans=3, zo=True))
+    assert (est.h, est.spans, est.zo) == (2, 3, True)
+    with pytest.raises(ChaintuneError, match="spans=0"):
+        AlignConfig(spans=0).validate()
+    monkeypatch.chdir(tmp_path)
+    main(["align", "--spans", "2", "--steps", "1", "--batch-size", "2", "--sample-steps", "3", "--eval-samples", "4",
+          "--no-tensorboard", "--out", "r"])
+    saved = json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["config"]
+    assert saved["spans"] == 2 and saved["estimator"] == "rlr"
+    metrics = read_metrics(tmp_path / "r")
+    assert any(m.get("spans") == 2 for m in metrics)  # the estimator logs how many spans it averaged
+
+
 def test_planner_formula_and_cli(capsys):
     from chaintune.cli.main import main
     from chaintune.training.planner import h_star

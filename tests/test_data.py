@@ -54,6 +54,28 @@ def test_digits_fewshot_counts_and_nesting():
         load_dataset("digits-fewshot:many")
 
 
+def test_digit_class_ranges_split_train_test_and_fewshot():
+    """digits-AtoB keeps classes A..B of the fixed split; digits-fewshot-AtoB:K is digits-fewshot:K's subset."""
+    lo_tr, ylo = load_dataset("digits-0to4:train")
+    hi_tr, yhi = load_dataset("digits-5to9:train")
+    hi_te, yte = load_dataset("digits-5to9:test")
+    assert set(ylo.tolist()) == set(range(5)) and set(yhi.tolist()) == set(yte.tolist()) == set(range(5, 10))
+    train, ytrain = load_dataset("digits:train")
+    assert len(lo_tr) + len(hi_tr) == len(train) and torch.equal(hi_tr, train[ytrain >= 5])
+    rows = lambda x: {tuple(r.flatten().tolist()) for r in x}  # noqa: E731
+    assert not rows(hi_te) & rows(hi_tr)  # held-out test images never appear in training
+    assert len(load_dataset("digits-0to4")[0]) == int((load_dataset("digits")[1] <= 4).sum())
+    few, yfew = load_dataset("digits-fewshot-5to9:10")
+    assert few.shape == (50, 1, 8, 8) and yfew.bincount(minlength=10)[5:].tolist() == [10] * 5
+    x10, y10 = load_dataset("digits-fewshot:10")
+    assert torch.equal(few, x10[y10 >= 5]) and rows(few) <= rows(hi_tr)
+    assert load_dataset("digits-5to9:test", size=16)[0].shape[-1] == 16
+    for bad, msg in (("digits-5to9:val", "unknown split"), ("digits-7to2", "empty"),
+                     ("digits-fewshot-5to9:x", "shot count")):
+        with pytest.raises(ChaintuneError, match=msg):
+            load_dataset(bad)
+
+
 def test_unknown_dataset_is_one_clear_error():
     with pytest.raises(ChaintuneError, match="did you mean 'glyphs"):
         load_dataset("glyhs")

@@ -82,6 +82,23 @@ def test_unbiased_estimators_agree_with_full_backprop(model, reference, est, k):
     assert z.abs().max() < Z, f"{est}: z = {z.tolist()}"
 
 
+def test_rlr_averaged_spans_unbiased(model, reference):
+    """spans=m averages m eq. 6 estimates with independent j on one rollout: still unbiased (with ZO on,
+    positions of other spans are covered by one-step likelihood ratios, see RLR's docstring)."""
+    draws = _draws(model, RLR(h=2, sigma=1e-3, spans=3), 100, seed0=500)
+    z = _z(draws, reference)
+    assert z.abs().max() < Z, f"z = {z.tolist()}"
+
+
+def test_rlr_averaged_spans_keep_the_no_zo_expectation_and_cut_variance(model):
+    """With zo=False the average over m spans has the single-span estimator's expectation, less variance."""
+    one = _draws(model, RLR(h=1, zo=False), 100, seed0=2000)
+    avg = _draws(model, RLR(h=1, zo=False, spans=4), 100, seed0=3000)
+    z = _z(avg, one)
+    assert z.abs().max() < Z, f"z = {z.tolist()}"
+    assert avg.var(0).sum() < 0.6 * one.var(0).sum()
+
+
 def test_truncated_backprop_is_biased(model, reference):
     draws = _draws(model, TruncatedBackprop(k=1), 60)
     z = _z(draws, reference)
@@ -126,6 +143,8 @@ def test_rlr_plan_covers_every_step_once():
 
 def test_rlr_j_range_and_errors():
     assert RLR(h=2, j=(30, 40)).j_range(50) == (30, 39)
+    with pytest.raises(ValueError, match="spans"):
+        RLR(spans=0)
     with pytest.raises(ValueError, match="no room"):
         RLR(h=10).plan(10)
 

@@ -103,6 +103,19 @@ def test_loss_draws_t_from_psi_and_xi_by_default(tiny_unet_model):
     assert parts.t_target.float().mean() > 600 and parts.t_bank.float().mean() < 400  # 2T/3 and T/3
 
 
+@pytest.mark.parametrize("power", [1.0, 1.5])
+def test_timestep_laws_and_bank_share_match_the_official_code(power):
+    """thuml/Diffusion-Tuning train.py: probs ∝ [i**s for i in 1..1000] (target), [i**s for i in 1000..1]
+    (bank), 6 bank images in a batch of 32 at LWF ratio 0.2, loss_t.mean() + 0.1 * loss_s.mean()."""
+    official = torch.tensor([i**power for i in range(1, T + 1)], dtype=torch.float64)
+    official_rev = torch.tensor([i**power for i in range(T, 0, -1)], dtype=torch.float64)
+    torch.testing.assert_close(timestep_probs(T, "psi", power), official / official.sum())
+    torch.testing.assert_close(timestep_probs(T, "xi", power), official_rev / official_rev.sum())
+    cfg = TransferConfig()
+    assert (cfg.alpha, cfg.beta, cfg.lam, cfg.bank_share, cfg.batch_size) == (1.0, 1.0, 0.1, 0.2, 32)
+    assert cfg.bank_batch() == int(32 * 0.2) == 6
+
+
 def test_bank_trains_the_null_label_of_a_conditional_model():
     m = tiny_unet_model(num_class_embeds=4)  # 3 classes + null
     seen = []
@@ -239,6 +252,16 @@ def test_config_errors_are_clear():
         TransferConfig.from_dict({"stepz": 3})
     with pytest.raises(ChaintuneError, match="no bank samples"):
         TransferConfig(batch_size=2, bank_share=0.1).validate()
+
+
+def test_fid_reference_is_the_held_out_split_of_the_same_domain():
+    from chaintune.transfer.diff_tuning import default_eval_data
+
+    assert default_eval_data("digits-fewshot:10") == "digits:test"
+    assert default_eval_data("digits-fewshot-5to9:10") == "digits-5to9:test"
+    assert default_eval_data("digits-0to4:train") == "digits-0to4:test"
+    assert default_eval_data("glyphs:train") == "glyphs:test"
+    assert default_eval_data("/some/folder") is None
 
 
 def test_handover_switches_model_at_threshold():

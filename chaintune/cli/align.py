@@ -47,6 +47,7 @@ _HELP = {
     "mixed_precision": "no | fp16 | bf16 (adapters stay fp32).",
     "gradient_checkpointing": "Recompute model calls in backward to save memory.",
     "baseline": "Reward baseline for likelihood-ratio terms: batch | prompt | none (leave-one-out, unbiased).",
+    "spans": "RLR: independent half-order spans averaged per sample (unbiased; lowers variance).",
     "kl_weight": "Weight of the closed-form KL to the base model's transitions (reward-hacking guard).",
     "kl_samples": "Samples per KL estimate.",
     "retention_weight": "Weight of a denoising loss on base-model samples (reward-hacking guard).",
@@ -96,6 +97,7 @@ def register(app: typer.Typer) -> None:
         sigma: Annotated[float, typer.Option(help=_HELP["sigma"])] = d.sigma,
         zo: Annotated[bool, typer.Option(help=_HELP["zo"])] = d.zo,
         ho: Annotated[bool, typer.Option(help=_HELP["ho"])] = d.ho,
+        spans: Annotated[int, typer.Option(help=_HELP["spans"])] = d.spans,
         shared_perturbation: Annotated[bool, typer.Option(help=_HELP["shared_perturbation"])]
         = d.shared_perturbation,
         k: Annotated[int, typer.Option(help=_HELP["k"])] = d.k,

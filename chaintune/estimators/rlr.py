@@ -14,6 +14,15 @@ each span's gradient norm, divided by their mean so the choice is scale-free —
 or ``(a, b)`` (the span stays inside paper steps [a, b]: "diffusive chain of thought").
 With a black-box reward the final step is covered zeroth-order instead of first-order.
 
+``spans=m`` (default 1, the paper's single span) averages m estimates whose spans are drawn
+independently, G = (1/m) sum_i G_i, all on one rollout: each distinct span is replayed from the stored
+latents and noise (memory stays that of h steps) and its half-order term weighted by its draw count / m.
+Each G_i is unbiased, so the average is too, for any distribution of j; it only lowers the variance of
+the half-order term (with ``zo=False`` its expectation is exactly that of the single-span estimator).
+With ``zo=True``, positions inside some span run unperturbed (a likelihood ratio needs the transition it
+differentiates); in a G_i where such a position lies outside span i it is covered by a one-step
+likelihood ratio (the h = 1 half-order term, also unbiased) instead of zeroth-order.
+
 ``zo=False`` / ``ho=False`` give the paper's ablations (those steps are then left out or moved to
 zeroth-order). :func:`RLRReleased` is the authors' released variant: first-order on the final
 step plus one likelihood-ratio step at a uniformly random position, nothing else (biased).
@@ -39,9 +48,12 @@ class RLR(Estimator):
     name = "rlr"
 
     def __init__(self, h: int = 2, j: str | tuple[int, int] = "uniform", sigma: float = 1e-3,
-                 zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9):
+                 zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9,
+                 spans: int = 1):
         if h < 1:
             raise ValueError(f"h must be >= 1, got {h}")
+        if spans < 1:
+            raise ValueError(f"spans must be >= 1, got {spans}")
         if not (j in ("uniform", "grad-norm") or (isinstance(j, tuple) and len(j) == 2)):
             raise ValueError(f"j must be 'uniform', 'grad-norm' or (a, b), got {j!r}")
         self.h = h
@@ -51,6 +63,7 @@ class RLR(Estimator):
         self.ho = ho
         self.shared_perturbation = shared_perturbation
         self.norm_decay = norm_decay
+        self.spans = spans
         self._norms: dict[int, float] = {}
 
     # which steps get which gradient -----------------------------------------------------------
@@ -98,6 +111,9 @@ class RLR(Estimator):
 
     # the estimate ---------------------------------------------------------------------------------
     def updates(self, ctx: EstimationContext):
+        if self.spans > 1 and self.ho:
+            yield from self._averaged_updates(ctx)
+            return
         self.check(ctx)
         differentiable = bool(getattr(ctx.reward, "differentiable", False))
         j = self.sample_j(ctx.steps, ctx.generator)
@@ -138,6 +154,69 @@ class RLR(Estimator):
             val = sum(ho_norm) / len(ho_norm)
             self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
         stats.extra.update({"j": j, "h": self.h})
+        yield stats
+
+
+    def _averaged_updates(self, ctx: EstimationContext):
+        """``spans`` > 1: the average of ``spans`` eq. 6 estimates with independently drawn j, on one rollout."""
+        from chaintune.estimators.half_order import replay_span_log_prob
+
+        self.check(ctx)
+        differentiable = bool(getattr(ctx.reward, "differentiable", False))
+        T, m = ctx.steps, self.spans
+        js = [self.sample_j(T, ctx.generator) for _ in range(m)]
+        counts: dict[int, int] = {}
+        for j in js:
+            counts[j] = counts.get(j, 0) + 1
+        spans = {j: (T - j - self.h + 1, T - j) for j in counts}  # chain positions s..e of paper steps j..j+h-1
+        covered = {i: 0 for s, e in spans.values() for i in range(s, e + 1)}
+        for j, (s, e) in spans.items():
+            for i in range(s, e + 1):
+                covered[i] += counts[j]
+        modes = [StepGrad.PERTURBED if self.zo else StepGrad.NONE] * T
+        for i in covered:
+            modes[i] = StepGrad.NONE
+        modes[-1] = StepGrad.PATHWISE if differentiable else StepGrad.PERTURBED
+        # likelihood-ratio terms: (weight, span). With ZO on, a covered position outside span i gets a
+        # one-step likelihood ratio in G_i (it ran unperturbed), weight (m - covered) / m.
+        terms = [(counts[j] / m, spans[j], j) for j in sorted(counts)]
+        if self.zo:
+            terms += [((m - c) / m, (i, i), None) for i, c in sorted(covered.items()) if c < m]
+        params = [p for _, p in ctx.params]
+        ho_norm: dict[int, list[float]] = {}
+
+        def surrogate(traj, images, r, cond):
+            adv = advantages(r, cond, ctx.baseline).to(r.device)
+            for w, span, j in terms:
+                lp = replay_span_log_prob(ctx, traj.latents, traj.noises, span, cond)
+                term = -(adv * lp).sum() / ctx.n
+                if self.j == "grad-norm" and j is not None:
+                    grads = torch.autograd.grad(term, params, allow_unused=True)
+                    ho_norm.setdefault(j, []).append(
+                        float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
+                    for p, g in zip(params, grads, strict=True):
+                        if g is not None:
+                            p.grad = w * g if p.grad is None else p.grad + w * g
+                else:
+                    (w * term).backward()
+            return -r.sum() / ctx.n if differentiable else torch.zeros((), device=r.device)
+
+        if StepGrad.PERTURBED in modes:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+            stats = mirrored_zeroth_order(ctx, modes, self.sigma, seed, shared=self.shared_perturbation,
+                                          grad_reward=differentiable, surrogate=surrogate)
+        else:
+            x_T, noises = draw_noise(ctx, ctx.n)
+            traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions,
+                                      grad_reward=differentiable)
+            loss = surrogate(traj, images, r, ctx.conditions)
+            if loss.requires_grad:
+                loss.backward()
+            stats = Stats(rewards=r.detach(), images=images.detach())
+        for j, vals in ho_norm.items():
+            prev, val = self._norms.get(j), sum(vals) / len(vals)
+            self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
+        stats.extra.update({"j": js[0], "h": self.h, "spans": m, "distinct_spans": len(counts)})
         yield stats
 
 

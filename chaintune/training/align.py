@@ -44,6 +44,7 @@ class AlignConfig:
     # authors' released code omits them too. --zo gives the paper's full, unbiased eq. 6.
     zo: bool = False
     ho: bool = True  # rlr: half-order span (False = paper's "without HO" ablation)
+    spans: int = 1  # rlr: independent half-order spans averaged per sample (unbiased; less variance, more compute)
     shared_perturbation: bool = False  # rlr / zeroth-order: one direction u for all ZO steps
     k: int = 1
     inner_epochs: int = 1
@@ -108,6 +109,8 @@ class AlignConfig:
             raise ChaintuneError("sample_steps must be >= 2")
         if self.estimator in ("rlr", "half-order") and self.h >= self.sample_steps:
             raise ChaintuneError(f"h={self.h} must be smaller than sample_steps={self.sample_steps}")
+        if self.spans < 1:
+            raise ChaintuneError(f"spans={self.spans} must be >= 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ChaintuneError("mixed_precision must be no, fp16 or bf16")
         if self.peft not in ("none", "lora"):
@@ -124,7 +127,7 @@ def estimator_from_config(cfg: AlignConfig):
         j = (a, b)
     opts = {
         "rlr": {"h": cfg.h, "j": j, "sigma": cfg.sigma, "zo": cfg.zo, "ho": cfg.ho,
-                "shared_perturbation": cfg.shared_perturbation},
+                "spans": cfg.spans, "shared_perturbation": cfg.shared_perturbation},
         "half-order": {"h": cfg.h},
         "zeroth-order": {"sigma": cfg.sigma, "shared": cfg.shared_perturbation},
         "truncated-backprop": {"k": cfg.k},

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import add_noise, training_target
+from chaintune.data.registry import CLASS_RANGE
 from chaintune.errors import ChaintuneError
 from chaintune.transfer.bank import BankConfig, KnowledgeBank, build_bank
 from chaintune.transfer.timesteps import importance_weights, sample_timesteps
@@ -304,6 +305,9 @@ def default_eval_data(data: str) -> str | None:
     base = data.partition(":")[0]
     if base in ("digits", "digits-fewshot"):
         return "digits:test"
+    m = CLASS_RANGE.match(base)
+    if m:  # digits-AtoB / digits-fewshot-AtoB: the test split of the same classes
+        return f"digits-{m.group(2)}to{m.group(3)}:test"
     if base == "glyphs":
         return "glyphs:test"
     return None
@@ -314,7 +318,8 @@ def default_feature(data: str) -> str | None:
 
     from chaintune.metrics import INCEPTION_ENV
 
-    if data.partition(":")[0] in ("digits", "digits-fewshot", "glyphs"):
+    base = data.partition(":")[0]
+    if base in ("digits", "digits-fewshot", "glyphs") or CLASS_RANGE.match(base):
         return "digits-cnn"
     if os.environ.get(INCEPTION_ENV):
         return "inception"
