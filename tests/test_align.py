@@ -95,7 +95,7 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
     assert saved["lr"] == 0.001 and saved["batch_size"] == 2 and saved["estimator"] == "truncated-backprop"
 
 
-def test_rlr_options_reach_the_estimator(tmp_path, monkeypatch):
+def test_rlr_and_schedule_options_reach_the_trainer(tmp_path, monkeypatch):
     from chaintune.cli.main import main
     from chaintune.errors import ChaintuneError
     from chaintune.training.align import estimator_from_config
@@ -104,13 +104,17 @@ def test_rlr_options_reach_the_estimator(tmp_path, monkeypatch):
     assert (est.h, est.spans, est.zo) == (2, 3, True)
     with pytest.raises(ChaintuneError, match="spans=0"):
         AlignConfig(spans=0).validate()
+    with pytest.raises(ChaintuneError, match="lr_schedule must be one of"):
+        AlignConfig(lr_schedule="cosin").validate()
     monkeypatch.chdir(tmp_path)
-    main(["align", "--spans", "2", "--steps", "1", "--batch-size", "2", "--sample-steps", "3", "--eval-samples", "4",
-          "--no-tensorboard", "--out", "r"])
+    main(["align", "--spans", "2", "--lr-schedule", "cosine", "--steps", "3", "--batch-size", "2",
+          "--sample-steps", "3", "--eval-samples", "4", "--eval-every", "3", "--no-tensorboard", "--out", "r"])
     saved = json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["config"]
-    assert saved["spans"] == 2 and saved["estimator"] == "rlr"
-    metrics = read_metrics(tmp_path / "r")
-    assert any(m.get("spans") == 2 for m in metrics)  # the estimator logs how many spans it averaged
+    assert saved["spans"] == 2 and saved["estimator"] == "rlr" and saved["lr_schedule"] == "cosine"
+    metrics = [m for m in read_metrics(tmp_path / "r") if "lr" in m]
+    assert all(m.get("spans") == 2 for m in metrics)  # the estimator logs how many spans it averaged
+    lrs = [m["lr"] for m in metrics]  # cosine from 3e-4 to 0 over 3 steps, logged after each step
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 3e-4 and lrs[-1] == pytest.approx(0, abs=1e-12)
 
 
 def test_planner_formula_and_cli(capsys):

@@ -139,23 +139,30 @@ class RLR(Estimator):
                     loss = loss + ho
             return loss
 
-        if StepGrad.PERTURBED in modes:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-            stats = mirrored_zeroth_order(ctx, modes, self.sigma, seed, shared=self.shared_perturbation,
-                                          grad_reward=differentiable, surrogate=surrogate)
-        else:
-            x_T, noises = draw_noise(ctx, ctx.n)
-            traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions,
-                                      grad_reward=differentiable)
-            surrogate(traj, images, r, ctx.conditions).backward()
-            stats = Stats(rewards=r.detach(), images=images.detach())
+        stats = self._run(ctx, modes, differentiable, surrogate)
         if ho_norm:
-            prev = self._norms.get(j)
-            val = sum(ho_norm) / len(ho_norm)
-            self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
+            self._track_norm(j, ho_norm)
         stats.extra.update({"j": j, "h": self.h})
         yield stats
 
+    def _run(self, ctx: EstimationContext, modes: list[StepGrad], differentiable: bool, surrogate) -> Stats:
+        """One rollout under ``modes`` (mirrored pair when a step is perturbed); backpropagates ``surrogate``."""
+        if StepGrad.PERTURBED in modes:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+            return mirrored_zeroth_order(ctx, modes, self.sigma, seed, shared=self.shared_perturbation,
+                                         grad_reward=differentiable, surrogate=surrogate)
+        x_T, noises = draw_noise(ctx, ctx.n)
+        traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions,
+                                  grad_reward=differentiable)
+        loss = surrogate(traj, images, r, ctx.conditions)
+        if loss.requires_grad:  # grad-norm mode may already have accumulated every term
+            loss.backward()
+        return Stats(rewards=r.detach(), images=images.detach())
+
+    def _track_norm(self, j: int, values: list[float]) -> None:
+        """Running mean of span j's gradient norm (the ``j="grad-norm"`` sampling weights)."""
+        prev, val = self._norms.get(j), sum(values) / len(values)
+        self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
 
     def _averaged_updates(self, ctx: EstimationContext):
         """``spans`` > 1: the average of ``spans`` eq. 6 estimates with independently drawn j, on one rollout."""
@@ -201,21 +208,9 @@ class RLR(Estimator):
                     (w * term).backward()
             return -r.sum() / ctx.n if differentiable else torch.zeros((), device=r.device)
 
-        if StepGrad.PERTURBED in modes:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-            stats = mirrored_zeroth_order(ctx, modes, self.sigma, seed, shared=self.shared_perturbation,
-                                          grad_reward=differentiable, surrogate=surrogate)
-        else:
-            x_T, noises = draw_noise(ctx, ctx.n)
-            traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions,
-                                      grad_reward=differentiable)
-            loss = surrogate(traj, images, r, ctx.conditions)
-            if loss.requires_grad:
-                loss.backward()
-            stats = Stats(rewards=r.detach(), images=images.detach())
+        stats = self._run(ctx, modes, differentiable, surrogate)
         for j, vals in ho_norm.items():
-            prev, val = self._norms.get(j), sum(vals) / len(vals)
-            self._norms[j] = val if prev is None else self.norm_decay * prev + (1 - self.norm_decay) * val
+            self._track_norm(j, vals)
         stats.extra.update({"j": js[0], "h": self.h, "spans": m, "distinct_spans": len(counts)})
         yield stats
 

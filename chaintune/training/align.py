@@ -27,6 +27,9 @@ import torch
 from chaintune.backends.base import Conditions
 from chaintune.errors import ChaintuneError
 
+# our names -> diffusers.optimization.get_scheduler's (all with linear warm-up over warmup_steps)
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
 
 @dataclass
 class AlignConfig:
@@ -65,6 +68,7 @@ class AlignConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear (after warm-up; decays to 0 at the last step)
     peft: str = "none"  # none | lora
     lora_rank: int = 4
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -109,6 +113,8 @@ class AlignConfig:
             raise ChaintuneError("sample_steps must be >= 2")
         if self.estimator in ("rlr", "half-order") and self.h >= self.sample_steps:
             raise ChaintuneError(f"h={self.h} must be smaller than sample_steps={self.sample_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ChaintuneError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.spans < 1:
             raise ChaintuneError(f"spans={self.spans} must be >= 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -318,9 +324,10 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False) ->
     from chaintune.training.optim import make_optimizer
 
     opt = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eight_bit=cfg.eight_bit_adam)
-    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.optimization import get_scheduler
 
-    lr_sched = get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
+    lr_sched = get_scheduler(LR_SCHEDULES[cfg.lr_schedule], opt, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.steps)
     sched = chain_scheduler(model, cfg.scheduler)
     stages = _stage_prompts(cfg)
     if stages is not None:  # every denoiser closure (training, KL, eval) then switches prompts by chain position
