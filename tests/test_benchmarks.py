@@ -61,3 +61,12 @@ def test_sampler_quick(tmp_path):
     assert set(rows) == {0.0, 1.0}
     assert {"chaintune_s", "diffusers_s", "ratio", "max_abs_diff", "agree"} <= set(rows[0.0])
     assert rows[0.0]["agree"]
+
+
+def test_transfer_quick(tmp_path):
+    res = _run("transfer", tmp_path)
+    assert {"config", "references", "runs", "summary", "forgetting"} <= set(res)
+    assert {(s["method"], s["peft"]) for s in res["summary"]} == {("plain", "none"), ("diff-tuning", "none")}
+    assert all(r["fid"] > 0 and r["fid_curve"] for r in res["runs"])
+    fg = res["forgetting"]
+    assert len(fg["handover"]) == 3 and len(fg["forgetting"]) == len(fg["timesteps"])
