@@ -21,7 +21,8 @@ Each G_i is unbiased, so the average is too, for any distribution of j; it only 
 the half-order term (with ``zo=False`` its expectation is exactly that of the single-span estimator).
 With ``zo=True``, positions inside some span run unperturbed (a likelihood ratio needs the transition it
 differentiates); in a G_i where such a position lies outside span i it is covered by a one-step
-likelihood ratio (the h = 1 half-order term, also unbiased) instead of zeroth-order.
+likelihood ratio (the h = 1 half-order term, also unbiased) instead of zeroth-order. With ``ho=False``
+there is no span to average and ``spans`` has no effect.
 
 ``zo=False`` / ``ho=False`` give the paper's ablations (those steps are then left out or moved to
 zeroth-order). :func:`RLRReleased` is the authors' released variant: first-order on the final
@@ -29,6 +30,8 @@ step plus one likelihood-ratio step at a uniformly random position, nothing else
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -130,11 +133,7 @@ class RLR(Estimator):
                 adv = advantages(r, cond, ctx.baseline).to(r.device)
                 ho = -(adv * traj.graph_log_probs[lr_pos[0]]).sum() / ctx.n
                 if self.j == "grad-norm":
-                    grads = torch.autograd.grad(ho, params, allow_unused=True)
-                    ho_norm.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
-                    for p, g in zip(params, grads, strict=True):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad + g
+                    ho_norm.append(_accumulate_measuring_norm(ho, params))
                 else:
                     loss = loss + ho
             return loss
@@ -172,14 +171,11 @@ class RLR(Estimator):
         differentiable = bool(getattr(ctx.reward, "differentiable", False))
         T, m = ctx.steps, self.spans
         js = [self.sample_j(T, ctx.generator) for _ in range(m)]
-        counts: dict[int, int] = {}
-        for j in js:
-            counts[j] = counts.get(j, 0) + 1
+        counts = Counter(js)
         spans = {j: (T - j - self.h + 1, T - j) for j in counts}  # chain positions s..e of paper steps j..j+h-1
-        covered = {i: 0 for s, e in spans.values() for i in range(s, e + 1)}
+        covered: Counter[int] = Counter()  # how many of the m draws cover each chain position
         for j, (s, e) in spans.items():
-            for i in range(s, e + 1):
-                covered[i] += counts[j]
+            covered.update({i: counts[j] for i in range(s, e + 1)})
         modes = [StepGrad.PERTURBED if self.zo else StepGrad.NONE] * T
         for i in covered:
             modes[i] = StepGrad.NONE
@@ -198,12 +194,7 @@ class RLR(Estimator):
                 lp = replay_span_log_prob(ctx, traj.latents, traj.noises, span, cond)
                 term = -(adv * lp).sum() / ctx.n
                 if self.j == "grad-norm" and j is not None:
-                    grads = torch.autograd.grad(term, params, allow_unused=True)
-                    ho_norm.setdefault(j, []).append(
-                        float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
-                    for p, g in zip(params, grads, strict=True):
-                        if g is not None:
-                            p.grad = w * g if p.grad is None else p.grad + w * g
+                    ho_norm.setdefault(j, []).append(_accumulate_measuring_norm(term, params, weight=w))
                 else:
                     (w * term).backward()
             return -r.sum() / ctx.n if differentiable else torch.zeros((), device=r.device)
@@ -213,6 +204,16 @@ class RLR(Estimator):
             self._track_norm(j, vals)
         stats.extra.update({"j": js[0], "h": self.h, "spans": m, "distinct_spans": len(counts)})
         yield stats
+
+
+def _accumulate_measuring_norm(term: torch.Tensor, params: list, weight: float = 1.0) -> float:
+    """Add ``weight`` * d term / d params into ``.grad`` and return the norm of the unweighted gradient
+    (``j="grad-norm"`` needs each span's own norm, so that term cannot share one backward pass)."""
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = weight * g if p.grad is None else p.grad + weight * g
+    return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
 class _Released(RLR):

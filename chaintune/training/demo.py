@@ -19,8 +19,7 @@ from chaintune.training.align import AlignConfig, align, read_metrics
 # spans are averaged (unbiased, RLR docstring), (c) the LR decays (cosine) so the late, noise-driven
 # oscillation of the share dies down, and (d) the KL guard is 0.01: RLR's averaged gradient is much smaller
 # than DDPO's sum of 19 likelihood ratios, so at 0.1 the guard pins it near 50-60% 3s, at 0.03 near 75%.
-RLR_DEMO = dict(estimator="rlr", h=1, zo=False, j="10,20", kl_weight=0.01, lr_schedule="cosine")
-RLR_DEMO_SPANS = 4
+RLR_DEMO = dict(estimator="rlr", h=1, zo=False, j="10,20", spans=4, kl_weight=0.01, lr_schedule="cosine")
 
 # The comparison runs are a third as long; a decaying LR there halves their progress (DDPO: 84% -> 55% 3s).
 # lr and the KL guard were chosen by measurement (README, Results): without the guard every estimator learns
@@ -34,7 +33,6 @@ def demo_config(method: str, digit: int, steps: int, out: Path, seed: int, **ove
                 out=str(out / method), seed=seed, **overrides)
     if method == "rlr":
         opts.update(RLR_DEMO)
-        opts["spans"] = RLR_DEMO_SPANS
         opts.update(overrides)
     elif method == "rlr+zo":
         opts.update(estimator="rlr", h=1, zo=True)
