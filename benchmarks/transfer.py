@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke run (< 2 min): 1 seed, few steps")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
+    p.add_argument("--skip-forgetting", action="store_true", help="no chain-of-forgetting analysis")
     p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps per run (equal for all methods)")
     p.add_argument("--shots", default="10,50", help="images per class in the few-shot target (comma list)")
     p.add_argument("--peft", default="", help="PEFT variants run with seed 0, e.g. difffit,lora (default: none)")
@@ -59,6 +61,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", default=None, help="few-shot target dataset id with {k} for the shot count")
     p.add_argument("--eval-data", default=None, help="held-out target images for FID")
     p.add_argument("--eval-every", type=int, default=0, help="FID every N steps (default: steps // 2)")
+    p.add_argument("--methods", default="plain,diff-tuning", help="transfer methods run for every seed")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra Diff-Tuning variant run like the methods, with TransferConfig overrides, "
+                        "e.g. psi-only:lam=0 or retention-only:alpha=0 (repeatable)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixel size of a pretrain: base (default: the shipped config's 8)")
+    p.add_argument("--sample-guidance", type=float, default=None,
+                   help="CFG scale of the evaluation samples of a class-conditional model (default: none)")
+    p.add_argument("--bank-labels", default="random",
+                   help="classes of a conditional base's bank samples: random, null or a list like 0,1,2,3,4")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="pretrain: a class-conditional base (bank samples then train its null class)")
     p.add_argument("--name", default=None, help="stem of the result files (default: the benchmark's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -70,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.seeds, a.steps, a.shots, a.peft = 1, 60, "10", ""
         a.bank_size, a.eval_samples, a.eval_every = 200, 300, 0
     a.eval_every = a.eval_every or a.steps // 2
+    a.variants = dict(parse_variant(v) for v in a.variant)
     a.out = a.out or (ROOT / "results" / ("tmp" if a.quick else ""))
     return a
 
@@ -83,7 +98,28 @@ BENCHMARKS = {
 }
 
 
-def pretrained_base(spec: str):
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:KEY=VALUE,...`` -> (NAME, overrides); values are parsed as YAML scalars (numbers, bools)."""
+    import yaml
+
+    name, _, body = text.partition(":")
+    overrides = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    from dataclasses import fields
+
+    from chaintune.transfer import TransferConfig
+
+    unknown = set(overrides) - {f.name for f in fields(TransferConfig)}
+    if unknown:
+        raise SystemExit(f"--variant {text!r}: unknown TransferConfig field(s) {', '.join(sorted(unknown))}")
+    return name, {"method": "diff-tuning", **overrides}
+
+
+def pretrained_base(spec: str, resolution: int | None = None, num_classes: int | None = None):
     """``(model, id)`` for ``--base``: a model id, or ``pretrain:DATASET`` — the shipped
     ``builtin:digits`` training config (``chaintune/configs/builtin_digits.yaml``) run on DATASET,
     cached under ``benchmarks/results/tmp/bases/`` (deterministic: seed 0, about 13 min on one core)."""
@@ -100,6 +136,10 @@ def pretrained_base(spec: str):
 
     cfg_path = Path(chaintune.__file__).resolve().parent / "configs" / "builtin_digits.yaml"
     values = {**yaml.safe_load(cfg_path.read_text()), "dataset": spec.split(":", 1)[1]}
+    if resolution:
+        values["resolution"] = resolution
+    if num_classes:
+        values["num_classes"] = num_classes
     cfg = PretrainConfig(**values)
     key = hashlib.sha256(json.dumps(vars(cfg), sort_keys=True).encode()).hexdigest()[:10]
     path = ROOT / "results" / "tmp" / "bases" / f"{cfg.dataset.replace(':', '-')}-{key}"
@@ -115,17 +155,19 @@ def main(argv=None) -> dict:
     from chaintune.data import load_dataset
     from chaintune.metrics import fid_kid
     from chaintune.transfer import TransferConfig, transfer
-    from chaintune.transfer.bank import BankConfig, build_bank
+    from chaintune.transfer.bank import build_bank
     from chaintune.transfer.diff_tuning import generate
     from chaintune.transfer.forgetting import analyze
 
     t_start = time.time()
-    base, base_id = pretrained_base(args.base)
+    base, base_id = pretrained_base(args.base, args.resolution, args.num_classes)
     preset = BENCHMARKS[args.benchmark]
-    test_x, _ = load_dataset(args.eval_data)
-    train_x, _ = load_dataset(preset["real"])
+    size = base.latent_shape[-1]  # pixel-space bases: data at the model's resolution
+    test_x, _ = load_dataset(args.eval_data, size=size)
+    train_x, _ = load_dataset(preset["real"], size=size)
     bank_root = ROOT / "results" / "tmp" / "banks"
-    bank = build_bank(base, BankConfig(size=args.bank_size), bank_root)
+    bank = build_bank(base, TransferConfig(bank_size=args.bank_size, bank_labels=args.bank_labels).bank_config(),
+                      bank_root)
     shots = [int(s) for s in args.shots.split(",") if s]
     peft_variants = [p for p in args.peft.split(",") if p]
     sample_steps = 50 if not args.quick else 20
@@ -138,26 +180,31 @@ def main(argv=None) -> dict:
     refs = {
         base_key: fid_of(base),
         f"{preset['real']} (real data, reference)": fid_kid(test_x, train_x, "digits-cnn"),
-        f"{preset['source']} (source data)": fid_kid(test_x, load_dataset(preset["source"])[0], "digits-cnn"),
+        f"{preset['source']} (source data)": fid_kid(test_x, load_dataset(preset["source"], size=size)[0],
+                                                     "digits-cnn"),
     }
     for k in shots:
         name = args.target.format(k=k)
-        refs[f"{name} itself"] = fid_kid(test_x, load_dataset(name)[0], "digits-cnn")
+        refs[f"{name} itself"] = fid_kid(test_x, load_dataset(name, size=size)[0], "digits-cnn")
 
     runs: list[dict] = []
     tuned_models: dict = {}
 
     def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
-        cfg = TransferConfig(model=base_id, data=args.target.format(k=k), method=method, peft=peft,
+        overrides = args.variants.get(method, {"method": method})
+        cfg = TransferConfig(model=base_id, data=args.target.format(k=k), peft=peft,
                              steps=args.steps, lr=args.lr if peft == "none" else args.lr * 10,
-                             bank_size=args.bank_size, bank_dir=str(bank_root), eval_data=args.eval_data,
+                             bank_size=args.bank_size, bank_labels=args.bank_labels, bank_dir=str(bank_root),
+                             eval_data=args.eval_data,
                              feature="digits-cnn", eval_every=args.eval_every, eval_samples=args.eval_samples,
-                             sample_steps=sample_steps, seed=seed, log_every=max(1, args.steps // 10))
+                             sample_steps=sample_steps, sample_guidance=args.sample_guidance, seed=seed,
+                             log_every=max(1, args.steps // 10), **overrides)
         t0 = time.time()
         res = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
         curve = {r["step"]: r["fid"] for r in res.history if "fid" in r}
         m = res.final
-        row = {"method": method, "peft": peft, "shots": k, "seed": seed, "steps": args.steps, "fid": m["fid"],
+        row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
+               "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": round(time.time() - t0, 1)}
@@ -170,9 +217,10 @@ def main(argv=None) -> dict:
 
     print(f"base FID {refs[base_key]['fid']:.3f}; bank {len(bank)} samples "
           f"({'cached' if not bank.generated else 'generated'})", flush=True)
+    methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     for k in shots:
-        for seed in range(args.seeds if k == shots[0] else 1):
-            for method in ("plain", "diff-tuning"):
+        for seed in range(args.first_seed, args.first_seed + (args.seeds if k == shots[0] else 1)):
+            for method in methods:
                 run(method, k, seed)
     for peft in peft_variants:
         for method in ("plain", "diff-tuning"):
@@ -181,7 +229,7 @@ def main(argv=None) -> dict:
     # chain of forgetting of the plainly fine-tuned model (full fine-tuning if it ran, first shot count, seed 0)
     plain = [key for key in tuned_models if key[0] == "plain"]
     forgetting: dict = {}
-    if plain:
+    if plain and not args.skip_forgetting:
         tuned = tuned_models[min(plain, key=lambda key: (key[1] != "none", key[2] != shots[0], key[3]))]
         thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
         forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
@@ -286,7 +334,8 @@ def plot(result: dict, path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", color=color, label=method)
     ax.set(xlabel="shots per class", ylabel="FID", title="FID against shots", xscale="log")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax = axes[2]
     f = result["forgetting"] or {"timesteps": [], "forgetting_relative": []}
     ax.plot(f["timesteps"], f["forgetting_relative"], "k-o", ms=3, label="bank-loss increase (rel.)")

@@ -15,9 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(name: str, tmp_path: Path) -> dict:
+def _run(name: str, tmp_path: Path, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(tmp_path),
+                           *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / f"{name}.png").stat().st_size > 1000
@@ -64,9 +65,10 @@ def test_sampler_quick(tmp_path):
 
 
 def test_transfer_quick(tmp_path):
-    res = _run("transfer", tmp_path)
+    res = _run("transfer", tmp_path, "--variant", "psi-only:lam=0,bank-share=0.25")
     assert {"config", "references", "runs", "summary", "forgetting"} <= set(res)
-    assert {(s["method"], s["peft"]) for s in res["summary"]} == {("plain", "none"), ("diff-tuning", "none")}
+    assert [s["method"] for s in res["summary"]] == ["plain", "diff-tuning", "psi-only"]
+    assert res["runs"][-1]["overrides"] == {"method": "diff-tuning", "lam": 0, "bank_share": 0.25}
     assert all(r["fid"] > 0 and r["fid_curve"] for r in res["runs"])
     fg = res["forgetting"]
     assert len(fg["handover"]) == 3 and len(fg["forgetting"]) == len(fg["timesteps"])

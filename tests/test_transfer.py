@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def test_loss_is_recon_plus_lambda_retention(tiny_unet_model, mode):
     plain = diff_tuning_loss(m, x_t, Conditions(), None, t_target=t_t, noise_target=n_t)
     torch.testing.assert_close(plain.total, _manual_loss(m, x_t, t_t, n_t, Conditions()).mean())
     assert plain.retention == 0
+    psi_only = diff_tuning_loss(m, x_t, Conditions(), None, mode=mode, t_target=t_t, noise_target=n_t, psi=True)
+    w = importance_weights(t_t, T, "psi") if mode == "weighting" else torch.ones(6)
+    torch.testing.assert_close(psi_only.total, (_manual_loss(m, x_t, t_t, n_t, Conditions()) * w).mean())
 
 
 def test_loss_draws_t_from_psi_and_xi_by_default(tiny_unet_model):
@@ -101,6 +105,11 @@ def test_loss_draws_t_from_psi_and_xi_by_default(tiny_unet_model):
     with torch.no_grad():
         parts = diff_tuning_loss(tiny_unet_model, x, Conditions(), x, generator=torch.Generator().manual_seed(1))
     assert parts.t_target.float().mean() > 600 and parts.t_bank.float().mean() < 400  # 2T/3 and T/3
+    with torch.no_grad():  # without a bank: psi only when asked, uniform (mean T/2) for plain fine-tuning
+        psi_only = diff_tuning_loss(tiny_unet_model, x, Conditions(), None, psi=True,
+                                    generator=torch.Generator().manual_seed(1))
+        plain = diff_tuning_loss(tiny_unet_model, x, Conditions(), None, generator=torch.Generator().manual_seed(1))
+    assert psi_only.t_target.float().mean() > 600 and 450 < plain.t_target.float().mean() < 550
 
 
 @pytest.mark.parametrize("power", [1.0, 1.5])
@@ -126,6 +135,25 @@ def test_bank_trains_the_null_label_of_a_conditional_model():
         diff_tuning_loss(m, x, Conditions(labels=torch.tensor([0, 2])), x)
     assert m.null_label == 3
     assert [c.labels.tolist() for c in seen] == [[0, 2, 3, 3]]  # one batch: target labels, then null for the bank
+
+
+def test_evaluation_samples_the_target_classes_with_the_requested_guidance():
+    """A model tuned on classes {1, 2} of a 3-class model is evaluated on those classes only (with
+    CFG when asked: the null branch runs beside them)."""
+    from chaintune.transfer.diff_tuning import generate
+
+    m = tiny_unet_model(num_class_embeds=4)
+    seen = []
+    orig = m.model_output
+    m.model_output = lambda x, t, cond, encoded=None: seen.append(cond.labels.clone()) or orig(x, t, cond)
+    generate(m, 64, steps=2, eta=1.0, seed=0, classes=torch.tensor([1, 2, 2]))
+    assert set(torch.cat(seen).tolist()) == {1, 2} and len(seen) == 2
+    seen.clear()
+    generate(m, 8, steps=2, eta=1.0, seed=0, classes=torch.tensor([1]), guidance_scale=2.0)
+    assert [lab.tolist() for lab in seen] == [[3] * 8 + [1] * 8] * 2
+    seen.clear()
+    generate(m, 64, steps=2, eta=1.0, seed=0)  # default: every class of the model
+    assert set(torch.cat(seen).tolist()) == {0, 1, 2}
 
 
 def test_bank_is_cached_and_reused(tmp_path, monkeypatch):
@@ -252,6 +280,37 @@ def test_config_errors_are_clear():
         TransferConfig.from_dict({"stepz": 3})
     with pytest.raises(ChaintuneError, match="no bank samples"):
         TransferConfig(batch_size=2, bank_share=0.1).validate()
+    with pytest.raises(ChaintuneError, match="lam must be >= 0"):
+        TransferConfig(lam=-0.1).validate()
+
+
+def test_retention_on_an_unconditional_model_warns(tmp_path):
+    """Bank and target share the only branch of an unconditional model (README: retention then hurts)."""
+    target = (torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long))
+    with pytest.warns(UserWarning, match="unconditional"):
+        transfer(_small_cfg(tmp_path, steps=1), model=tiny_unet_model(), target=target, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a conditional model: the bank trains its null class
+        transfer(_small_cfg(tmp_path, steps=1), model=tiny_unet_model(num_class_embeds=4),
+                 target=(target[0], torch.tensor([0, 1, 2, 0, 1, 2])), show_progress=False)
+
+
+@pytest.mark.parametrize("off", [{"lam": 0.0}, {"bank_share": 0.0}])
+def test_diff_tuning_without_retention_builds_no_bank_and_trains_on_target_only(tmp_path, off):
+    cfg = _small_cfg(tmp_path, **off)
+    cfg.validate()
+    assert not cfg.retains() and cfg.bank_batch() == 0
+    seen = []
+    m = tiny_unet_model()
+    orig = m.model_output
+    m.model_output = lambda x, t, cond, encoded=None: seen.append(t.clone()) or orig(x, t, cond)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no retention: no warning about it either
+        res = transfer(cfg, model=m, target=(torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)),
+                       show_progress=False)
+    assert res.bank is None and not (tmp_path / "banks").exists()
+    train_t = [t for t in seen if len(t) == cfg.batch_size]  # the whole batch is target images
+    assert len(train_t) == cfg.steps
 
 
 def test_fid_reference_is_the_held_out_split_of_the_same_domain():

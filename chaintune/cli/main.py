@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     from chaintune.errors import ChaintuneError
 
     debug = os.environ.get("CHAINTUNE_DEBUG") == "1"
+    if not debug:  # advice for the user is one line, not a line of our source code
+        import warnings
+
+        warnings.formatwarning = lambda message, category, *_args, **_kw: f"{category.__name__}: {message}\n"
     if os.environ.get("CHAINTUNE_THREADS"):  # e.g. 1 when several jobs share a small CPU
         import torch
 

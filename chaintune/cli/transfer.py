@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         = None,
         batch_size: Annotated[int | None, typer.Option(help="Images per step (target + bank).")] = None,
         lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-        lam: Annotated[float | None, typer.Option("--lambda", help="Weight of the retention loss.")] = None,
+        lam: Annotated[float | None, typer.Option(
+            "--lambda", help="Weight of the retention loss (0: no bank, only the psi timestep law).")] = None,
         bank_size: Annotated[int | None, typer.Option(help="Knowledge-bank samples (cached and reused).")]
         = None,
         timestep_mode: Annotated[str | None, typer.Option(

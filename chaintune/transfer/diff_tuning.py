@@ -9,9 +9,10 @@ images (share ``1 - bank_share``) with knowledge-bank samples of the pretrained 
         + lam * mean_bank ||target - f(x^_t, t, null)||^2   t ~ xi(t)  ∝ (T - t)^beta
 
 (``timestep_mode='weighting'`` draws t uniformly and weights each loss by T p(t) instead).
-``method='plain'`` is standard fine-tuning: target only, uniform t. Any PEFT method (LoRA,
-BitFit, DiffFit) can be combined with either; an EMA of the trainable weights is what is
-evaluated and saved.
+``method='plain'`` is standard fine-tuning: target only, uniform t. Diff-Tuning with ``lam=0`` or
+``bank_share=0`` keeps only psi: no bank is built and the whole batch is target data. Any PEFT
+method (LoRA, BitFit, DiffFit) can be combined with either; an EMA of the trainable weights is
+what is evaluated and saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,10 @@ __all__ = ["TransferConfig", "TransferResult", "LossParts", "transfer", "diff_tu
            "null_conditions", "default_eval_data", "METHODS", "TIMESTEP_MODES"]
 
 METHODS = ("diff-tuning", "plain")
+UNCONDITIONAL_RETENTION = (
+    "Diff-Tuning's retention term trains the knowledge bank on the null branch of a conditional model; this model "
+    "is unconditional, so bank and target share its only branch and retention pulls samples towards the source "
+    "domain (README, 'Transfer'). Prefer a class-conditional base, or --method plain.")
 TIMESTEP_MODES = ("sampling", "weighting")
 
 
@@ -80,6 +86,7 @@ class TransferConfig:
     eval_samples: int = 500
     sample_steps: int = 50
     sample_eta: float = 1.0
+    sample_guidance: float | None = None  # CFG scale of evaluation samples (None: the model's default)
     grid_samples: int = 64
     log_every: int = 10
     checkpoint_every: int = 0
@@ -106,13 +113,20 @@ class TransferConfig:
             raise ChaintuneError("steps and batch_size must be >= 1")
         if not 0.0 <= self.bank_share < 1.0:
             raise ChaintuneError(f"bank_share must be in [0, 1), got {self.bank_share}")
-        if self.method == "diff-tuning" and self.bank_batch() == 0:
+        if self.lam < 0:
+            raise ChaintuneError(f"lam must be >= 0, got {self.lam}")
+        if self.retains() and self.bank_batch() == 0:
             raise ChaintuneError(f"batch_size {self.batch_size} with bank_share {self.bank_share} leaves no bank "
-                                 "samples per batch; raise one of them (or use --method plain)")
+                                 "samples per batch; raise one of them (or set bank_share 0 for no retention)")
+
+    def retains(self) -> bool:
+        """Whether the retention term is on (Diff-Tuning with lam > 0 and bank_share > 0). Without it,
+        Diff-Tuning is the psi timestep law on the target alone: no bank is built or trained on."""
+        return self.method == "diff-tuning" and self.lam > 0 and self.bank_share > 0
 
     def bank_batch(self) -> int:
-        """Bank samples per batch (0 for plain fine-tuning); at least one target sample remains."""
-        if self.method == "plain":
+        """Bank samples per batch (0 without retention); at least one target sample remains."""
+        if not self.retains():
             return 0
         return min(self.batch_size - 1, int(round(self.batch_size * self.bank_share)))
 
@@ -201,24 +215,28 @@ def diff_tuning_loss(model: DiffusionModel, target_x0: torch.Tensor, target_cond
                      mode: str = "sampling", generator: torch.Generator | None = None,
                      t_target: torch.Tensor | None = None, t_bank: torch.Tensor | None = None,
                      noise_target: torch.Tensor | None = None,
-                     noise_bank: torch.Tensor | None = None) -> LossParts:
+                     noise_bank: torch.Tensor | None = None, psi: bool | None = None) -> LossParts:
     """L = mean(recon on target, t ~ psi) + lam * mean(retention on bank, t ~ xi).
 
-    ``bank_x0=None`` gives plain fine-tuning (uniform t, target only). In ``weighting`` mode t is
-    uniform and each per-sample loss is multiplied by T p(t). Timesteps and noises may be passed
-    in (tests recompute the loss from them).
+    ``bank_x0=None`` drops the retention term; the target's t is then uniform (plain fine-tuning)
+    unless ``psi=True`` (Diff-Tuning without a bank). In ``weighting`` mode t is uniform and each
+    per-sample loss is multiplied by T p(t). Timesteps and noises may be passed in (tests
+    recompute the loss from them).
     """
     T = int(model.scheduler.config.num_train_timesteps)
     dev = target_x0.device
-    plain = bank_x0 is None
+    psi = bank_x0 is not None if psi is None else psi
     if t_target is None:
-        kind = "uniform" if plain or mode == "weighting" else "psi"
+        kind = "psi" if psi and mode == "sampling" else "uniform"
         t_target = sample_timesteps(len(target_x0), T, kind, alpha, generator)
     t_target = t_target.to(dev)
     if noise_target is None:
         noise_target = torch.randn(target_x0.shape, generator=generator).to(target_x0)
-    if plain:
-        recon = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond).mean()
+    if bank_x0 is None:
+        rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
+        if psi and mode == "weighting":
+            rec = rec * importance_weights(t_target, T, "psi", alpha)
+        recon = rec.mean()
         return LossParts(recon, recon, recon.new_zeros(()), t_target, None)
     if t_bank is None:
         t_bank = sample_timesteps(len(bank_x0), T, "uniform" if mode == "weighting" else "xi", beta, generator)
@@ -330,13 +348,21 @@ def default_feature(data: str) -> str | None:
 
 
 @torch.no_grad()
-def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int,
-             batch_size: int = 250) -> torch.Tensor:
-    """``n`` samples (images in [0, 1], CPU) with a fixed seed, so evaluations are comparable."""
+def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, batch_size: int = 250, *,
+             classes: torch.Tensor | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+    """``n`` samples (images in [0, 1], CPU) with a fixed seed, so evaluations are comparable.
+
+    ``classes``: for a class-conditional model, labels are drawn from these (with repetition, so
+    passing the target's labels reproduces its class frequencies); default: all of the model's classes.
+    """
     from chaintune.sampling import sample
 
     g = torch.Generator().manual_seed(seed)
-    traj = sample(model, n, steps=steps, eta=eta, generator=g, batch_size=batch_size)
+    labels = None
+    if classes is not None and len(classes) and model.conditional and model.kind != "sd":
+        labels = classes.long()[torch.randint(0, len(classes), (n,), generator=g)]
+    traj = sample(model, n, steps=steps, eta=eta, generator=g, batch_size=batch_size, labels=labels,
+                  guidance_scale=guidance_scale)
     return traj.images.float().cpu()
 
 
@@ -398,6 +424,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
         if int(y.max()) >= model.num_classes:
             raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
                                  f"{model.num_classes} classes")
+    if cfg.retains() and model.kind == "unet" and not model.conditional:
+        warnings.warn(UNCONDITIONAL_RETENTION, UserWarning, stacklevel=2)
     x0_all = encode(model, x_img)
 
     bank = None
@@ -456,7 +484,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
         try:
             n = max(cfg.eval_samples, cfg.grid_samples) if (feature and eval_images is not None) \
                 else cfg.grid_samples
-            imgs = generate(model, n, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345)
+            imgs = generate(model, n, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345, classes=y,
+                            guidance_scale=cfg.sample_guidance)
             if run_dir is not None:
                 from chaintune.utils.images import save_grid
 
@@ -480,7 +509,8 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
         if n_bank:
             b_x0 = bank_x0[torch.randint(0, len(bank_x0), (n_bank,), generator=g).to(device)]
         parts = diff_tuning_loss(model, x0_all[idx].to(device), cond, b_x0, alpha=cfg.alpha, beta=cfg.beta,
-                                 lam=cfg.lam, mode=cfg.timestep_mode, generator=g)
+                                 lam=cfg.lam, mode=cfg.timestep_mode, generator=g,
+                                 psi=cfg.method == "diff-tuning")
         loss = parts.total
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr")
