@@ -100,7 +100,11 @@ BENCHMARKS = {
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:KEY=VALUE,...`` -> (NAME, overrides); values are parsed as YAML scalars (numbers, bools)."""
+    from dataclasses import fields
+
     import yaml
+
+    from chaintune.transfer import TransferConfig
 
     name, _, body = text.partition(":")
     overrides = {}
@@ -109,10 +113,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not eq or not name:
             raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    from dataclasses import fields
-
-    from chaintune.transfer import TransferConfig
-
     unknown = set(overrides) - {f.name for f in fields(TransferConfig)}
     if unknown:
         raise SystemExit(f"--variant {text!r}: unknown TransferConfig field(s) {', '.join(sorted(unknown))}")

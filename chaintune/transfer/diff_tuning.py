@@ -232,29 +232,32 @@ def diff_tuning_loss(model: DiffusionModel, target_x0: torch.Tensor, target_cond
     t_target = t_target.to(dev)
     if noise_target is None:
         noise_target = torch.randn(target_x0.shape, generator=generator).to(target_x0)
+    ret = None
     if bank_x0 is None:
         rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
-        if psi and mode == "weighting":
-            rec = rec * importance_weights(t_target, T, "psi", alpha)
-        recon = rec.mean()
-        return LossParts(recon, recon, recon.new_zeros(()), t_target, None)
-    if t_bank is None:
-        t_bank = sample_timesteps(len(bank_x0), T, "uniform" if mode == "weighting" else "xi", beta, generator)
-    t_bank = t_bank.to(dev)
-    if noise_bank is None:
-        noise_bank = torch.randn(bank_x0.shape, generator=generator).to(bank_x0)
-    joint = _joint_conditions(model, target_cond, len(target_x0), len(bank_x0))
-    if joint is not None:  # one forward pass for target and bank (same maths, less overhead)
-        both = _per_sample_loss(model, torch.cat([target_x0, bank_x0]), torch.cat([t_target, t_bank]),
-                                torch.cat([noise_target, noise_bank]), joint)
-        rec, ret = both[: len(target_x0)], both[len(target_x0):]
     else:
-        rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
-        ret = _per_sample_loss(model, bank_x0, t_bank, noise_bank, null_conditions(model, len(bank_x0)))
-    if mode == "weighting":
+        if t_bank is None:
+            kind = "uniform" if mode == "weighting" else "xi"
+            t_bank = sample_timesteps(len(bank_x0), T, kind, beta, generator)
+        t_bank = t_bank.to(dev)
+        if noise_bank is None:
+            noise_bank = torch.randn(bank_x0.shape, generator=generator).to(bank_x0)
+        joint = _joint_conditions(model, target_cond, len(target_x0), len(bank_x0))
+        if joint is not None:  # one forward pass for target and bank (same maths, less overhead)
+            both = _per_sample_loss(model, torch.cat([target_x0, bank_x0]), torch.cat([t_target, t_bank]),
+                                    torch.cat([noise_target, noise_bank]), joint)
+            rec, ret = both[: len(target_x0)], both[len(target_x0):]
+        else:
+            rec = _per_sample_loss(model, target_x0, t_target, noise_target, target_cond)
+            ret = _per_sample_loss(model, bank_x0, t_bank, noise_bank, null_conditions(model, len(bank_x0)))
+        if mode == "weighting":
+            ret = ret * importance_weights(t_bank, T, "xi", beta)
+    if psi and mode == "weighting":  # one rule for the target, with or without a bank
         rec = rec * importance_weights(t_target, T, "psi", alpha)
-        ret = ret * importance_weights(t_bank, T, "xi", beta)
-    recon, retention = rec.mean(), ret.mean()
+    recon = rec.mean()
+    if ret is None:
+        return LossParts(recon, recon, recon.new_zeros(()), t_target, None)
+    retention = ret.mean()
     return LossParts(recon + lam * retention, recon, retention, t_target, t_bank)
 
 
