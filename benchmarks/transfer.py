@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classes of a conditional base's bank samples: random, null or a list like 0,1,2,3,4")
     p.add_argument("--num-classes", type=int, default=None,
                    help="pretrain: a class-conditional base (bank samples then train its null class)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretrain: training steps of the base (default: the shipped config's 4000; --quick: 40)")
     p.add_argument("--name", default=None, help="stem of the result files (default: the benchmark's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -83,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.quick:
         a.seeds, a.steps, a.shots, a.peft = 1, 60, "10", ""
         a.bank_size, a.eval_samples, a.eval_every = 200, 300, 0
+        a.pretrain_steps = a.pretrain_steps or 40
     a.eval_every = a.eval_every or a.steps // 2
     a.variants = dict(parse_variant(v) for v in a.variant)
     a.out = a.out or (ROOT / "results" / ("tmp" if a.quick else ""))
@@ -119,7 +122,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {"method": "diff-tuning", **overrides}
 
 
-def pretrained_base(spec: str, resolution: int | None = None, num_classes: int | None = None):
+def pretrained_base(spec: str, resolution: int | None = None, num_classes: int | None = None,
+                    steps: int | None = None):
     """``(model, id)`` for ``--base``: a model id, or ``pretrain:DATASET`` — the shipped
     ``builtin:digits`` training config (``chaintune/configs/builtin_digits.yaml``) run on DATASET,
     cached under ``benchmarks/results/tmp/bases/`` (deterministic: seed 0, about 13 min on one core)."""
@@ -140,6 +144,9 @@ def pretrained_base(spec: str, resolution: int | None = None, num_classes: int |
         values["resolution"] = resolution
     if num_classes:
         values["num_classes"] = num_classes
+    if steps:
+        values["steps"] = steps
+        values["warmup_steps"] = min(values["warmup_steps"], steps // 2)
     cfg = PretrainConfig(**values)
     key = hashlib.sha256(json.dumps(vars(cfg), sort_keys=True).encode()).hexdigest()[:10]
     path = ROOT / "results" / "tmp" / "bases" / f"{cfg.dataset.replace(':', '-')}-{key}"
@@ -160,10 +167,10 @@ def main(argv=None) -> dict:
     from chaintune.transfer.forgetting import analyze
 
     t_start = time.time()
-    base, base_id = pretrained_base(args.base, args.resolution, args.num_classes)
+    base, base_id = pretrained_base(args.base, args.resolution, args.num_classes, args.pretrain_steps)
     preset = BENCHMARKS[args.benchmark]
     size = base.latent_shape[-1]  # pixel-space bases: data at the model's resolution
-    test_x, _ = load_dataset(args.eval_data, size=size)
+    test_x, test_y = load_dataset(args.eval_data, size=size)
     train_x, _ = load_dataset(preset["real"], size=size)
     bank_root = ROOT / "results" / "tmp" / "banks"
     bank = build_bank(base, TransferConfig(bank_size=args.bank_size, bank_labels=args.bank_labels).bank_config(),
@@ -234,10 +241,14 @@ def main(argv=None) -> dict:
         thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
         forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
                              num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
-                             handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn")
+                             handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn",
+                             target_labels=test_y)
 
     summary = summarize(runs)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "base": {"id": base_id, "num_classes": base.num_classes, "size": size},
+              "bank": {"path": str(bank.path), "size": len(bank),
+                       "labels": sorted(set(bank.labels.tolist())) if bank.labels is not None else None},
               "references": refs, "runs": runs, "summary": summary, "forgetting": forgetting,
               "seconds": round(time.time() - t_start, 1), "torch_threads": args.threads}
     args.out.mkdir(parents=True, exist_ok=True)

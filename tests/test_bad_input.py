@@ -64,9 +64,11 @@ def bad_rewards(tmp_path, monkeypatch):
         (["plan", "--memory-budget", "1KB"], ["memory budget"]),
         (["plan", "--memory-budget", "lots"], ["cannot read memory budget"]),
         (["sample", "--num", "2", "--label", "3"], ["not class-conditional"]),
+        (["forgetting", "--base", "builtin:digits", "--tuned", "builtin:digits", "--data", "digits:test",
+          "--bank-labels", "0,x", "--samples", "0"], ["bank labels", "'0,x'"]),
     ],
     ids=["model-typo", "model-missing", "reward-typo", "estimator-typo", "h-too-large", "budget-too-small",
-         "budget-unreadable", "labels-on-unconditional"],
+         "budget-unreadable", "labels-on-unconditional", "bank-labels-unreadable"],
 )
 def test_bad_names_and_options(capsys, tmp_path, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)

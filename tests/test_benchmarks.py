@@ -72,3 +72,14 @@ def test_transfer_quick(tmp_path):
     assert all(r["fid"] > 0 and r["fid_curve"] for r in res["runs"])
     fg = res["forgetting"]
     assert len(fg["handover"]) == 3 and len(fg["forgetting"]) == len(fg["timesteps"])
+
+
+def test_transfer_quick_conditional_classes(tmp_path):
+    """The class-conditional `classes` setting: a base pretrained on the spot, a bank of chosen classes."""
+    res = _run("transfer", tmp_path, "--benchmark", "classes", "--name", "transfer", "--num-classes", "10",
+               "--resolution", "8", "--bank-labels", "0,1,2,3,4", "--first-seed", "2", "--skip-forgetting",
+               "--methods", "diff-tuning")
+    assert res["base"]["num_classes"] == 10 and res["base"]["size"] == 8
+    assert res["bank"]["labels"] == [0, 1, 2, 3, 4] and res["bank"]["size"] == 200
+    assert [(r["method"], r["seed"]) for r in res["runs"]] == [("diff-tuning", 2)]
+    assert res["forgetting"] == {} and res["runs"][0]["fid"] > 0

@@ -1,5 +1,6 @@
 """Diff-Tuning: timestep laws, loss composition, knowledge-bank caching, PEFT, backends, CLI."""
 
+import copy
 import json
 import os
 import warnings
@@ -345,6 +346,29 @@ def test_forgetting_analysis_identical_models_forget_nothing(tmp_path):
     assert json.loads(j.read_text())["timesteps"] == res["timesteps"] and p.stat().st_size > 1000
 
 
+def test_forgetting_scores_a_conditional_tuned_model_on_the_target_classes():
+    """Tuned model: the target's labels; base model: always its null class (target classes are new to it)."""
+    base = tiny_unet_model(num_class_embeds=11)  # 10 classes + null (10)
+    tuned = copy.deepcopy(base)
+    seen: dict[str, list[set[int]]] = {"base": [], "tuned": []}
+    for name, m in (("base", base), ("tuned", tuned)):
+        def spy(x, t, cond, _f=m.model_output, _name=name):
+            seen[_name].append(set(cond.labels.tolist()) if cond.labels is not None else {-1})
+            return _f(x, t, cond)
+        m.model_output = spy
+    y = torch.tensor([5, 7, 7, 5, 7, 5])
+    res = analyze(base, tuned, torch.rand(6, 1, 8, 8), torch.randn(4, 1, 8, 8), eval_images=torch.rand(6, 1, 8, 8),
+                  num_timesteps=2, thresholds=[500], handover_n=6, steps=2, target_labels=y)
+    assert len(res["handover"]) == 1
+    assert seen["base"] and all(s in ({10}, {-1}) for s in seen["base"])
+    tuned_sets = seen["tuned"]
+    assert {5, 7} in tuned_sets  # target losses and hand-over steps
+    assert all(s <= {5, 7} or s in ({10}, {-1}) for s in tuned_sets)
+    assert any(s in ({10}, {-1}) for s in tuned_sets)  # the bank, unconditionally
+    with pytest.raises(ValueError, match="3 target labels for 6 images"):
+        analyze(base, tuned, torch.rand(6, 1, 8, 8), None, num_timesteps=2, target_labels=y[:3])
+
+
 def test_cli_transfer_end_to_end(tmp_path, monkeypatch):
     from diffusers import DDPMPipeline
 
@@ -373,6 +397,7 @@ def test_cli_transfer_end_to_end(tmp_path, monkeypatch):
     main(["sample", "--model", str(out), "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "grid.png").exists()
     main(["forgetting", "--base", str(base), "--tuned", str(out), "--data", "digits-fewshot:2", "--out",
-          str(tmp_path / "f"), "--bank-size", "8", "--timesteps", "3", "--samples", "16", "--steps", "2"])
+          str(tmp_path / "f"), "--timesteps", "3", "--samples", "16", "--steps", "2"])
     res = json.loads((tmp_path / "f" / "forgetting.json").read_text())
     assert len(res["forgetting"]) == 3 and len(res["handover"]) == 11
+    assert res["bank_path"] == info["bank"]  # the run's own bank settings: its cached bank is reused

@@ -72,8 +72,11 @@ def register(app: typer.Typer) -> None:
         eval_data: Annotated[str | None, typer.Option(
             help="Held-out target images for the hand-over FID (default: --data).")] = None,
         feature: Annotated[str, typer.Option(help="FID features: digits-cnn or inception:/path.")] = "digits-cnn",
-        bank_size: Annotated[int, typer.Option(help="Knowledge-bank samples of the base model (cached).")]
-        = 1000,
+        bank_size: Annotated[int | None, typer.Option(
+            help="Knowledge-bank samples of the base model (cached; default: the tuned run's, else 1000).")]
+        = None,
+        bank_labels: Annotated[str | None, typer.Option(
+            help="Bank classes: random, null or ids like 0,1,2 (default: the tuned run's, else random).")] = None,
         timesteps: Annotated[int, typer.Option(help="Number of timesteps on the loss grid.")] = 20,
         samples: Annotated[int, typer.Option(help="Images per hand-over threshold for FID (0: skip).")] = 500,
         steps: Annotated[int, typer.Option(help="Sampling steps of the hand-over chain.")] = 50,
@@ -81,16 +84,25 @@ def register(app: typer.Typer) -> None:
     ):
         """Per-timestep forgetting of a fine-tuned model and hand-over FID (JSON + plot)."""
         import chaintune
-        from chaintune.transfer.bank import BankConfig, build_bank
-        from chaintune.transfer.diff_tuning import load_target
+        from chaintune.transfer.bank import build_bank
+        from chaintune.transfer.diff_tuning import TransferConfig, load_target
         from chaintune.transfer.forgetting import analyze, write_report
 
         m0, m1 = chaintune.load(base), chaintune.load(tuned)
-        x, _ = load_target(m0, data)
+        x, y = load_target(m0, data)
         ev = load_target(m0, eval_data)[0] if eval_data else x
-        bank = build_bank(m0, BankConfig(size=bank_size, seed=seed))
+        # the tuned run's own bank settings (and cache) when --tuned is a transfer run directory
+        run_cfg = TransferConfig.from_run(tuned) if Path(tuned).is_dir() else None
+        cfg = TransferConfig.from_dict({
+            **({k: getattr(run_cfg, k) for k in ("bank_size", "bank_steps", "bank_eta", "bank_scheduler",
+                                                  "bank_guidance", "bank_labels", "bank_seed", "bank_dir")}
+               if run_cfg else {"bank_seed": seed}),
+            **({"bank_size": bank_size} if bank_size is not None else {}),
+            **({"bank_labels": bank_labels} if bank_labels is not None else {})})
+        bank = build_bank(m0, cfg.bank_config(), cfg.bank_dir)
         res = analyze(m0, m1, x, bank.latents, eval_images=ev if samples > 0 else None, num_timesteps=timesteps,
-                      handover_n=max(samples, 2), steps=steps, feature=feature, seed=seed)
+                      handover_n=max(samples, 2), steps=steps, feature=feature, seed=seed,
+                      target_labels=y if len(y) == len(x) else None)
         res["models"] = {"base": base, "tuned": tuned}
         res.update(data=data, eval_data=eval_data or data, bank_path=str(bank.path))
         jpath, ppath = write_report(res, out, title=f"{tuned} vs {base} on {data}")

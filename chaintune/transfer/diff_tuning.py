@@ -133,7 +133,11 @@ class TransferConfig:
     def bank_config(self) -> BankConfig:
         labels = self.bank_labels
         if isinstance(labels, str) and labels not in ("random", "null"):
-            labels = [int(x) for x in labels.split(",")]
+            try:
+                labels = [int(x) for x in labels.split(",")]
+            except ValueError:
+                msg = f"bank labels must be random, null or class ids like 0,1,2; got {labels!r}"
+                raise ChaintuneError(msg) from None
         return BankConfig(size=self.bank_size, steps=self.bank_steps, eta=self.bank_eta,
                           scheduler=self.bank_scheduler, guidance_scale=self.bank_guidance, labels=labels,
                           seed=self.bank_seed)
@@ -143,6 +147,17 @@ class TransferConfig:
         from chaintune.utils.io import strict_config
 
         return strict_config(cls, values, "transfer option")
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> TransferConfig | None:
+        """The config a ``transfer`` run directory was made with (its ``config.yaml``), or None."""
+        import yaml
+
+        path = Path(run_dir) / "config.yaml"
+        if not path.is_file():
+            return None
+        values = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(values) if isinstance(values, dict) else None
 
 
 @dataclass
@@ -350,6 +365,15 @@ def default_feature(data: str) -> str | None:
 # --------------------------------------------------------------------------- evaluation
 
 
+def draw_labels(model: DiffusionModel, classes: torch.Tensor | None, n: int,
+                generator: torch.Generator) -> torch.Tensor | None:
+    """``n`` labels drawn with repetition from ``classes`` (so at their frequencies); None unless the
+    model takes class labels and ``classes`` is non-empty."""
+    if classes is None or not len(classes) or not model.conditional or model.kind == "sd":
+        return None
+    return classes.long()[torch.randint(0, len(classes), (n,), generator=generator)]
+
+
 @torch.no_grad()
 def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, batch_size: int = 250, *,
              classes: torch.Tensor | None = None, guidance_scale: float | None = None) -> torch.Tensor:
@@ -361,9 +385,7 @@ def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, b
     from chaintune.sampling import sample
 
     g = torch.Generator().manual_seed(seed)
-    labels = None
-    if classes is not None and len(classes) and model.conditional and model.kind != "sd":
-        labels = classes.long()[torch.randint(0, len(classes), (n,), generator=g)]
+    labels = draw_labels(model, classes, n, g)
     traj = sample(model, n, steps=steps, eta=eta, generator=g, batch_size=batch_size, labels=labels,
                   guidance_scale=guidance_scale)
     return traj.images.float().cpu()

@@ -10,6 +10,11 @@ Two measurements between a base model M0 and its fine-tuned version M1:
 2. hand-over sampling: M1 denoises chain positions with t >= threshold and M0 those below it;
    the FID of the result against held-out target images, per threshold. If low-noise steps are
    domain general (the chain of forgetting), handing them to M0 costs little.
+
+Class-conditional models: given the target's labels, M1 sees them (on the target losses and in
+the hand-over chain, with labels drawn at the target's class frequencies), and M0 always runs its
+unconditional branch, since the target's classes are new to it; the bank is scored
+unconditionally by both, which is the branch Diff-Tuning trains on it.
 """
 
 from __future__ import annotations
@@ -37,12 +42,16 @@ def handover_denoise(tuned: Denoise, base: Denoise, threshold: int) -> Denoise:
 
 @torch.no_grad()
 def per_timestep_losses(models: Sequence[DiffusionModel], x0: torch.Tensor, timesteps: Sequence[int], *,
-                        cond: Conditions | None = None, seed: int = 0, batch_size: int = 256,
-                        repeats: int = 1) -> torch.Tensor:
+                        cond: Conditions | Sequence[Conditions | None] | None = None, seed: int = 0,
+                        batch_size: int = 256, repeats: int = 1) -> torch.Tensor:
     """Mean denoising loss of each model at each timestep: tensor [len(models), len(timesteps)].
 
-    All models see identical (x0, t, noise) triples, so the comparison is paired.
+    All models see identical (x0, t, noise) triples, so the comparison is paired. ``cond``: one
+    Conditions for all models, or one per model (None: the model's unconditional branch).
     """
+    conds = list(cond) if isinstance(cond, Sequence) else [cond] * len(models)
+    if len(conds) != len(models):
+        raise ValueError(f"got {len(conds)} conditions for {len(models)} models")
     sched = models[0].scheduler
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(len(models), len(timesteps), dtype=torch.float64)
@@ -52,11 +61,10 @@ def per_timestep_losses(models: Sequence[DiffusionModel], x0: torch.Tensor, time
             for s in range(0, len(x0), batch_size):
                 xb, nb = x0[s : s + batch_size], noise[s : s + batch_size]
                 t = torch.full((len(xb),), int(t_val), dtype=torch.long)
-                cb = None if cond is None else cond.subset(range(s, s + len(xb)))
                 for i, m in enumerate(models):
                     dev = m.device
                     x_t = add_noise(sched, xb.to(dev), nb.to(dev), t.to(dev))
-                    c = cb if cb is not None else _null(m, len(xb))
+                    c = _null(m, len(xb)) if conds[i] is None else conds[i].subset(range(s, s + len(xb)))
                     pred = m.model_output(x_t, t.to(dev), c).float()
                     tgt = training_target(sched, xb.to(dev), nb.to(dev), t.to(dev)).float()
                     out[i, j] += F.mse_loss(pred, tgt, reduction="sum").item() / xb[0].numel()
@@ -72,18 +80,28 @@ def _null(model: DiffusionModel, n: int) -> Conditions:
 
 @torch.no_grad()
 def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int, n: int, *, steps: int = 50,
-                     eta: float = 1.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
-    """Images from the hand-over chain (same initial noise and step noise for every threshold)."""
+                     eta: float = 1.0, seed: int = 0, batch_size: int = 250,
+                     classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Images from the hand-over chain (same initial noise and step noise for every threshold).
+
+    ``classes`` (labelled models): the tuned model's labels are drawn from these, and the base
+    model runs its unconditional branch; otherwise both use their default conditions.
+    """
     from chaintune.sampling import chain_scheduler, initial_noise
+    from chaintune.transfer.diff_tuning import draw_labels
 
     sched = chain_scheduler(tuned, "ddim")
     g = torch.Generator().manual_seed(seed)
     x_T = initial_noise(tuned, n, g)
+    labels = draw_labels(tuned, classes, n, torch.Generator().manual_seed(seed + 7))
     imgs = []
     for s in range(0, n, batch_size):
         xb = x_T[s : s + batch_size]
-        cond_t = tuned.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
-        cond_b = base.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
+        if labels is not None:
+            cond_t, cond_b = Conditions(labels=labels[s : s + len(xb)]), _null(base, len(xb))
+        else:
+            cond_t = tuned.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
+            cond_b = base.default_conditions(len(xb), generator=torch.Generator().manual_seed(seed + s))
         fn = handover_denoise(tuned.denoise_fn(cond_t), base.denoise_fn(cond_b), threshold)
         gs = torch.Generator().manual_seed(seed + 1 + s)
         traj = run_chain(fn, sched, xb, num_steps=steps, eta=eta, generator=gs)
@@ -91,15 +109,19 @@ def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int
     return torch.cat(imgs)
 
 
+def _labelled(model: DiffusionModel) -> bool:
+    return model.conditional and model.kind != "sd" and model.num_classes is not None
+
+
 def handover_fid(tuned: DiffusionModel, base: DiffusionModel, eval_images: torch.Tensor,
                  thresholds: Sequence[int], *, n: int = 500, steps: int = 50, eta: float = 1.0, seed: int = 0,
-                 feature: str = "digits-cnn") -> list[dict]:
+                 feature: str = "digits-cnn", classes: torch.Tensor | None = None) -> list[dict]:
     """FID/KID vs held-out target images of the hand-over chain, per threshold."""
     from chaintune.metrics import fid_kid
 
     rows = []
     for thr in thresholds:
-        imgs = handover_samples(tuned, base, int(thr), n, steps=steps, eta=eta, seed=seed)
+        imgs = handover_samples(tuned, base, int(thr), n, steps=steps, eta=eta, seed=seed, classes=classes)
         rows.append({"threshold": int(thr), **fid_kid(eval_images, imgs, feature)})
     return rows
 
@@ -116,14 +138,22 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
             bank_latents: torch.Tensor | None = None, *, eval_images: torch.Tensor | None = None,
             num_timesteps: int = 20, thresholds: Sequence[int] | None = None, handover_n: int = 500,
             steps: int = 50, feature: str | None = "digits-cnn", seed: int = 0,
-            max_images: int = 1000) -> dict:
-    """Run both measurements (module docstring) and return a JSON-ready dict."""
+            max_images: int = 1000, target_labels: torch.Tensor | None = None) -> dict:
+    """Run both measurements (module docstring) and return a JSON-ready dict.
+
+    ``target_labels``: the class of each target image; a class-conditional tuned model is scored
+    with them and samples the hand-over chain at their frequencies.
+    """
     from chaintune.transfer.diff_tuning import encode
 
     T = int(base.scheduler.config.num_train_timesteps)
     ts = torch.linspace(0, T - 1, num_timesteps).round().long().tolist()
     x_tgt = encode(base, target_images[:max_images])
-    losses_t = per_timestep_losses([base, tuned], x_tgt, ts, seed=seed)
+    if target_labels is not None and len(target_labels) != len(target_images):
+        raise ValueError(f"got {len(target_labels)} target labels for {len(target_images)} images")
+    labels = target_labels[:max_images].long() if target_labels is not None and _labelled(tuned) else None
+    cond_t = None if labels is None else Conditions(labels=labels)
+    losses_t = per_timestep_losses([base, tuned], x_tgt, ts, cond=[None, cond_t], seed=seed)
     ab = base.scheduler.alphas_cumprod[torch.tensor(ts)].double()
     to_x0 = (1 - ab) / ab
     result: dict = {"timesteps": ts, "target": {"base": losses_t[0].tolist(), "tuned": losses_t[1].tolist()}}
@@ -140,7 +170,7 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
         thresholds = list(thresholds) if thresholds is not None else [0, 100, 200, 300, 400, 500, 600, 700, 800,
                                                                        900, T]
         result["handover"] = handover_fid(tuned, base, eval_images, thresholds, n=handover_n, steps=steps,
-                                          seed=seed, feature=feature)
+                                          seed=seed, feature=feature, classes=labels)
         result["handover_spearman"] = spearman([r["threshold"] for r in result["handover"]],
                                                [r["fid"] for r in result["handover"]])
     return result
