@@ -19,6 +19,7 @@ training.
     python benchmarks/transfer.py                        # glyphs: about 30 min on one core
     python benchmarks/transfer.py --benchmark classes --shots 10 --eval-every 250
     python benchmarks/transfer.py --quick                # CI smoke: under 2 min
+    python benchmarks/transfer.py --merge a.json b.json --name c   # pool seeds of equal-config runs
 
 Writes ``benchmarks/results/transfer.json`` / ``transfer.png`` (``classes``: ``transfer_classes.*``;
 ``--quick``: under ``benchmarks/results/tmp/``; ``--name`` overrides the stem) and prints a table.
@@ -75,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pretrain: a class-conditional base (bank samples then train its null class)")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="pretrain: training steps of the base (default: the shipped config's 4000; --quick: 40)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="pool the runs of result files made with the same settings (other seeds) into one "
+                        "table and plot; nothing is trained")
     p.add_argument("--name", default=None, help="stem of the result files (default: the benchmark's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -158,6 +162,8 @@ def pretrained_base(spec: str, resolution: int | None = None, num_classes: int |
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(args.threads)
     from chaintune.data import load_dataset
     from chaintune.metrics import fid_kid
@@ -213,13 +219,16 @@ def main(argv=None) -> dict:
         row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
                "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
+               "classes": class_report(res.model, cfg, load_dataset(cfg.data, size=size)[1]),
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": round(time.time() - t0, 1)}
         runs.append(row)
         tuned_models[(method, peft, k, seed)] = res.model
         mid = " ".join(f"@{s_}:{f:.3f}" for s_, f in curve.items())
+        match = row["classes"].get("label_match")
         print(f"  {method:12s} {peft:8s} shots={k:<3d} seed={seed}  FID {m['fid']:7.3f}  KID {m['kid']:.4f}"
-              f"  curve {mid}  ({row['seconds']}s)", flush=True)
+              f"  source {row['classes']['source_share']:.3f}" + (f"  label match {match:.3f}" if match else "")
+              + f"  curve {mid}  ({row['seconds']}s)", flush=True)
         return row
 
     print(f"base FID {refs[base_key]['fid']:.3f}; bank {len(bank)} samples "
@@ -246,6 +255,7 @@ def main(argv=None) -> dict:
 
     summary = summarize(runs)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "paired": paired(runs),
               "base": {"id": base_id, "num_classes": base.num_classes, "size": size},
               "bank": {"path": str(bank.path), "size": len(bank),
                        "labels": sorted(set(bank.labels.tolist())) if bank.labels is not None else None},
@@ -258,6 +268,104 @@ def main(argv=None) -> dict:
     plot(result, args.out / f"{args.name}.png")
     print_table(result)
     return result
+
+
+# settings that must agree for runs to be pooled by --merge
+SAME = ("benchmark", "base", "target", "eval_data", "steps", "lr", "bank_size", "eval_samples", "bank_labels",
+        "num_classes", "resolution", "sample_guidance", "pretrain_steps")
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """Pool the runs of several result files (e.g. ``--first-seed`` batches) into one result."""
+    import json
+
+    from chaintune.utils.io import save_json
+
+    results = []
+    for path in args.merge:
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: cannot read {path}: {e}")
+    first = results[0]
+    for path, res in zip(args.merge[1:], results[1:], strict=True):
+        diff = [k for k in SAME if res["config"].get(k) != first["config"].get(k)]
+        if diff:
+            sys.exit(f"error: {path} differs from {args.merge[0]} in {', '.join(diff)}; only runs made with the "
+                     "same settings can be pooled")
+    runs, seen = [], set()
+    for path, res in zip(args.merge, results, strict=True):
+        for r in res["runs"]:
+            key = (r["method"], r["peft"], r["shots"], r["seed"])
+            if key in seen:
+                sys.exit(f"error: {path} repeats the run {key} (method, peft, shots, seed)")
+            seen.add(key)
+            runs.append({**r, "fid_curve": {int(st): v for st, v in r["fid_curve"].items()}})  # JSON keys are str
+    result = {**first, "config": {**first["config"], "name": args.name, "merged_from": [str(p) for p in args.merge]},
+              "runs": runs, "summary": summarize(runs), "paired": paired(runs),
+              "forgetting": {},  # per-run analysis: it stays in the file that made it
+              "seconds": round(sum(r.get("seconds", 0) for r in results), 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_json(args.out / f"{args.name}.json", result)
+    plot(result, args.out / f"{args.name}.png")
+    print_table(result)
+    return result
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Each method against plain fine-tuning on the same seeds (same data draw and initial noise).
+
+    Seeds are paired, so the seed-to-seed spread shared by both methods cancels: ``wins`` counts seeds
+    where the method's FID is lower, ``p_ttest`` is the two-sided paired t-test of the FID differences
+    and ``p_sign`` the two-sided sign test of the wins.
+    """
+    from scipy import stats
+
+    plain = {(r["peft"], r["shots"], r["seed"]): r for r in runs if r["method"] == "plain"}
+    groups: dict = {}
+    for r in runs:
+        if r["method"] != "plain" and (r["peft"], r["shots"], r["seed"]) in plain:
+            groups.setdefault((r["method"], r["peft"], r["shots"]), []).append(r)
+    out = []
+    for (method, peft, k), rows in groups.items():
+        ref = [plain[(peft, k, r["seed"])] for r in rows]
+        d_fid = [r["fid"] - p["fid"] for r, p in zip(rows, ref, strict=True)]
+        d_kid = [r["kid"] - p["kid"] for r, p in zip(rows, ref, strict=True)]
+        wins = sum(d < 0 for d in d_fid)
+        row = {"method": method, "peft": peft, "shots": k, "n": len(rows), "seeds": [r["seed"] for r in rows],
+               "fid_diff": d_fid, "fid_diff_mean": statistics.mean(d_fid), "wins": wins,
+               "kid_diff_mean": statistics.mean(d_kid), "kid_wins": sum(d < 0 for d in d_kid),
+               "p_sign": float(stats.binomtest(wins, len(rows)).pvalue)}
+        if len(rows) > 1:
+            row["fid_diff_std"] = statistics.stdev(d_fid)
+            row["p_ttest"] = float(stats.ttest_rel([r["fid"] for r in rows], [p["fid"] for p in ref]).pvalue)
+            row["kid_p_ttest"] = float(stats.ttest_rel([r["kid"] for r in rows], [p["kid"] for p in ref]).pvalue)
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def class_report(model, cfg, target_labels: torch.Tensor) -> dict:
+    """What the final evaluation samples are, by the shipped digit classifier.
+
+    The same samples as the run's final FID (same seed, EMA weights). ``hist``: share of each
+    predicted digit; ``source_share``: share predicted as a digit the target does not contain
+    (leaked from the source domain); ``label_match``: for a class-conditional model, the share
+    predicted as the label it was sampled for.
+    """
+    from chaintune.classifiers import load_classifier
+    from chaintune.transfer.diff_tuning import generate
+
+    imgs, labels = generate(model, cfg.eval_samples, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345,
+                            classes=target_labels, guidance_scale=cfg.sample_guidance, with_labels=True)
+    pred = load_classifier("digits-cnn")(imgs).argmax(1)
+    hist = torch.bincount(pred, minlength=10).double() / len(pred)
+    target = set(target_labels.tolist())
+    out = {"hist": [round(v, 4) for v in hist.tolist()],
+           "source_share": float(sum(hist[c] for c in range(10) if c not in target))}
+    if labels is not None:
+        out["label_match"] = float((pred == labels).double().mean())
+    return out
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -291,6 +399,13 @@ def print_table(result: dict) -> None:
               f"{s['fid_std']:7.3f} {s['kid_mean']:8.4f}  {seeds}")
         print("      FID at step: " + "  ".join(f"{st}: {m:.3f}±{s['fid_curve_std'][st]:.3f}"
                                                for st, m in s["fid_curve_mean"].items()))
+    if result.get("paired"):
+        print("\nagainst plain fine-tuning on the same seeds (FID difference < 0: lower than plain)")
+        for r in result["paired"]:
+            print(f"  {r['method']:12s} {r['peft']:8s} shots={r['shots']:<3d} FID lower on {r['wins']}/{r['n']} seeds, "
+                  f"mean diff {r['fid_diff_mean']:+.3f}, paired t-test p={r.get('p_ttest', float('nan')):.3f}, "
+                  f"sign test p={r['p_sign']:.3f}; KID lower on {r['kid_wins']}/{r['n']} "
+                  f"(p={r.get('kid_p_ttest', float('nan')):.3f})")
     f = result["forgetting"]
     if not f:
         print(f"\ntotal {result['seconds']:.0f}s")

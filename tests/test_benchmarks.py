@@ -1,4 +1,4 @@
-"""Smoke tests of the alignment-side benchmarks: each script's ``--quick`` run in a subprocess.
+"""Smoke tests of the benchmarks: each script's ``--quick`` run in a subprocess.
 
 Each run writes NAME.json and NAME.png into a temporary folder; the JSON must carry the keys the
 README tables are built from.
@@ -6,11 +6,14 @@ README tables are built from.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +86,46 @@ def test_transfer_quick_conditional_classes(tmp_path):
     assert res["bank"]["labels"] == [0, 1, 2, 3, 4] and res["bank"]["size"] == 200
     assert [(r["method"], r["seed"]) for r in res["runs"]] == [("diff-tuning", 2)]
     assert res["forgetting"] == {} and res["runs"][0]["fid"] > 0
+    cls = res["runs"][0]["classes"]  # sample diagnostics by the digit classifier
+    assert sum(cls["hist"]) == pytest.approx(1, abs=1e-3) and 0 <= cls["label_match"] <= 1
+    assert cls["source_share"] == pytest.approx(sum(cls["hist"][:5]), abs=1e-3)
+
+
+def _result(seeds: list[int], plain: list[float], dt: list[float], **config) -> dict:
+    cfg = {"benchmark": "classes", "base": "pretrain:digits-0to4:train", "target": "digits-fewshot-5to9:{k}",
+           "eval_data": "digits-5to9:test", "steps": 100, "lr": 1e-4, "bank_size": 10, **config}
+
+    def run(method: str, seed: int, fid: float) -> dict:
+        return {"method": method, "peft": "none", "shots": 10, "seed": seed, "steps": 100, "fid": fid,
+                "kid": fid / 100, "fid_curve": {"50": fid + 1, "100": fid}}
+
+    runs = [r for s, p, d in zip(seeds, plain, dt, strict=True) for r in (run("plain", s, p), run("diff-tuning", s, d))]
+    return {"config": cfg, "references": {"base": {"fid": 40.0}}, "runs": runs, "forgetting": {}, "seconds": 1.0}
+
+
+def test_transfer_merge_pools_seeds_and_pairs_them(tmp_path, capsys):
+    from scipy import stats
+
+    spec = importlib.util.spec_from_file_location("transfer_bench", ROOT / "benchmarks" / "transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result([0, 1], [3.0, 3.2], [2.9, 3.0])))
+    b.write_text(json.dumps(_result([2, 3], [3.1, 2.8], [2.8, 2.6])))
+    res = bench.main(["--merge", str(a), str(b), "--name", "m", "--out", str(tmp_path)])
+    assert (tmp_path / "m.png").stat().st_size > 1000 and json.loads((tmp_path / "m.json").read_text())["paired"]
+    summary = {s["method"]: s for s in res["summary"]}
+    assert summary["plain"]["n"] == 4 and summary["diff-tuning"]["fid_mean"] == pytest.approx(2.825)
+    assert list(summary["plain"]["fid_curve_mean"]) == [50, 100]  # steps in order, not as strings
+    (pair,) = res["paired"]
+    assert pair["wins"] == 4 and pair["seeds"] == [0, 1, 2, 3]
+    d = [-0.1, -0.2, -0.3, -0.2]  # paired differences: t = mean / (sd / sqrt(n)), 3 degrees of freedom
+    t = sum(d) / 4 / (stats.tstd(d) / 2)
+    assert pair["fid_diff_mean"] == pytest.approx(-0.2) and pair["p_ttest"] == pytest.approx(2 * stats.t.cdf(t, 3))
+    assert pair["p_sign"] == pytest.approx(2 / 16)  # all 4 lower: 2 * 0.5^4
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(_result([4], [3.0], [2.9], steps=200)))
+    for files, needle in (([a, c], "differs from"), ([a, a], "repeats the run")):
+        with pytest.raises(SystemExit, match=needle):
+            bench.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)])
+    assert not (tmp_path / "x.json").exists()

@@ -376,11 +376,13 @@ def draw_labels(model: DiffusionModel, classes: torch.Tensor | None, n: int,
 
 @torch.no_grad()
 def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, batch_size: int = 250, *,
-             classes: torch.Tensor | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+             classes: torch.Tensor | None = None, guidance_scale: float | None = None,
+             with_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples (images in [0, 1], CPU) with a fixed seed, so evaluations are comparable.
 
     ``classes``: for a class-conditional model, labels are drawn from these (with repetition, so
     passing the target's labels reproduces its class frequencies); default: all of the model's classes.
+    ``with_labels``: also return the label each sample was drawn for (None: unconditional).
     """
     from chaintune.sampling import sample
 
@@ -388,7 +390,11 @@ def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, b
     labels = draw_labels(model, classes, n, g)
     traj = sample(model, n, steps=steps, eta=eta, generator=g, batch_size=batch_size, labels=labels,
                   guidance_scale=guidance_scale)
-    return traj.images.float().cpu()
+    images = traj.images.float().cpu()
+    if not with_labels:
+        return images
+    used = traj.conditions.get("labels") if traj.conditions else None
+    return images, None if used is None else used.cpu()
 
 
 def _folded(model: DiffusionModel) -> DiffusionModel:
