@@ -219,16 +219,17 @@ def main(argv=None) -> dict:
         row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
                "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
-               "classes": class_report(res.model, cfg, load_dataset(cfg.data, size=size)[1]),
+               "samples": sample_report(res.model, cfg, load_dataset(cfg.data, size=size), test_x),
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": round(time.time() - t0, 1)}
         runs.append(row)
         tuned_models[(method, peft, k, seed)] = res.model
         mid = " ".join(f"@{s_}:{f:.3f}" for s_, f in curve.items())
-        match = row["classes"].get("label_match")
+        rep = row["samples"]
+        match = f"  label match {rep['label_match']:.3f}" if "label_match" in rep else ""
         print(f"  {method:12s} {peft:8s} shots={k:<3d} seed={seed}  FID {m['fid']:7.3f}  KID {m['kid']:.4f}"
-              f"  source {row['classes']['source_share']:.3f}" + (f"  label match {match:.3f}" if match else "")
-              + f"  curve {mid}  ({row['seconds']}s)", flush=True)
+              f"  source {rep['source_share']:.3f}{match}  copies {rep['copies']:.3f}  curve {mid}"
+              f"  ({row['seconds']}s)", flush=True)
         return row
 
     print(f"base FID {refs[base_key]['fid']:.3f}; bank {len(bank)} samples "
@@ -334,7 +335,7 @@ def paired(runs: list[dict]) -> list[dict]:
         wins = sum(d < 0 for d in d_fid)
         row = {"method": method, "peft": peft, "shots": k, "n": len(rows), "seeds": [r["seed"] for r in rows],
                "fid_diff": d_fid, "fid_diff_mean": statistics.mean(d_fid), "wins": wins,
-               "kid_diff_mean": statistics.mean(d_kid), "kid_wins": sum(d < 0 for d in d_kid),
+               "kid_diff": d_kid, "kid_diff_mean": statistics.mean(d_kid), "kid_wins": sum(d < 0 for d in d_kid),
                "p_sign": float(stats.binomtest(wins, len(rows)).pvalue)}
         if len(rows) > 1:
             row["fid_diff_std"] = statistics.stdev(d_fid)
@@ -344,25 +345,36 @@ def paired(runs: list[dict]) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def class_report(model, cfg, target_labels: torch.Tensor) -> dict:
-    """What the final evaluation samples are, by the shipped digit classifier.
+def nearest_distance(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per image, the RMS pixel distance to its nearest reference image."""
+    return torch.cdist(images.flatten(1).double(), references.flatten(1).double()).amin(1) / images[0].numel() ** 0.5
 
-    The same samples as the run's final FID (same seed, EMA weights). ``hist``: share of each
-    predicted digit; ``source_share``: share predicted as a digit the target does not contain
-    (leaked from the source domain); ``label_match``: for a class-conditional model, the share
-    predicted as the label it was sampled for.
+
+@torch.no_grad()
+def sample_report(model, cfg, target: tuple[torch.Tensor, torch.Tensor], eval_images: torch.Tensor) -> dict:
+    """What the final evaluation samples are: the same samples as the run's final FID (same seed, EMA weights).
+
+    By the shipped digit classifier: ``hist``, the share of each predicted digit; ``source_share``,
+    the share predicted as a digit the target does not contain (leaked from the source domain);
+    ``label_match`` (class-conditional models), the share predicted as the label sampled for.
+    Memorisation: ``nn_train``, the median distance of a sample to its nearest training image,
+    against ``nn_heldout``, the same for the held-out images (new digits of the target domain);
+    ``copies``, the share of samples nearer to a training image than 95% of held-out images are.
     """
     from chaintune.classifiers import load_classifier
     from chaintune.transfer.diff_tuning import generate
 
+    x_train, y_train = target
     imgs, labels = generate(model, cfg.eval_samples, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345,
-                            classes=target_labels, guidance_scale=cfg.sample_guidance, with_labels=True)
+                            classes=y_train, guidance_scale=cfg.sample_guidance, with_labels=True)
     pred = load_classifier("digits-cnn")(imgs).argmax(1)
     hist = torch.bincount(pred, minlength=10).double() / len(pred)
-    target = set(target_labels.tolist())
+    classes = set(y_train.tolist())
+    d_gen, d_new = nearest_distance(imgs, x_train), nearest_distance(eval_images, x_train)
     out = {"hist": [round(v, 4) for v in hist.tolist()],
-           "source_share": float(sum(hist[c] for c in range(10) if c not in target))}
+           "source_share": float(sum(hist[c] for c in range(10) if c not in classes)),
+           "nn_train": float(d_gen.median()), "nn_heldout": float(d_new.median()),
+           "copies": float((d_gen < d_new.quantile(0.05)).double().mean())}
     if labels is not None:
         out["label_match"] = float((pred == labels).double().mean())
     return out
@@ -463,6 +475,12 @@ def plot(result: dict, path: Path) -> None:
     if ax.lines:
         ax.legend()
     ax = axes[2]
+    if not result["forgetting"] and result.get("paired"):
+        plot_paired(ax, result["paired"])
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     f = result["forgetting"] or {"timesteps": [], "forgetting_relative": []}
     ax.plot(f["timesteps"], f["forgetting_relative"], "k-o", ms=3, label="bank-loss increase (rel.)")
     ax.set(xlabel="t", ylabel="(tuned - base) / base loss on bank", title="chain of forgetting")
@@ -475,6 +493,28 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_paired(ax, rows: list[dict]) -> None:
+    """Per-seed FID and KID differences against plain fine-tuning (below 0: the method is better)."""
+    ax2 = ax.twinx()
+    for i, r in enumerate(rows):
+        n = len(r["fid_diff"])
+        ax.scatter([i - 0.12] * n, r["fid_diff"], color="tab:blue", s=10)
+        ax.errorbar(i - 0.12, r["fid_diff_mean"], yerr=r.get("fid_diff_std", 0) / max(n, 1) ** 0.5, fmt="D",
+                    color="tab:blue", capsize=3)
+        kid = r.get("kid_diff", [])
+        if kid:
+            ax2.scatter([i + 0.12] * len(kid), kid, color="tab:red", marker="x", s=12)
+    ax.axhline(0, color="k", lw=0.8)
+    fid_max = max(abs(v) for r in rows for v in r["fid_diff"]) or 1.0
+    kid_max = max((abs(v) for r in rows for v in r.get("kid_diff", [])), default=0.0) or 1.0
+    ax.set_ylim(-1.1 * fid_max, 1.1 * fid_max)
+    ax2.set_ylim(-1.1 * kid_max, 1.1 * kid_max)  # zero at the same height on both axes
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{r['wins']}/{r['n']} lower" for r in rows], fontsize=7)
+    ax.set(ylabel="FID - FID(plain), same seed", title="paired against plain (mean ± s.e.)")
+    ax.yaxis.label.set_color("tab:blue")
+    ax2.set_ylabel("KID - KID(plain)", color="tab:red")
 
 
 if __name__ == "__main__":

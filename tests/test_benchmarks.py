@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +87,25 @@ def test_transfer_quick_conditional_classes(tmp_path):
     assert res["bank"]["labels"] == [0, 1, 2, 3, 4] and res["bank"]["size"] == 200
     assert [(r["method"], r["seed"]) for r in res["runs"]] == [("diff-tuning", 2)]
     assert res["forgetting"] == {} and res["runs"][0]["fid"] > 0
-    cls = res["runs"][0]["classes"]  # sample diagnostics by the digit classifier
-    assert sum(cls["hist"]) == pytest.approx(1, abs=1e-3) and 0 <= cls["label_match"] <= 1
-    assert cls["source_share"] == pytest.approx(sum(cls["hist"][:5]), abs=1e-3)
+    rep = res["runs"][0]["samples"]  # what the final samples are (digit classifier, nearest shots)
+    assert sum(rep["hist"]) == pytest.approx(1, abs=1e-3) and 0 <= rep["label_match"] <= 1
+    assert rep["source_share"] == pytest.approx(sum(rep["hist"][:5]), abs=1e-3)
+    assert 0 <= rep["copies"] <= 1 and rep["nn_train"] > 0 and rep["nn_heldout"] > 0
+
+
+def test_nearest_distance():
+    bench = _load_transfer_bench()
+    refs = torch.zeros(3, 1, 2, 2)
+    refs[1] += 1.0
+    imgs = torch.stack([torch.full((1, 2, 2), 0.25), torch.full((1, 2, 2), 0.9)])
+    assert bench.nearest_distance(imgs, refs).tolist() == pytest.approx([0.25, 0.1])
+
+
+def _load_transfer_bench():
+    spec = importlib.util.spec_from_file_location("transfer_bench", ROOT / "benchmarks" / "transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def _result(seeds: list[int], plain: list[float], dt: list[float], **config) -> dict:
@@ -106,9 +123,7 @@ def _result(seeds: list[int], plain: list[float], dt: list[float], **config) -> 
 def test_transfer_merge_pools_seeds_and_pairs_them(tmp_path, capsys):
     from scipy import stats
 
-    spec = importlib.util.spec_from_file_location("transfer_bench", ROOT / "benchmarks" / "transfer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_transfer_bench()
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_result([0, 1], [3.0, 3.2], [2.9, 3.0])))
     b.write_text(json.dumps(_result([2, 3], [3.1, 2.8], [2.8, 2.6])))
