@@ -41,7 +41,8 @@ METHODS = ("diff-tuning", "plain")
 UNCONDITIONAL_RETENTION = (
     "Diff-Tuning's retention term trains the knowledge bank on the null branch of a conditional model; this model "
     "is unconditional, so bank and target share its only branch and retention pulls samples towards the source "
-    "domain (README, 'Transfer'). Prefer a class-conditional base, or --method plain.")
+    "domain (README, 'Transfer'); in our benchmarks that helps only with 1-2 shots per class. Prefer a "
+    "class-conditional base, or --method plain.")
 TIMESTEP_MODES = ("sampling", "weighting")
 
 
