@@ -214,6 +214,7 @@ def main(argv=None) -> dict:
                              log_every=max(1, args.steps // 10), **overrides)
         t0 = time.time()
         res = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
+        seconds = round(time.time() - t0, 1)  # training and its evaluations, not the report below
         curve = {r["step"]: r["fid"] for r in res.history if "fid" in r}
         m = res.final
         row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
@@ -221,7 +222,7 @@ def main(argv=None) -> dict:
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
                "samples": sample_report(res.model, cfg, load_dataset(cfg.data, size=size), test_x),
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
-               "seconds": round(time.time() - t0, 1)}
+               "seconds": seconds}
         runs.append(row)
         tuned_models[(method, peft, k, seed)] = res.model
         mid = " ".join(f"@{s_}:{f:.3f}" for s_, f in curve.items())
