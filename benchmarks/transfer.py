@@ -196,9 +196,9 @@ def main(argv=None) -> dict:
         f"{preset['source']} (source data)": fid_kid(test_x, load_dataset(preset["source"], size=size)[0],
                                                      "digits-cnn"),
     }
+    targets = {k: load_dataset(args.target.format(k=k), size=size) for k in shots}  # (images, labels)
     for k in shots:
-        name = args.target.format(k=k)
-        refs[f"{name} itself"] = fid_kid(test_x, load_dataset(name, size=size)[0], "digits-cnn")
+        refs[f"{args.target.format(k=k)} itself"] = fid_kid(test_x, targets[k][0], "digits-cnn")
 
     runs: list[dict] = []
     tuned_models: dict = {}
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
         row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
                "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
-               "samples": sample_report(res.model, cfg, load_dataset(cfg.data, size=size), test_x),
+               "samples": sample_report(res.model, cfg, targets[k], test_x),
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": seconds}
         runs.append(row)

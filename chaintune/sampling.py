@@ -39,7 +39,7 @@ def make_conditions(
     """Per-sample conditions for ``n`` samples (a single label/prompt is repeated)."""
     cond = model.default_conditions(n, generator=generator)
     if labels is not None:
-        if not model.conditional or model.num_classes is None:
+        if not model.class_conditional:
             raise ValueError(f"{model.kind} model {model.source!r} is not class-conditional; drop labels")
         t = torch.as_tensor(labels, dtype=torch.long).flatten()
         if t.numel() == 1:

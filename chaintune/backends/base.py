@@ -73,6 +73,11 @@ class DiffusionModel:
     def num_classes(self) -> int | None:
         return None
 
+    @property
+    def class_conditional(self) -> bool:
+        """Whether the model takes class labels (SD and flow models take prompts instead)."""
+        return self.conditional and self.num_classes is not None
+
     def to(self, device) -> DiffusionModel:
         for m in self.modules().values():
             m.to(device)

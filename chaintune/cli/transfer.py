@@ -83,6 +83,8 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     ):
         """Per-timestep forgetting of a fine-tuned model and hand-over FID (JSON + plot)."""
+        from dataclasses import replace
+
         import chaintune
         from chaintune.transfer.bank import build_bank
         from chaintune.transfer.diff_tuning import TransferConfig, load_target
@@ -92,13 +94,9 @@ def register(app: typer.Typer) -> None:
         x, y = load_target(m0, data)
         ev = load_target(m0, eval_data)[0] if eval_data else x
         # the tuned run's own bank settings (and cache) when --tuned is a transfer run directory
-        run_cfg = TransferConfig.from_run(tuned) if Path(tuned).is_dir() else None
-        cfg = TransferConfig.from_dict({
-            **({k: getattr(run_cfg, k) for k in ("bank_size", "bank_steps", "bank_eta", "bank_scheduler",
-                                                  "bank_guidance", "bank_labels", "bank_seed", "bank_dir")}
-               if run_cfg else {"bank_seed": seed}),
-            **({"bank_size": bank_size} if bank_size is not None else {}),
-            **({"bank_labels": bank_labels} if bank_labels is not None else {})})
+        cfg = (TransferConfig.from_run(tuned) if Path(tuned).is_dir() else None) or TransferConfig(bank_seed=seed)
+        overrides = {"bank_size": bank_size, "bank_labels": bank_labels}
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         bank = build_bank(m0, cfg.bank_config(), cfg.bank_dir)
         res = analyze(m0, m1, x, bank.latents, eval_images=ev if samples > 0 else None, num_timesteps=timesteps,
                       handover_n=max(samples, 2), steps=steps, feature=feature, seed=seed,

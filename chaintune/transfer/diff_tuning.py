@@ -370,7 +370,7 @@ def draw_labels(model: DiffusionModel, classes: torch.Tensor | None, n: int,
                 generator: torch.Generator) -> torch.Tensor | None:
     """``n`` labels drawn with repetition from ``classes`` (so at their frequencies); None unless the
     model takes class labels and ``classes`` is non-empty."""
-    if classes is None or not len(classes) or not model.conditional or model.kind == "sd":
+    if classes is None or not len(classes) or not model.class_conditional:
         return None
     return classes.long()[torch.randint(0, len(classes), (n,), generator=generator)]
 
@@ -452,7 +452,7 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
         target = load_target(model, cfg.data)
     x_img, y = target
     classes = None
-    if model.conditional and model.kind != "sd" and model.num_classes is not None and len(y):
+    if model.class_conditional and len(y):
         if int(y.max()) >= model.num_classes:
             raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
                                  f"{model.num_classes} classes")

@@ -109,10 +109,6 @@ def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int
     return torch.cat(imgs)
 
 
-def _labelled(model: DiffusionModel) -> bool:
-    return model.conditional and model.kind != "sd" and model.num_classes is not None
-
-
 def handover_fid(tuned: DiffusionModel, base: DiffusionModel, eval_images: torch.Tensor,
                  thresholds: Sequence[int], *, n: int = 500, steps: int = 50, eta: float = 1.0, seed: int = 0,
                  feature: str = "digits-cnn", classes: torch.Tensor | None = None) -> list[dict]:
@@ -151,7 +147,7 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
     x_tgt = encode(base, target_images[:max_images])
     if target_labels is not None and len(target_labels) != len(target_images):
         raise ValueError(f"got {len(target_labels)} target labels for {len(target_images)} images")
-    labels = target_labels[:max_images].long() if target_labels is not None and _labelled(tuned) else None
+    labels = target_labels[:max_images].long() if target_labels is not None and tuned.class_conditional else None
     cond_t = None if labels is None else Conditions(labels=labels)
     losses_t = per_timestep_losses([base, tuned], x_tgt, ts, cond=[None, cond_t], seed=seed)
     ab = base.scheduler.alphas_cumprod[torch.tensor(ts)].double()
