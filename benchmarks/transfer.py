@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     from chaintune.metrics import fid_kid
     from chaintune.transfer import TransferConfig, transfer
     from chaintune.transfer.bank import build_bank
-    from chaintune.transfer.diff_tuning import generate
+    from chaintune.transfer.data import generate
     from chaintune.transfer.forgetting import analyze
 
     t_start = time.time()
@@ -363,7 +363,7 @@ def sample_report(model, cfg, target: tuple[torch.Tensor, torch.Tensor], eval_im
     ``copies``, the share of samples nearer to a training image than 95% of held-out images are.
     """
     from chaintune.classifiers import load_classifier
-    from chaintune.transfer.diff_tuning import generate
+    from chaintune.transfer.data import generate
 
     x_train, y_train = target
     imgs, labels = generate(model, cfg.eval_samples, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345,

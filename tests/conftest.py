@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "CHAINTUNE_CACHE" not in os.environ:  # tests never write to the user's ~/.cache/chaintune
+    import tempfile
+
+    os.environ["CHAINTUNE_CACHE"] = tempfile.mkdtemp(prefix="chaintune-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chaintune import testing_dist as td
+import dist_helpers as td
 
 ONE_PROCESS = SimpleNamespace(num_processes=1)  # what reduce_gradients reads from an Accelerator
 

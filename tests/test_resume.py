@@ -62,7 +62,7 @@ def test_transfer_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     import shutil
 
     from chaintune.testing import tiny_unet_model
-    from chaintune.transfer.diff_tuning import TransferConfig, transfer
+    from chaintune.transfer import TransferConfig, transfer
 
     cfg = dict(model="tiny", data="digits-fewshot:2", method="diff-tuning", steps=6, batch_size=8, bank_size=8,
                bank_steps=3, checkpoint_every=3, eval_every=0, grid_samples=4, sample_steps=3, log_every=1,

@@ -141,7 +141,7 @@ def test_bank_trains_the_null_label_of_a_conditional_model():
 def test_evaluation_samples_the_target_classes_with_the_requested_guidance():
     """A model tuned on classes {1, 2} of a 3-class model is evaluated on those classes only (with
     CFG when asked: the null branch runs beside them)."""
-    from chaintune.transfer.diff_tuning import generate
+    from chaintune.transfer.data import generate
 
     m = tiny_unet_model(num_class_embeds=4)
     seen = []
@@ -315,7 +315,7 @@ def test_diff_tuning_without_retention_builds_no_bank_and_trains_on_target_only(
 
 
 def test_fid_reference_is_the_held_out_split_of_the_same_domain():
-    from chaintune.transfer.diff_tuning import default_eval_data
+    from chaintune.transfer.data import default_eval_data
 
     assert default_eval_data("digits-fewshot:10") == "digits:test"
     assert default_eval_data("digits-fewshot-5to9:10") == "digits-5to9:test"

@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
         resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its latest checkpoint.")] = False,
     ):
         """Fine-tune a pretrained model on new data with Diff-Tuning or plain fine-tuning."""
-        from chaintune.transfer.diff_tuning import TransferConfig
-        from chaintune.transfer.diff_tuning import transfer as run
+        from chaintune.transfer import TransferConfig
+        from chaintune.transfer import transfer as run
         from chaintune.utils.io import load_config_file
 
         if resume and config is None and (out / "config.yaml").exists():
@@ -86,8 +86,9 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         import chaintune
+        from chaintune.transfer import TransferConfig
         from chaintune.transfer.bank import build_bank
-        from chaintune.transfer.diff_tuning import TransferConfig, load_target
+        from chaintune.transfer.data import load_target
         from chaintune.transfer.forgetting import analyze, write_report
 
         m0, m1 = chaintune.load(base), chaintune.load(tuned)

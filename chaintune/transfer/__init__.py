@@ -5,14 +5,10 @@ pretrained model) and :func:`chaintune.transfer.forgetting.analyze` (per-timeste
 """
 
 from chaintune.transfer.bank import BankConfig, KnowledgeBank, build_bank
-from chaintune.transfer.diff_tuning import (
-    METHODS,
-    TransferConfig,
-    TransferResult,
-    diff_tuning_loss,
-    transfer,
-)
+from chaintune.transfer.config import METHODS, TransferConfig
+from chaintune.transfer.loss import diff_tuning_loss
 from chaintune.transfer.timesteps import importance_weights, sample_timesteps, timestep_probs
+from chaintune.transfer.trainer import TransferResult, transfer
 
 __all__ = ["BankConfig", "KnowledgeBank", "build_bank", "TransferConfig", "TransferResult", "transfer",
            "diff_tuning_loss", "METHODS", "sample_timesteps", "timestep_probs", "importance_weights"]

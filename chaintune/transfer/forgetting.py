@@ -73,7 +73,7 @@ def per_timestep_losses(models: Sequence[DiffusionModel], x0: torch.Tensor, time
 
 
 def _null(model: DiffusionModel, n: int) -> Conditions:
-    from chaintune.transfer.diff_tuning import null_conditions
+    from chaintune.transfer.conditioning import null_conditions
 
     return null_conditions(model, n)
 
@@ -88,7 +88,7 @@ def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int
     model runs its unconditional branch; otherwise both use their default conditions.
     """
     from chaintune.sampling import chain_scheduler, initial_noise
-    from chaintune.transfer.diff_tuning import draw_labels
+    from chaintune.transfer.data import draw_labels
 
     sched = chain_scheduler(tuned, "ddim")
     g = torch.Generator().manual_seed(seed)
@@ -140,7 +140,7 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
     ``target_labels``: the class of each target image; a class-conditional tuned model is scored
     with them and samples the hand-over chain at their frequencies.
     """
-    from chaintune.transfer.diff_tuning import encode
+    from chaintune.transfer.data import encode
 
     T = int(base.scheduler.config.num_train_timesteps)
     ts = torch.linspace(0, T - 1, num_timesteps).round().long().tolist()

@@ -120,7 +120,7 @@ def run(out: str | Path, world: int = 2, port: int | None = None, start_method: 
     return torch.load(str(out))
 
 
-if __name__ == "__main__":  # python -m chaintune.testing_dist OUT
+if __name__ == "__main__":  # python tests/dist_helpers.py OUT
     res = run(sys.argv[1])
     for micro, r in res.items():
         print(f"micro-batches {micro}: grad norm {float(torch.sqrt(sum((g**2).sum() for g in r['grads']))):.6g}")
