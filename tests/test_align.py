@@ -17,7 +17,7 @@ TINY = dict(model="builtin:digits", reward="digit:3", steps=3, batch_size=4, sam
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
-    align(AlignConfig(**TINY, estimator="rlr", zo=True, out=str(out)))
+    align(AlignConfig.from_dict(dict(**TINY, estimator="rlr", zo=True, out=str(out))))
     return out
 
 
@@ -43,7 +43,7 @@ def test_run_directory_is_complete_and_loads_in_diffusers(full_run):
 
 def test_lora_run_writes_adapter_and_merged_model(tmp_path):
     out = tmp_path / "lora"
-    align(AlignConfig(**TINY, estimator="truncated-backprop", peft="lora", lora_rank=2, lr=1e-2, out=str(out)))
+    align(AlignConfig.from_dict(dict(**TINY, estimator="truncated-backprop", peft="lora", lora_rank=2, lr=1e-2, out=str(out))))
     info = json.loads((out / "chaintune_run.json").read_text())
     assert info["peft"] == "lora" and 0 < info["trainable_parameters"] < 20_000
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -64,8 +64,8 @@ def test_lora_run_writes_adapter_and_merged_model(tmp_path):
 
 def test_guards_are_trained_and_logged(tmp_path):
     out = tmp_path / "guards"
-    align(AlignConfig(**TINY, estimator="rlr", kl_weight=0.1, retention_weight=0.5, retention_samples=8,
-                      out=str(out)))
+    align(AlignConfig.from_dict(dict(**TINY, estimator="rlr", kl_weight=0.1, retention_weight=0.5, retention_samples=8,
+                      out=str(out))))
     rows = read_metrics(out)
     assert all("kl" in r and "retention_loss" in r for r in rows[1:])
     assert all(r["kl"] >= 0 for r in rows[1:])
@@ -78,9 +78,9 @@ def test_kl_is_zero_before_any_update():
 
     model = chaintune.load("builtin:digits")
     apply_lora(model.denoiser, rank=2)
-    cfg = AlignConfig(**TINY)
-    kl = kl_to_base(model, None, cfg, chain_scheduler(model, "ddim"), torch.Generator().manual_seed(0),
-                    model.default_conditions(4))
+    cfg = AlignConfig.from_dict(TINY)
+    kl = kl_to_base(model, None, cfg.chain, chain_scheduler(model, "ddim"), torch.Generator().manual_seed(0),
+                    model.default_conditions(4), n=4)
     assert float(kl) == pytest.approx(0.0, abs=1e-10)  # LoRA B starts at zero: tuned == base
 
 
@@ -100,12 +100,12 @@ def test_rlr_and_schedule_options_reach_the_trainer(tmp_path, monkeypatch):
     from chaintune.errors import ChaintuneError
     from chaintune.training.align import estimator_from_config
 
-    est = estimator_from_config(AlignConfig(estimator="rlr", h=2, j="10,20", spans=3, zo=True))
+    est = estimator_from_config(AlignConfig.from_dict(dict(estimator="rlr", h=2, j="10,20", spans=3, zo=True)))
     assert (est.h, est.spans, est.zo) == (2, 3, True)
-    with pytest.raises(ChaintuneError, match="spans=0"):
-        AlignConfig(spans=0).validate()
-    with pytest.raises(ChaintuneError, match="lr_schedule must be one of"):
-        AlignConfig(lr_schedule="cosin").validate()
+    with pytest.raises(ChaintuneError, match="spans must be >= 1, got 0"):
+        AlignConfig.from_dict({"spans": 0}).validate()
+    with pytest.raises(ChaintuneError, match="lr_schedule 'cosin' \\(did you mean 'cosine'"):
+        AlignConfig.from_dict({"lr_schedule": "cosin"}).validate()
     monkeypatch.chdir(tmp_path)
     main(["align", "--spans", "2", "--lr-schedule", "cosine", "--steps", "3", "--batch-size", "2",
           "--sample-steps", "3", "--eval-samples", "4", "--eval-every", "3", "--no-tensorboard", "--out", "r"])

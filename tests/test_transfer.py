@@ -122,7 +122,8 @@ def test_timestep_laws_and_bank_share_match_the_official_code(power):
     torch.testing.assert_close(timestep_probs(T, "psi", power), official / official.sum())
     torch.testing.assert_close(timestep_probs(T, "xi", power), official_rev / official_rev.sum())
     cfg = TransferConfig()
-    assert (cfg.alpha, cfg.beta, cfg.lam, cfg.bank_share, cfg.batch_size) == (1.0, 1.0, 0.1, 0.2, 32)
+    dt = cfg.diff_tuning
+    assert (dt.alpha, dt.beta, dt.lam, dt.bank_share, cfg.optim.batch_size) == (1.0, 1.0, 0.1, 0.2, 32)
     assert cfg.bank_batch() == int(32 * 0.2) == 6
 
 
@@ -217,8 +218,8 @@ def test_peft_training_moves_only_trainable_parameters(tiny_unet_model, method, 
 
     m = copy.deepcopy(tiny_unet_model)
     before = {n: p.detach().clone() for n, p in m.denoiser.named_parameters()}
-    cfg = TransferConfig(method="plain", peft=method, steps=3, batch_size=4, lr=1e-2, eval_data=None,
-                         grid_samples=2, sample_steps=2, log_every=1)
+    cfg = TransferConfig.from_dict(dict(method="plain", peft=method, steps=3, batch_size=4, lr=1e-2, eval_data=None,
+                                        grid_samples=2, sample_steps=2, log_every=1))
     res = transfer(cfg, model=m, target=(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)),
                    show_progress=False)
     trainable = set(res.trainable)
@@ -249,7 +250,7 @@ def test_difffit_scales_fold_into_plain_weights():
 def _small_cfg(tmp_path, **kw):
     base = dict(steps=3, batch_size=5, bank_share=0.4, bank_size=4, bank_steps=2, bank_dir=str(tmp_path / "banks"),
                 eval_data=None, grid_samples=2, sample_steps=2, log_every=1)
-    return TransferConfig(**{**base, **kw})
+    return TransferConfig.from_dict({**base, **kw})
 
 
 def test_transfer_dit_backend(tmp_path):
@@ -276,13 +277,13 @@ def test_transfer_sd_backend(tmp_path):
 
 def test_config_errors_are_clear():
     with pytest.raises(ChaintuneError, match="did you mean 'diff-tuning'"):
-        TransferConfig(method="diff-tunig").validate()
+        TransferConfig.from_dict(dict(method="diff-tunig")).validate()
     with pytest.raises(ChaintuneError, match="unknown transfer option"):
         TransferConfig.from_dict({"stepz": 3})
     with pytest.raises(ChaintuneError, match="no bank samples"):
-        TransferConfig(batch_size=2, bank_share=0.1).validate()
+        TransferConfig.from_dict(dict(batch_size=2, bank_share=0.1)).validate()
     with pytest.raises(ChaintuneError, match="lam must be >= 0"):
-        TransferConfig(lam=-0.1).validate()
+        TransferConfig.from_dict(dict(lam=-0.1)).validate()
 
 
 def test_retention_on_an_unconditional_model_warns(tmp_path):
@@ -310,8 +311,8 @@ def test_diff_tuning_without_retention_builds_no_bank_and_trains_on_target_only(
         res = transfer(cfg, model=m, target=(torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)),
                        show_progress=False)
     assert res.bank is None and not (tmp_path / "banks").exists()
-    train_t = [t for t in seen if len(t) == cfg.batch_size]  # the whole batch is target images
-    assert len(train_t) == cfg.steps
+    train_t = [t for t in seen if len(t) == cfg.optim.batch_size]  # the whole batch is target images
+    assert len(train_t) == cfg.optim.steps
 
 
 def test_fid_reference_is_the_held_out_split_of_the_same_domain():
@@ -388,7 +389,7 @@ def test_cli_transfer_end_to_end(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if "fid" in r] == [2, 4] and all("loss" in r for r in rows)
     info = json.loads((out / "chaintune_run.json").read_text())
     assert info["command"] == "transfer" and info["base_model"] == str(base) and info["peft"] == "difffit"
-    assert info["config"]["steps"] == 4 and info["status"] == "done"
+    assert info["config"]["steps"] == 4 and info["status"] == "finished"  # one status word for every trainer
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     DDPMPipeline.from_pretrained(out / "model")
     with pytest.raises(SystemExit) as e:  # refuses to clobber the run

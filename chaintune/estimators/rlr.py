@@ -36,6 +36,7 @@ from collections import Counter
 import torch
 
 from chaintune.chain import StepGrad
+from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import (
     EstimationContext,
     Estimator,
@@ -54,11 +55,18 @@ class RLR(Estimator):
                  zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9,
                  spans: int = 1):
         if h < 1:
-            raise ValueError(f"h must be >= 1, got {h}")
+            raise ChaintuneError(f"h must be >= 1, got {h}")
         if spans < 1:
-            raise ValueError(f"spans must be >= 1, got {spans}")
-        if not (j in ("uniform", "grad-norm") or (isinstance(j, tuple) and len(j) == 2)):
-            raise ValueError(f"j must be 'uniform', 'grad-norm' or (a, b), got {j!r}")
+            raise ChaintuneError(f"spans must be >= 1, got {spans}")
+        if isinstance(j, str) and "," in j:  # "a,b" as written on the command line
+            try:
+                j = tuple(int(v) for v in j.split(","))
+            except ValueError:
+                raise ChaintuneError(f"j must be 'uniform', 'grad-norm' or 'a,b' (paper steps), got {j!r}") from None
+        if isinstance(j, (list, tuple)):
+            j = tuple(j)
+        if not (j in ("uniform", "grad-norm") or (isinstance(j, tuple) and len(j) == 2 and j[0] <= j[1])):
+            raise ChaintuneError(f"j must be 'uniform', 'grad-norm' or (a, b) with a <= b, got {j!r}")
         self.h = h
         self.j = j
         self.sigma = sigma
@@ -77,7 +85,7 @@ class RLR(Estimator):
             a, b = self.j
             lo, hi = max(lo, a), min(hi, b - self.h + 1)
         if hi < lo:
-            raise ValueError(
+            raise ChaintuneError(
                 f"no room for a half-order span of h={self.h} in {num_steps} steps"
                 + (f" within j range {self.j}" if isinstance(self.j, tuple) else "")
                 + f": need h <= {num_steps - 1}" + (" and b - a >= h" if isinstance(self.j, tuple) else "")
@@ -97,7 +105,7 @@ class RLR(Estimator):
 
     def plan(self, num_steps, generator=None, j: int | None = None, differentiable: bool = True) -> list[StepGrad]:
         if num_steps < 2:
-            raise ValueError("RLR needs at least 2 steps")
+            raise ChaintuneError("RLR needs at least 2 steps")
         j = self.sample_j(num_steps, generator) if j is None else j
         rest = StepGrad.PERTURBED if self.zo else StepGrad.NONE
         modes = [rest] * num_steps

@@ -17,9 +17,9 @@ from chaintune.estimators.base import EstimationContext, Estimator, mirrored_zer
 class ZerothOrder(Estimator):
     name = "zeroth-order"
 
-    def __init__(self, sigma: float = 1e-3, shared: bool = False):
+    def __init__(self, sigma: float = 1e-3, shared_perturbation: bool = False):
         self.sigma = sigma
-        self.shared = shared
+        self.shared = shared_perturbation
 
     def plan(self, num_steps, generator=None):
         return [StepGrad.PERTURBED] * num_steps

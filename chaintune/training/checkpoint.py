@@ -42,7 +42,8 @@ def _opt_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save(run_dir: Path, step: int, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
-         keep: int = 2, estimator=None, ema=None) -> Path:
+         keep: int = 2, ema=None) -> Path:
+    """Write ``checkpoints/step_NNNNNN``; ``state`` is the trainer's JSON-able counters and objective state."""
     root = Path(run_dir) / "checkpoints"
     target = root / f"step_{step:06d}"
     with atomic_dir(target) as tmp:
@@ -67,7 +68,6 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, opt, lr_sched, gen: 
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "state": state,
-            "estimator": getattr(estimator, "_norms", None) and {str(k): v for k, v in estimator._norms.items()},
             "ema_step": getattr(ema, "optimization_step", None),  # drives the EMA's decay warm-up
         })
     ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -82,7 +82,7 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
-            estimator=None, ema=None) -> int:
+            ema=None) -> int:
     """Load the latest checkpoint into the given objects; returns the step to continue from."""
     path = latest(run_dir)
     if path is None:
@@ -115,8 +115,8 @@ def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Ge
     ps = meta["python_rng"]
     random.setstate((ps[0], tuple(ps[1]), ps[2]))
     state.update(meta.get("state") or {})
-    if estimator is not None and meta.get("estimator"):
-        estimator._norms = {int(k): v for k, v in meta["estimator"].items()}
+    if meta.get("estimator"):  # checkpoints of the previous version kept RLR's grad-norm table here
+        state.setdefault("objective", {})["estimator_norms"] = meta["estimator"]
     if ema is not None and (path / "ema.safetensors").exists():
         e = load_file(str(path / "ema.safetensors"))
         with torch.no_grad():

@@ -40,7 +40,7 @@ def demo_config(method: str, digit: int, steps: int, out: Path, seed: int, **ove
         opts.update(estimator="reinforce")
     else:
         opts.update(estimator=method)
-    return AlignConfig(**opts)
+    return AlignConfig.from_dict(opts)
 
 
 def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | None = "reinforce",
@@ -63,7 +63,7 @@ def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | 
                      "share_before": first.get("eval/class_share"), "share_after": last.get("eval/class_share"),
                      "heldout_after": last.get("eval/heldout_reward"), "diversity_before": first["eval/diversity"],
                      "diversity_after": last["eval/diversity"], "seconds": dt,
-                     "samples": cfg.steps * cfg.batch_size * cfg.grad_accum})
+                     "samples": cfg.optim.steps * cfg.optim.batch_size * cfg.optim.grad_accum})
         grids = sorted((run / "samples").glob("step_*.png"))
         shutil.copy(grids[0], out / "before.png")
         shutil.copy(grids[-1], out / f"after_{method}.png")

@@ -1,108 +1,97 @@
 """Train a small pixel-space DDPM from scratch (how the built-in models are made).
 
 Plain epsilon/v-prediction denoising loss with uniform timesteps, AdamW with warm-up and cosine
-decay, and an EMA of the weights (the EMA weights are what is saved).
+decay, and an EMA of the weights (the EMA weights are what is saved) — an objective over the
+shared run skeleton, so a pretrain run has the same run directory, checkpoints and report as any.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
 
 from chaintune.backends.unet import UNetModel
 from chaintune.chain import add_noise, training_target
-from chaintune.utils.progress import progress
+from chaintune.training.config import ArchConfig, PretrainConfig
+from chaintune.training.trainer import Evaluation, Objective, Trainer
+
+__all__ = ["PretrainConfig", "build_unet", "pretrain"]
 
 
-@dataclass
-class PretrainConfig:
-    dataset: str = "digits:train"
-    resolution: int = 8
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    attention: bool = True
-    norm_num_groups: int = 16
-    num_classes: int | None = None  # class-conditional when set (one extra null class is added)
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 3e-4
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    seed: int = 0
+def build_unet(arch: ArchConfig):
+    from diffusers import UNet2DModel
 
-
-def build_unet(cfg: PretrainConfig) -> UNet2DModel:
-    n = len(cfg.block_out_channels)
+    n = len(arch.block_out_channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n
-    if cfg.attention and n > 1:
+    if arch.attention and n > 1:
         down[1], up[-2] = "AttnDownBlock2D", "AttnUpBlock2D"
     return UNet2DModel(
-        sample_size=cfg.resolution,
+        sample_size=arch.resolution,
         in_channels=1,
         out_channels=1,
-        layers_per_block=cfg.layers_per_block,
-        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=arch.layers_per_block,
+        block_out_channels=tuple(arch.block_out_channels),
         down_block_types=tuple(down),
         up_block_types=tuple(up),
-        norm_num_groups=cfg.norm_num_groups,
-        num_class_embeds=(cfg.num_classes + 1) if cfg.num_classes else None,
+        norm_num_groups=arch.norm_num_groups,
+        num_class_embeds=(arch.num_classes + 1) if arch.num_classes else None,
     )
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path | None = None, show_progress: bool = True) -> UNetModel:
-    """Train a UNet2DModel DDPM on ``cfg.dataset``; save it (diffusers format) to ``out`` if given."""
-    from chaintune.data import load_dataset
-    from chaintune.utils.io import atomic_dir, save_json
+class PretrainObjective(Objective):
+    """The denoising loss on a dataset, from randomly initialised weights."""
 
-    torch.manual_seed(cfg.seed)
-    images, labels = load_dataset(cfg.dataset, size=cfg.resolution)
-    x_all = images * 2 - 1
-    unet = build_unet(cfg)
-    sched = DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        prediction_type=cfg.prediction_type,
-    )
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    g = torch.Generator().manual_seed(cfg.seed)
-    bar = progress(range(cfg.steps), desc="pretrain", disable=not show_progress)
-    for step in bar:
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=g)
-        x0 = x_all[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
-        xt = add_noise(sched, x0, noise, t)
-        cls = None
-        if cfg.num_classes:
-            cls = labels[idx].clone()
-            drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
-            cls[drop] = cfg.num_classes
-        loss = F.mse_loss(unet(xt, t, class_labels=cls).sample, training_target(sched, x0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.step(unet.parameters())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    ema.copy_to(unet.parameters())
-    model = UNetModel(unet.eval(), sched, source="pretrain")
-    if out is not None:
-        with atomic_dir(out) as tmp:
-            model.save(tmp)
-            save_json(Path(tmp) / "chaintune_pretrain.json", cfg.__dict__)
-    return model
+    command = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+
+    def prepare(self, run: Trainer) -> None:
+        from diffusers import DDPMScheduler
+
+        from chaintune.data import load_dataset
+
+        cfg, arch = self.cfg, self.cfg.arch
+        images, self.labels = load_dataset(cfg.dataset, size=arch.resolution)
+        self.x_all = (images * 2 - 1).to(run.device)
+        sched = DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
+                              prediction_type=arch.prediction_type)
+        self.model = UNetModel(build_unet(arch).to(run.device), sched, source="pretrain")
+
+    def updates(self, run: Trainer, step: int):
+        cfg, g, arch = self.cfg, run.generator, self.cfg.arch
+        n, total = cfg.optim.batch_size, 0.0
+        for _ in range(cfg.optim.grad_accum):
+            idx = torch.randint(0, len(self.x_all), (n,), generator=g)
+            x0 = self.x_all[idx.to(self.x_all.device)]
+            noise = torch.randn(x0.shape, generator=g).to(x0)
+            t = torch.randint(0, arch.num_train_timesteps, (n,), generator=g).to(x0.device)
+            labels = None
+            if arch.num_classes:
+                labels = self.labels[idx].clone()
+                labels[torch.rand(n, generator=g) < cfg.label_dropout] = arch.num_classes  # the null class
+            xt = add_noise(self.model.scheduler, x0, noise, t)
+            with run.autocast():
+                out = self.model.denoiser(xt, t, class_labels=None if labels is None else labels.to(x0.device)).sample
+            loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
+            loss.backward()
+            total += float(loss.detach()) / cfg.optim.grad_accum
+        yield cfg.optim.grad_accum, {"loss": total}
+
+    def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
+        from chaintune.sampling import sample
+
+        n = self.cfg.eval.eval_samples
+        tr = sample(self.model, n, steps=50, generator=torch.Generator().manual_seed(10_000 + self.cfg.run.seed))
+        return Evaluation({}, tr.images)
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path | None = None, show_progress: bool = True, *,
+             overwrite: bool = False, resume: bool = False, **trainer) -> UNetModel:
+    """Train a UNet2DModel DDPM on ``cfg.dataset``; with ``out``, write a run directory (a model id)."""
+    obj = PretrainObjective(cfg)
+    Trainer(cfg, obj, out=out, overwrite=overwrite, resume=resume, show_progress=show_progress, **trainer).fit()
+    return obj.model

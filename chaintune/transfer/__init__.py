@@ -2,13 +2,24 @@
 
 See :func:`chaintune.transfer.transfer` (the trainer), :func:`build_bank` (cached samples of the
 pretrained model) and :func:`chaintune.transfer.forgetting.analyze` (per-timestep forgetting).
+Names load lazily, so ``chaintune.transfer.config`` (and ``chaintune --help``) stays torch-free.
 """
 
-from chaintune.transfer.bank import BankConfig, KnowledgeBank, build_bank
-from chaintune.transfer.config import METHODS, TransferConfig
-from chaintune.transfer.loss import diff_tuning_loss
-from chaintune.transfer.timesteps import importance_weights, sample_timesteps, timestep_probs
-from chaintune.transfer.trainer import TransferResult, transfer
+from __future__ import annotations
 
-__all__ = ["BankConfig", "KnowledgeBank", "build_bank", "TransferConfig", "TransferResult", "transfer",
-           "diff_tuning_loss", "METHODS", "sample_timesteps", "timestep_probs", "importance_weights"]
+import importlib
+
+_EXPORTS = {
+    "BankConfig": "config", "TransferConfig": "config", "METHODS": "config",
+    "KnowledgeBank": "bank", "build_bank": "bank",
+    "TransferResult": "trainer", "transfer": "trainer",
+    "diff_tuning_loss": "loss",
+    "sample_timesteps": "timesteps", "timestep_probs": "timesteps", "importance_weights": "timesteps",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"chaintune.transfer.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'chaintune.transfer' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``TransferConfig``: every option of a transfer run (Diff-Tuning or plain fine-tuning)."""
+"""``TransferConfig``: every option of a transfer run (Diff-Tuning or plain fine-tuning). Torch-free."""
 
 from __future__ import annotations
 
@@ -6,119 +6,123 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chaintune.errors import ChaintuneError
-from chaintune.transfer.bank import BankConfig
+from chaintune.options import option, section
+from chaintune.training.config import EvalConfig, OptimConfig, RunConfig
 
 METHODS = ("diff-tuning", "plain")
+TIMESTEP_MODES = ("sampling", "weighting")
+# Measured (docs/results.md, "Transfer"): on an unconditional base, Diff-Tuning beat plain fine-tuning at 1-2 shots
+# per class (8/8 seeds at 2), tied at 5 and lost from 10 on; the warning fires above that few-shot regime.
+FEW_SHOT_RETENTION_WINS = 2
 UNCONDITIONAL_RETENTION = (
     "Diff-Tuning's retention term trains the knowledge bank on the null branch of a conditional model; this model "
     "is unconditional, so bank and target share its only branch and retention pulls samples towards the source "
-    "domain (README, 'Transfer'); in our benchmarks that helps only with 1-2 shots per class. Prefer a "
-    "class-conditional base, or --method plain.")
-TIMESTEP_MODES = ("sampling", "weighting")
+    "domain. With {shots:.0f} target images per class: in our benchmarks retention helped at 1-2 shots per class, "
+    "tied at 5 and hurt from 10 (docs/results.md, 'Transfer'). Consider --method plain, --lambda 0 (psi only) or "
+    "a class-conditional base.")
+
+
+@dataclass
+class BankConfig:
+    """How the knowledge bank (samples of the pretrained model) is drawn and where it is cached."""
+
+    size: int = option(1000, "Knowledge-bank samples (generated once, cached and reused).", min=1)
+    steps: int = option(50, "Sampling steps of the bank's chain.", min=2)
+    eta: float = option(1.0, "DDIM eta of the bank's chain.", min=0)
+    scheduler: str = option("ddim", "Bank sampler: ddim | ddpm.", choices=("ddim", "ddpm", "flow"))
+    guidance_scale: float | None = option(None, "CFG scale of bank samples (None: the model's default).", min=0)
+    labels: str | list[int] = option("random", "Bank classes: random | null (the unconditional branch) | ids like "
+                                     "0,1,2 (class-conditional models).")
+    prompts: list[str] = option(factory=lambda: [""], help="Bank prompts, cycled (text models; default: empty).")
+    seed: int = option(0, "Seed of the bank's samples.", min=0)
+    batch_size: int = option(250, "Bank samples per forward pass.", min=1)
+    dir: str | None = option(None, "Bank cache folder (default: $CHAINTUNE_CACHE/banks, else "
+                             "~/.cache/chaintune/banks).")
+
+
+@dataclass
+class DiffTuningConfig:
+    """Diff-Tuning's objective (defaults as the authors' code)."""
+
+    alpha: float = option(1.0, "psi(t) ∝ (t + 1)^alpha: the target's timestep law (more weight on large t).", min=0)
+    beta: float = option(1.0, "xi(t) ∝ (T - t)^beta: the bank's timestep law (more weight on small t).", min=0)
+    lam: float = option(0.1, "Weight of the retention loss (0: no bank, only the psi timestep law).", min=0,
+                        flags=("--lambda",))
+    bank_share: float = option(0.2, "Share of each batch drawn from the knowledge bank (0: no bank).", min=0)
+    timestep_mode: str = option("sampling", "sampling (importance-sample t) | weighting (uniform t, weighted "
+                                "losses).", choices=TIMESTEP_MODES)
+    label_dropout: float = option(0.1, "Share of target labels/prompts replaced by the null condition (keeps "
+                                  "CFG working).", min=0, max=1)
+    prompt: str = option("", "Prompt template for target images of text models ({label}: the class name).")
+
+
+@dataclass
+class TransferEvalConfig(EvalConfig):
+    eval_data: str | None = option("auto", "Held-out images for FID/KID (auto: the test split of a built-in "
+                                   "dataset; none for a folder).")
+    feature: str | None = option("auto", "FID features: digits-cnn | digits-mlp | inception:/path/to/weights "
+                                 "(auto: digits-cnn for digit data).")
+    sample_steps: int = option(50, "Sampling steps of evaluation samples.", min=2)
+    sample_eta: float = option(1.0, "DDIM eta of evaluation samples.", min=0)
+    sample_guidance: float | None = option(None, "CFG scale of evaluation samples (None: the model's default).",
+                                           min=0)
+    grid_samples: int = option(64, "Samples in each saved grid.", min=1)
 
 
 @dataclass
 class TransferConfig:
-    """Everything a transfer run depends on (written to the run directory as its config)."""
+    """Every option of ``chaintune transfer`` (CLI flags and config-file keys share these names)."""
 
-    model: str = "builtin:glyphs"
-    data: str = "digits-fewshot:10"
-    method: str = "diff-tuning"
-    peft: str = "none"
-    lora_rank: int = 4
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    # Diff-Tuning (defaults as the official code)
-    alpha: float = 1.0
-    beta: float = 1.0
-    lam: float = 0.1
-    bank_share: float = 0.2
-    timestep_mode: str = "sampling"
-    # knowledge bank
-    bank_size: int = 1000
-    bank_steps: int = 50
-    bank_eta: float = 1.0
-    bank_scheduler: str = "ddim"
-    bank_guidance: float | None = None
-    bank_labels: str | list[int] = "random"
-    bank_seed: int = 0
-    bank_dir: str | None = None
-    # conditioning of target images
-    label_dropout: float = 0.1
-    prompt: str = ""
-    # evaluation and logging
-    eval_data: str | None = "auto"
-    feature: str = "auto"
-    eval_every: int = 0
-    eval_samples: int = 500
-    sample_steps: int = 50
-    sample_eta: float = 1.0
-    sample_guidance: float | None = None  # CFG scale of evaluation samples (None: the model's default)
-    grid_samples: int = 64
-    log_every: int = 10
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str | None = None
+    # names of the previous, flat TransferConfig -> today's (old config.yaml files and scripts keep working)
+    ALIASES = {"bank_guidance": "bank_guidance_scale", "grad_clip": "max_grad_norm",
+               "checkpoint_every": "save_every"}
+
+    model: str = option("builtin:glyphs", "Base model id (builtin:glyphs, a diffusers dir, a run dir).")
+    data: str = option("digits-fewshot:10", "Target data: digits-fewshot:K, digits:train, glyphs:train, "
+                       "digits-AtoB, or a folder of images.")
+    method: str = option("diff-tuning", "diff-tuning | plain.", choices=METHODS)
+    diff_tuning: DiffTuningConfig = section(DiffTuningConfig)
+    bank: BankConfig = section(BankConfig, prefix="bank_")
+    optim: OptimConfig = section(OptimConfig, steps=1000, lr=1e-4, ema_decay=0.999, gradient_checkpointing=False)
+    eval: TransferEvalConfig = section(TransferEvalConfig, eval_every=0, eval_samples=500)
+    run: RunConfig = section(RunConfig, out="runs/transfer", log_every=10, save_every=0)
 
     def validate(self) -> None:
-        from chaintune.training.adapters import PEFT_METHODS
+        """Cross-field rules (each option's own type and range are checked by chaintune.options.check)."""
+        from chaintune.options import check
 
-        if self.method not in METHODS:
-            from chaintune.errors import unknown_name
-
-            raise unknown_name("transfer method", self.method, METHODS)
-        if self.peft not in PEFT_METHODS:
-            from chaintune.errors import unknown_name
-
-            raise unknown_name("peft method", self.peft, PEFT_METHODS)
-        if self.timestep_mode not in TIMESTEP_MODES:
-            from chaintune.errors import unknown_name
-
-            raise unknown_name("timestep mode", self.timestep_mode, TIMESTEP_MODES)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ChaintuneError("steps and batch_size must be >= 1")
-        if not 0.0 <= self.bank_share < 1.0:
-            raise ChaintuneError(f"bank_share must be in [0, 1), got {self.bank_share}")
-        if self.lam < 0:
-            raise ChaintuneError(f"lam must be >= 0, got {self.lam}")
+        check(self)
+        dt = self.diff_tuning
+        if dt.bank_share >= 1.0:
+            raise ChaintuneError(f"bank_share must be in [0, 1), got {dt.bank_share}")
         if self.retains() and self.bank_batch() == 0:
-            raise ChaintuneError(f"batch_size {self.batch_size} with bank_share {self.bank_share} leaves no bank "
-                                 "samples per batch; raise one of them (or set bank_share 0 for no retention)")
+            raise ChaintuneError(f"batch_size {self.optim.batch_size} with bank_share {dt.bank_share} leaves no "
+                                 "bank samples per batch; raise one of them (or set bank_share 0 for no retention)")
+        labels = self.bank.labels
+        if isinstance(labels, str) and labels not in ("random", "null"):
+            try:
+                self.bank.labels = [int(x) for x in labels.split(",")]
+            except ValueError:
+                raise ChaintuneError(f"bank labels must be random, null or class ids like 0,1,2; "
+                                     f"got {labels!r}") from None
 
     def retains(self) -> bool:
         """Whether the retention term is on (Diff-Tuning with lam > 0 and bank_share > 0). Without it,
         Diff-Tuning is the psi timestep law on the target alone: no bank is built or trained on."""
-        return self.method == "diff-tuning" and self.lam > 0 and self.bank_share > 0
+        return self.method == "diff-tuning" and self.diff_tuning.lam > 0 and self.diff_tuning.bank_share > 0
 
     def bank_batch(self) -> int:
         """Bank samples per batch (0 without retention); at least one target sample remains."""
         if not self.retains():
             return 0
-        return min(self.batch_size - 1, int(round(self.batch_size * self.bank_share)))
-
-    def bank_config(self) -> BankConfig:
-        labels = self.bank_labels
-        if isinstance(labels, str) and labels not in ("random", "null"):
-            try:
-                labels = [int(x) for x in labels.split(",")]
-            except ValueError:
-                msg = f"bank labels must be random, null or class ids like 0,1,2; got {labels!r}"
-                raise ChaintuneError(msg) from None
-        return BankConfig(size=self.bank_size, steps=self.bank_steps, eta=self.bank_eta,
-                          scheduler=self.bank_scheduler, guidance_scale=self.bank_guidance, labels=labels,
-                          seed=self.bank_seed)
+        n = self.optim.batch_size
+        return min(n - 1, int(round(n * self.diff_tuning.bank_share)))
 
     @classmethod
     def from_dict(cls, values: dict) -> TransferConfig:
-        from chaintune.utils.io import strict_config
+        from chaintune.options import from_dict
 
-        return strict_config(cls, values, "transfer option")
+        return from_dict(cls, values, "transfer option")
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> TransferConfig | None:

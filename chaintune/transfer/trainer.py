@@ -18,19 +18,19 @@ what is evaluated and saved.
 from __future__ import annotations
 
 import copy
-import json
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
+from chaintune.training.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.bank import KnowledgeBank, build_bank
 from chaintune.transfer.conditioning import target_conditions
-from chaintune.transfer.config import UNCONDITIONAL_RETENTION, TransferConfig
+from chaintune.transfer.config import FEW_SHOT_RETENTION_WINS, UNCONDITIONAL_RETENTION, TransferConfig
 from chaintune.transfer.data import default_eval_data, default_feature, encode, generate, load_target
 from chaintune.transfer.loss import diff_tuning_loss
 
@@ -38,12 +38,8 @@ __all__ = ["TransferResult", "transfer"]
 
 
 @dataclass
-class TransferResult:
-    model: DiffusionModel
-    history: list[dict] = field(default_factory=list)
-    final: dict = field(default_factory=dict)
+class TransferResult(RunResult):
     bank: KnowledgeBank | None = None
-    trainable: list[str] = field(default_factory=list)
 
 
 def _folded(model: DiffusionModel) -> DiffusionModel:
@@ -60,187 +56,104 @@ def _folded(model: DiffusionModel) -> DiffusionModel:
     return m
 
 
-# --------------------------------------------------------------------------- the trainer
 
+class TransferObjective(Objective):
+    """Diff-Tuning's (or plain fine-tuning's) denoising loss on target images and the knowledge bank."""
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    command = "transfer"
+
+    def __init__(self, cfg: TransferConfig, model: DiffusionModel | None = None,
+                 target: tuple[torch.Tensor, torch.Tensor] | None = None, eval_images: torch.Tensor | None = None):
+        self.cfg, self.given_model, self.target, self.eval_images = cfg, model, target, eval_images
+        self.bank: KnowledgeBank | None = None
+
+    def prepare(self, run: Trainer) -> None:
+        import chaintune
+
+        cfg = self.cfg
+        model = self.given_model.to(run.device) if self.given_model is not None \
+            else chaintune.load(cfg.model, device=str(run.device))
+        x_img, y = self.target if self.target is not None else load_target(model, cfg.data)
+        if model.class_conditional and len(y) and int(y.max()) >= model.num_classes:
+            raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
+                                 f"{model.num_classes} classes")
+        shots = len(y) / max(1, len(torch.unique(y)))
+        if cfg.retains() and not model.conditional and shots > FEW_SHOT_RETENTION_WINS:
+            warnings.warn(UNCONDITIONAL_RETENTION.format(shots=shots), UserWarning, stacklevel=4)
+        self.model, self.y = model, y
+        self.x0_all = encode(model, x_img)
+        self.n_bank = cfg.bank_batch()
+        self.n_target = cfg.optim.batch_size - self.n_bank
+        if self.n_bank:
+            self.bank = build_bank(model, cfg.bank, cfg.bank.dir)
+            how = "sampled and cached" if self.bank.generated else "reused from the cache"
+            run.log_line(f"knowledge bank: {len(self.bank)} samples {how} at {self.bank.path}")
+            self.bank_x0 = self.bank.latents.to(run.device)
+        ev = cfg.eval
+        self.eval_name = default_eval_data(cfg.data) if ev.eval_data == "auto" else ev.eval_data
+        self.feature = default_feature(cfg.data) if ev.feature == "auto" else ev.feature
+        if self.eval_images is None and self.eval_name and self.feature:
+            self.eval_images = load_target(model, self.eval_name)[0]
+        self.fid = bool(self.feature) and self.eval_images is not None
+        if self.fid:
+            from chaintune.metrics import feature_network
+
+            feature_network(self.feature)  # fail now, not after training, on a bad feature spec
+        if cfg.optim.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
+            model.denoiser.enable_gradient_checkpointing()
+
+    def updates(self, run: Trainer, step: int):
+        cfg, dt, g = self.cfg, self.cfg.diff_tuning, run.generator
+        sums: dict[str, float] = {"loss": 0.0, "recon": 0.0, "retention": 0.0}
+        for _ in range(cfg.optim.grad_accum):
+            idx = torch.randint(0, len(self.x0_all), (self.n_target,), generator=g)
+            cond = target_conditions(self.model, self.y[idx], dt.label_dropout, dt.prompt, None, g)
+            bank_x0 = None
+            if self.n_bank:
+                bank_x0 = self.bank_x0[torch.randint(0, len(self.bank_x0), (self.n_bank,), generator=g).to(run.device)]
+            with run.autocast():
+                parts = diff_tuning_loss(self.model, self.x0_all[idx].to(run.device), cond, bank_x0, alpha=dt.alpha,
+                                         beta=dt.beta, lam=dt.lam, mode=dt.timestep_mode, generator=g,
+                                         psi=cfg.method == "diff-tuning")
+            parts.total.backward()
+            for k, v in (("loss", parts.total), ("recon", parts.recon), ("retention", parts.retention)):
+                sums[k] += float(v.detach()) / cfg.optim.grad_accum
+        yield cfg.optim.grad_accum, sums
+
+    def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
+        ev = self.cfg.eval
+        if run.out is None and not self.fid:
+            return None  # nothing to write and nothing to measure
+        n = max(ev.eval_samples, ev.grid_samples) if self.fid else ev.grid_samples
+        images = generate(self.model, n, ev.sample_steps, ev.sample_eta, seed=self.cfg.run.seed + 12345,
+                          classes=self.y, guidance_scale=ev.sample_guidance)
+        metrics: dict = {}
+        if self.fid:
+            from chaintune.metrics import fid_kid
+
+            metrics = fid_kid(self.eval_images, images[: ev.eval_samples], self.feature)
+        return Evaluation(metrics, images[: ev.grid_samples])
+
+    def export(self) -> DiffusionModel:
+        return _folded(self.model)
+
+    def info(self) -> dict:
+        return {"base_model": self.cfg.model, "bank": str(self.bank.path) if self.bank is not None else None,
+                "eval_data": self.eval_name, "feature": self.feature}
 
 
 def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, overwrite: bool = False,
-             resume: bool = False, show_progress: bool = True, model: DiffusionModel | None = None,
-             target: tuple[torch.Tensor, torch.Tensor] | None = None,
-             eval_images: torch.Tensor | None = None) -> TransferResult:
+             resume: bool = False, show_progress: bool | None = None, model: DiffusionModel | None = None,
+             target: tuple[torch.Tensor, torch.Tensor] | None = None, eval_images: torch.Tensor | None = None,
+             **trainer: Any) -> TransferResult:
     """Fine-tune ``config.model`` on ``config.data``; with ``out``, write a run directory (a model id).
 
     ``model`` / ``target`` / ``eval_images`` may be given directly (tests, benchmarks, notebooks);
     otherwise they are loaded from the ids in the config. ``resume`` continues the run in ``out`` from
     its latest checkpoint (weights, EMA, optimizer, LR schedule, RNG states), bit-identically.
     """
-    import chaintune
-    from chaintune.training.adapters import apply_peft
-    from chaintune.utils.progress import progress
-
     cfg = TransferConfig.from_dict(config) if isinstance(config, dict) else config
-    cfg.validate()
-    run_dir = None
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not (overwrite or resume):
-        raise ChaintuneError(f"{out} already holds files; pass --overwrite to replace it")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-
-    if model is None:
-        model = chaintune.load(cfg.model, device=device)
-    else:
-        model.to(device)
-    if target is None:
-        target = load_target(model, cfg.data)
-    x_img, y = target
-    classes = None
-    if model.class_conditional and len(y):
-        if int(y.max()) >= model.num_classes:
-            raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
-                                 f"{model.num_classes} classes")
-    if cfg.retains() and model.kind == "unet" and not model.conditional:
-        warnings.warn(UNCONDITIONAL_RETENTION, UserWarning, stacklevel=2)
-    x0_all = encode(model, x_img)
-
-    bank = None
-    n_bank = cfg.bank_batch()
-    if n_bank:
-        bank = build_bank(model, cfg.bank_config(), cfg.bank_dir)
-        bank_x0 = bank.latents.to(device)
-
-    eval_name = default_eval_data(cfg.data) if cfg.eval_data == "auto" else cfg.eval_data
-    feature = default_feature(cfg.data) if cfg.feature == "auto" else cfg.feature
-    if eval_images is None and eval_name and feature:
-        eval_images = load_target(model, eval_name)[0]
-    if feature and eval_images is not None:
-        from chaintune.metrics import feature_network
-
-        feature_network(feature)  # fail now, not after training, on a bad feature spec
-
-    if out is not None:  # only now: a bad model/data id leaves no half-made run directory behind
-        from chaintune.training.runs import prepare_run_dir, write_run_info
-
-        run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        _write_config(run_dir, cfg)
-        info = {"command": "transfer", "base_model": cfg.model, "peft": cfg.peft, "config": asdict(cfg),
-                "status": "running"}
-        write_run_info(run_dir, info)
-
-    trainable = apply_peft(model.denoiser, cfg.peft, rank=cfg.lora_rank)
-    params = [p for p in model.denoiser.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_at = (lambda s: min(1.0, (s + 1) / cfg.warmup_steps)) if cfg.warmup_steps else (lambda s: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel(params, decay=cfg.ema_decay)
-    start = 0
-    if resume:
-        from chaintune.training import checkpoint as ckpt
-
-        if run_dir is None:
-            raise ChaintuneError("resume needs the run directory (out)")
-        start = ckpt.restore(run_dir, model.denoiser, opt, sched, g, {}, ema=ema)
-        ckpt.truncate_metrics(run_dir, start)
-    model.denoiser.train()
-    n_tgt = cfg.batch_size - n_bank
-    history: list[dict] = []
-    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
-
-    def evaluate(step: int) -> dict:
-        if run_dir is None and not (feature and eval_images is not None):
-            return {}  # nothing to write and nothing to measure
-        ema.store(params)
-        ema.copy_to(params)
-        model.denoiser.eval()
-        row: dict = {}
-        try:
-            n = max(cfg.eval_samples, cfg.grid_samples) if (feature and eval_images is not None) \
-                else cfg.grid_samples
-            imgs = generate(model, n, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345, classes=y,
-                            guidance_scale=cfg.sample_guidance)
-            if run_dir is not None:
-                from chaintune.utils.images import save_grid
-
-                save_grid(imgs[: cfg.grid_samples], run_dir / "samples" / f"step_{step:06d}.png")
-            if feature and eval_images is not None:
-                from chaintune.metrics import fid_kid
-
-                row = fid_kid(eval_images, imgs[: cfg.eval_samples], feature)
-        finally:
-            ema.restore(params)
-            model.denoiser.train()
-        return row
-
-    bar = progress(range(start, cfg.steps), desc=f"transfer[{cfg.method}/{cfg.peft}]", disable=not show_progress,
-                   total=cfg.steps, initial=start)
-    t0 = time.time()
-    for step in bar:
-        idx = torch.randint(0, len(x0_all), (n_tgt,), generator=g)
-        cond = target_conditions(model, y[idx], cfg.label_dropout, cfg.prompt, classes, g)
-        b_x0 = None
-        if n_bank:
-            b_x0 = bank_x0[torch.randint(0, len(bank_x0), (n_bank,), generator=g).to(device)]
-        parts = diff_tuning_loss(model, x0_all[idx].to(device), cond, b_x0, alpha=cfg.alpha, beta=cfg.beta,
-                                 lam=cfg.lam, mode=cfg.timestep_mode, generator=g,
-                                 psi=cfg.method == "diff-tuning")
-        loss = parts.total
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        done = step + 1
-        row = None
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            row = {"step": done, "loss": loss.item(), "recon": parts.recon.item(),
-                   "retention": parts.retention.item(), "lr": sched.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 2)}
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            row = {**(row or {"step": done, "loss": loss.item()}), **evaluate(done)}
-        if row is not None:
-            history.append(row)
-            if metrics_path is not None:
-                _append_jsonl(metrics_path, row)
-        if run_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-            from chaintune.training import checkpoint as ckpt
-
-            ckpt.save(run_dir, done, model.denoiser, opt, sched, g, {}, keep=cfg.keep_checkpoints, ema=ema)
-
-    final = evaluate(cfg.steps)
-    ema.copy_to(params)
-    model.denoiser.eval()
-    final = {"step": cfg.steps, "loss": history[-1]["loss"] if history else float("nan"), **final,
-             "final": True, "train_seconds": round(time.time() - t0, 2)}
-    history.append(final)
-    if run_dir is not None:
-        from chaintune.training.runs import save_tuned_model, write_run_info
-
-        _append_jsonl(metrics_path, final)
-        save_tuned_model(run_dir, _folded(model), cfg.peft, cfg.lora_rank if cfg.peft == "lora" else None)
-        info.update(status="done", final={k: v for k, v in final.items() if k != "final"},
-                    bank=str(bank.path) if bank is not None else None, trainable_parameters=sum(
-                        p.numel() for p in params), eval_data=eval_name, feature=feature)
-        write_run_info(run_dir, info)
-    return TransferResult(model, history, final, bank, trainable)
-
-
-def _write_config(run_dir: Path, cfg: TransferConfig) -> None:
-    import yaml
-
-    from chaintune.utils.io import atomic_file
-
-    with atomic_file(run_dir / "config.yaml") as f:
-        yaml.safe_dump(asdict(cfg), f, sort_keys=False)
+    obj = TransferObjective(cfg, model, target, eval_images)
+    res = Trainer(cfg, obj, out=out, overwrite=overwrite, resume=resume, show_progress=show_progress,
+                  **trainer).fit()
+    return TransferResult(**vars(res), bank=obj.bank)

@@ -1,0 +1,103 @@
+"""Trainer commands generated from their config dataclasses: one flag per option, nothing repeated.
+
+``config_command(app, "align", AlignConfig, run)`` registers ``chaintune align`` with a flag for
+every option of :class:`AlignConfig` (name, type, default and help from the field's metadata),
+plus ``--config FILE`` (YAML/TOML, flat or nested keys), ``--resume`` and ``--overwrite``.
+Precedence: defaults < config file (or, with ``--resume``, the run's own ``config.yaml``) < flags
+given on the command line. Torch-free: ``--help`` must not load a model library.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from chaintune.options import Spec, flatten_keys, from_dict, specs
+
+_FIXED = ("ctx", "config", "resume", "overwrite")
+
+
+def _cli_type(spec: Spec) -> Any:
+    """The type typer parses a flag as (a union with a list, like ``str | list[int]``, is given as text)."""
+    args = [a for a in typing.get_args(spec.type) if a is not type(None)] or [spec.type]
+    optional = type(None) in typing.get_args(spec.type)
+    base = args[0] if len(args) == 1 else str
+    return base | None if optional or spec.default is None else base
+
+
+def _flags(spec: Spec) -> list[str]:
+    name = "--" + spec.name.replace("_", "-")
+    if _cli_type(spec) is bool:
+        return [f"{name}/--no-{spec.name.replace('_', '-')}"]
+    return [name, *spec.flags]
+
+
+def _help(spec: Spec) -> str:
+    where = f"[{spec.section}] " if spec.section else ""
+    return where + spec.help
+
+
+def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[..., None], *, help: str) -> None:
+    """Register ``chaintune NAME``: flags from ``config_cls``; ``run(cfg, resume=, overwrite=)`` does the work."""
+    defaults = config_cls()
+    opts = specs(defaults)
+    clash = {s.name for s in opts} & set(_FIXED)
+    if clash:  # a declaration error, caught by the test that builds every command
+        raise TypeError(f"{config_cls.__name__}: option names {sorted(clash)} are reserved by the CLI")
+    params = [
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Path | None, typer.Option(help="YAML/TOML file with any of these options (flat keys, or nested by "
+                                      "section as config.yaml is written).")]),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with its saved "
+                               "config.yaml (flags given now override it).")]),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option(help="Replace an existing run in --out.")]),
+    ]
+    for s in opts:
+        default = list(s.default) if isinstance(s.default, list) else s.default
+        params.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
+            _cli_type(s), typer.Option(*_flags(s), help=_help(s), show_default=True)]))
+
+    def command(**kwargs: Any) -> None:
+        ctx: typer.Context = kwargs.pop("ctx")
+        config, resume, overwrite = kwargs.pop("config"), kwargs.pop("resume"), kwargs.pop("overwrite")
+        values = resolve(config_cls, ctx, kwargs, config, resume)
+        run(from_dict(config_cls, values, f"{name} option"), resume=resume, overwrite=overwrite)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = help
+    command.__name__ = name
+    app.command(name)(command)
+
+
+def resolve(config_cls: type, ctx: typer.Context, given: dict, config: Path | None, resume: bool) -> dict:
+    """Option values: the config file's (or a resumed run's config.yaml), then flags given on the command line."""
+    from chaintune.utils.io import load_config_file
+
+    defaults = config_cls()
+    out = given.get("out")
+    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
+        config = Path(out) / "config.yaml"  # continue with the run's own settings
+    values = flatten_keys(defaults, load_config_file(config), "config key") if config else {}
+    if config:
+        from_dict(config_cls, values, f"option in {config}")  # a typo in the file fails here, with its name
+    for key, value in given.items():
+        src = ctx.get_parameter_source(key)
+        if src is not None and src.name == "COMMANDLINE":
+            values[key] = value
+    if out is not None:
+        values["out"] = values.get("out", out) if not _on_command_line(ctx, "out") else out
+    return values
+
+
+def _on_command_line(ctx: typer.Context, key: str) -> bool:
+    src = ctx.get_parameter_source(key)
+    return src is not None and src.name == "COMMANDLINE"

@@ -1,0 +1,22 @@
+"""``chaintune pretrain`` (generated from PretrainConfig): a small pixel DDPM from scratch."""
+
+from __future__ import annotations
+
+import typer
+
+from chaintune.cli.options import config_command
+from chaintune.training.config import PretrainConfig
+
+
+def _pretrain(cfg: PretrainConfig, *, resume: bool, overwrite: bool) -> None:
+    from chaintune.training.pretrain import PretrainObjective
+    from chaintune.training.trainer import Trainer, format_summary
+
+    res = Trainer(cfg, PretrainObjective(cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
+                  thread_policy=True).fit()
+    typer.echo(format_summary(res))
+
+
+def register(app: typer.Typer) -> None:
+    config_command(app, "pretrain", PretrainConfig, _pretrain,
+                   help="Train a small pixel DDPM from scratch (how builtin:digits and builtin:glyphs are made).")

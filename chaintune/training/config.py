@@ -1,0 +1,223 @@
+"""Config sections every trainer shares: optimisation, evaluation and the run itself.
+
+A trainer's config (``AlignConfig``, ``TransferConfig``, ``PretrainConfig``) embeds these with
+its own defaults (``section(OptimConfig, lr=1e-4)``); see :mod:`chaintune.options` for how they
+become CLI flags and config-file keys. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chaintune.options import option, section
+
+PEFT_METHODS = ("none", "lora", "bitfit", "difffit")
+# our names -> diffusers.optimization.get_scheduler's (all with linear warm-up over warmup_steps)
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class OptimConfig:
+    """What is trained and how: steps, batch, AdamW, LR schedule, EMA, PEFT, precision, memory."""
+
+    steps: int = option(100, "Optimizer steps.", min=1)
+    batch_size: int = option(32, "Samples per micro-batch.", min=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step (gradients are averaged).", min=1)
+    lr: float = option(3e-4, "AdamW learning rate.", gt=0)
+    lr_schedule: str = option("constant", "LR after warm-up: constant | cosine | linear (both decay to 0 at the "
+                              "last step).", choices=tuple(LR_SCHEDULES))
+    warmup_steps: int = option(0, "Linear LR warm-up steps.", min=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = option(1.0, "Clip the gradient to this norm (0: no clipping).", min=0)
+    ema_decay: float = option(0.0, "Decay of an EMA of the trainable weights, which is then what is evaluated "
+                              "and saved (0: no EMA).", min=0, max=1)
+    peft: str = option("none", "Which weights train: none (all) | lora | bitfit | difffit.", choices=PEFT_METHODS)
+    lora_rank: int = option(4, "LoRA rank.", min=1)
+    mixed_precision: str = option("no", "no | fp16 | bf16 (autocast; adapters and optimizer state stay fp32).",
+                                  choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
+    eight_bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a "
+                                  "warning).")
+
+
+@dataclass
+class EvalConfig:
+    """When and how much to evaluate (held-out seeds; a sample grid each time)."""
+
+    eval_every: int = option(25, "Evaluate every N steps (0: only at the end).", min=0)
+    eval_samples: int = option(64, "Samples per evaluation.", min=1)
+
+
+@dataclass
+class RunConfig:
+    """The run directory and its bookkeeping: seed, device, logging, checkpoints, failure policy."""
+
+    out: str = option("runs/run", "Run directory (it becomes a model id).")
+    seed: int = option(0, "Random seed.", min=0)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the best available).")
+    log_every: int = option(1, "Log training metrics every N steps.", min=1)
+    save_every: int = option(50, "Write a resumable checkpoint every N steps and at the end (0: none).", min=0)
+    keep_checkpoints: int = option(2, "Checkpoints kept (the newest).", min=1)
+    max_bad_steps: int = option(5, "Skip a non-finite update with a warning; stop after this many in a row.",
+                                min=1)
+    tensorboard: bool = option(True, "Write tensorboard logs under OUT/tb (when tensorboard is installed).")
+    progress: bool = option(True, "Show a progress bar with ETA and the current loss/reward.")
+    report: bool = option(True, "Write OUT/report.html at the end (config, metric curves, sample grids).")
+
+
+# ------------------------------------------------------------------------------------ align
+
+
+@dataclass
+class ChainConfig:
+    """The model and the sampling chain that alignment trains through."""
+
+    model: str = option("builtin:digits", "Model id: builtin:NAME, a diffusers dir, a run dir or a hub id.")
+    scheduler: str = option("ddim", "Chain scheduler: ddim (eta-controlled) | ddpm (flow models use their own).",
+                            choices=("ddim", "ddpm", "flow"))
+    sample_steps: int = option(20, "Denoising steps of the chain (T).", min=2)
+    eta: float = option(1.0, "DDIM eta of the chain (> 0: stochastic transitions with exact log-probs).", min=0)
+    guidance_scale: float | None = option(None, "Classifier-free guidance scale (conditional models).", min=0)
+    prompts: list[str] | None = option(None, "A prompt to train on (repeatable; text models).", key="prompt")
+    prompt_file: str | None = option(None, "Prompt file: .txt (one a line, # comments), .json list, or "
+                                     "builtin:NAME (text models).")
+    labels: list[int] | None = option(None, "A class label to train on (repeatable; class-conditional models).",
+                                      key="label")
+    vae_chunk: int | None = option(None, "Decode latents through the VAE N samples at a time (less peak memory).",
+                                   min=1)
+    coarse_prompt: str | None = option(None, "Diffusive chain of thought: prompt for the first (coarse) stage.")
+    mid_prompt: str | None = option(None, "Prompt for the middle stage of the chain.")
+    fine_prompt: str | None = option(None, "Prompt for the last (fine) stage of the chain.")
+    stage_boundaries: str = option("0.3333,0.6667", "Chain-position fractions b1,b2 splitting coarse/mid/fine.")
+
+
+@dataclass
+class EstimatorConfig:
+    """Which gradient estimator, and its options (each estimator reads the ones its constructor names)."""
+
+    name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | zeroth-order | full-backprop "
+                       "| truncated-backprop | alignprop | refl.", key="estimator")
+    h: int = option(1, "rlr / half-order: span length (steps of backprop inside the likelihood-ratio span).", min=1)
+    j: str = option("uniform", "rlr: span placement: uniform | grad-norm | a,b (paper steps; diffusive chain of "
+                    "thought).")
+    sigma: float = option(1e-3, "rlr / zeroth-order: perturbation scale.", gt=0)
+    # Off by default: with >= 1e4 trainable parameters the ZO terms multiply the estimate's variance by ~d*T and
+    # stall training (docs/results.md, "RLR in practice"); the authors' released code omits them too.
+    zo: bool = option(False, "rlr: zeroth-order on all remaining steps (the paper's unbiased eq. 6; high variance "
+                      "at large d).")
+    ho: bool = option(True, "rlr: the half-order span (--no-ho = the paper's 'without HO' ablation).")
+    spans: int = option(1, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
+                        min=1)
+    shared_perturbation: bool = option(False, "rlr / zeroth-order: one perturbation direction for all ZO steps.")
+    k: int = option(1, "truncated-backprop / alignprop: number of final steps to backpropagate through.", min=1)
+    inner_epochs: int = option(1, "reinforce: PPO inner epochs per batch.", min=1)
+    clip_range: float = option(1e-4, "reinforce: PPO clip range of the likelihood ratio.", gt=0)
+    baseline: str = option("batch", "Reward baseline of likelihood-ratio terms: batch | prompt | none "
+                           "(leave-one-out, unbiased).", choices=("batch", "prompt", "none"))
+
+
+@dataclass
+class GuardConfig:
+    """Reward-hacking guards: stay near the base model."""
+
+    kl_weight: float = option(0.0, "Weight of the closed-form KL to the base model's transitions.", min=0)
+    kl_samples: int = option(4, "Samples per KL estimate.", min=1)
+    retention_weight: float = option(0.0, "Weight of a denoising loss on base-model samples.", min=0)
+    retention_samples: int = option(64, "Base-model samples generated for the retention loss.", min=1)
+
+
+@dataclass
+class AlignEvalConfig(EvalConfig):
+    heldout_reward: str | None = option("auto", "Reward evaluated but never trained on (auto: the reward family's "
+                                        "held-out twin, e.g. digit:K -> digit-heldout:K; '' for none).")
+
+
+@dataclass
+class AlignConfig:
+    """Every option of ``chaintune align`` (CLI flags and config-file keys share these names)."""
+
+    # names of the previous, flat AlignConfig -> today's (old config.yaml files keep working); None: dropped
+    ALIASES = {"prompts": "prompt", "labels": "label", "extra": None}
+
+    reward: str = option("digit:3", "Reward spec: digit:K, jpeg-compressibility, imagenet:CLASS, 0.7*a+0.3*b, "
+                         "module:function (imports and RUNS that Python code).")
+    chain: ChainConfig = section(ChainConfig)
+    estimator: EstimatorConfig = section(EstimatorConfig)
+    optim: OptimConfig = section(OptimConfig)
+    guards: GuardConfig = section(GuardConfig)
+    eval: AlignEvalConfig = section(AlignEvalConfig)
+    run: RunConfig = section(RunConfig, out="runs/align")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AlignConfig:
+        from chaintune.options import from_dict
+
+        return from_dict(cls, values, "align option")
+
+    def validate(self) -> None:
+        """Cross-field rules (each option's own type and range are checked by chaintune.options.check)."""
+        from chaintune.errors import ChaintuneError
+        from chaintune.options import check
+
+        check(self)
+        e = self.estimator
+        if e.name in ("rlr", "half-order") and e.h >= self.chain.sample_steps:
+            raise ChaintuneError(f"h={e.h} must be smaller than sample_steps={self.chain.sample_steps}")
+        if self.optim.peft not in ("none", "lora"):
+            raise ChaintuneError("align trains full weights (peft none) or LoRA (peft lora)")
+        try:
+            b1, b2 = (float(v) for v in self.chain.stage_boundaries.split(","))
+        except ValueError:
+            raise ChaintuneError(f"stage_boundaries must be two fractions b1,b2, got "
+                                 f"{self.chain.stage_boundaries!r}") from None
+        if not 0 <= b1 <= b2 <= 1:
+            raise ChaintuneError(f"stage_boundaries must satisfy 0 <= b1 <= b2 <= 1, got {b1},{b2}")
+
+
+# ------------------------------------------------------------------------------------ pretrain
+
+
+@dataclass
+class ArchConfig:
+    """The pixel-space UNet2DModel and its noise schedule (how the built-in models are made)."""
+
+    resolution: int = option(8, "Image size in pixels.", min=4)
+    block_out_channels: list[int] = option(factory=lambda: [32, 64, 64], help="Channels per UNet level.")
+    layers_per_block: int = option(1, "ResNet layers per UNet block.", min=1)
+    attention: bool = option(True, "Self-attention in the second level.")
+    norm_num_groups: int = option(16, "GroupNorm groups.", min=1)
+    num_classes: int | None = option(None, "Class-conditional with this many classes (one extra null class is "
+                                     "added for guidance).", min=1)
+    num_train_timesteps: int = option(1000, "Diffusion timesteps.", min=2)
+    beta_schedule: str = option("squaredcos_cap_v2", "Noise schedule (a diffusers DDPMScheduler beta_schedule).",
+                                choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    prediction_type: str = option("epsilon", "What the UNet predicts.", choices=("epsilon", "v_prediction"))
+
+
+@dataclass
+class PretrainConfig:
+    """Every option of ``chaintune pretrain``: a small pixel DDPM from scratch."""
+
+    dataset: str = option("digits:train", "Dataset id: digits:train, glyphs, digits-fewshot:K, or a folder.")
+    label_dropout: float = option(0.1, "Share of labels replaced by the null class (classifier-free guidance).",
+                                  min=0, max=1)
+    arch: ArchConfig = section(ArchConfig)
+    optim: OptimConfig = section(OptimConfig, steps=4000, batch_size=128, lr=3e-4, warmup_steps=200,
+                                 lr_schedule="cosine", ema_decay=0.999, gradient_checkpointing=False)
+    eval: EvalConfig = section(EvalConfig, eval_every=0, eval_samples=64)
+    run: RunConfig = section(RunConfig, out="runs/pretrain", log_every=20, save_every=0)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PretrainConfig:
+        from chaintune.options import from_dict
+
+        return from_dict(cls, values, "pretrain option")
+
+    def validate(self) -> None:
+        from chaintune.errors import ChaintuneError
+        from chaintune.options import check
+
+        check(self)
+        if self.optim.peft != "none":
+            raise ChaintuneError("pretrain trains every weight from scratch (peft none)")

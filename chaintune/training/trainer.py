@@ -1,0 +1,366 @@
+"""The run skeleton every trainer shares: an objective says what a step computes; this does the rest.
+
+Owned here, once: the run directory and its status file, the resolved config, metrics JSONL and
+tensorboard, atomic checkpoints (keep the last K; bit-exact resume), an EMA of the trainable
+weights, the non-finite policy (skip and warn; stop after N in a row with the last good
+checkpoint intact), accelerate multi-process with an explicit gradient all-reduce, a progress bar
+with ETA, evaluation grids, the HTML report and the end-of-run summary.
+
+An :class:`Objective` (``align``, ``transfer``, ``pretrain``) loads and validates what it needs in
+``prepare`` (before anything is written), accumulates gradients in ``updates`` and yields once per
+optimizer update, and evaluates on held-out seeds in ``evaluate``.
+
+Multi-process: the model is *not* wrapped in DDP (zeroth-order estimators write gradients that
+DDP's hooks would not see); gradients are all-reduced explicitly after accumulation, so every
+estimator is exact under ``accelerate launch``. Each process draws its own samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chaintune.backends.base import DiffusionModel
+from chaintune.errors import ChaintuneError
+from chaintune.options import flat_values, to_dict
+from chaintune.training.config import LR_SCHEDULES
+
+__all__ = ["Evaluation", "Objective", "RunResult", "Trainer", "reduce_gradients", "format_summary"]
+
+
+@dataclass
+class Evaluation:
+    """What an evaluation measured, and the samples to show (saved as the step's grid)."""
+
+    metrics: dict[str, float]
+    images: torch.Tensor | None = None
+
+
+@dataclass
+class RunResult:
+    model: DiffusionModel
+    out: Path | None
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
+    first_eval: dict = field(default_factory=dict)
+    name: str = ""
+    command: str = ""
+
+
+class Objective:
+    """What a trainer supplies to the run skeleton."""
+
+    command = "train"
+    model: DiffusionModel
+    evaluate_at_start = False  # evaluate the untrained model at step 0 (the "before" of a run)
+    progress_key = "loss"  # the training metric shown in the progress bar
+
+    def prepare(self, run: Trainer) -> None:
+        """Load and validate everything (model, data, reward, estimator) on ``run.device``; write nothing."""
+        raise NotImplementedError
+
+    def updates(self, run: Trainer, step: int) -> Iterator[tuple[int, dict]]:
+        """Accumulate -grad into ``.grad`` of the trainable parameters; yield (micro-batches, metrics) once
+        per optimizer update (the skeleton averages, checks, clips and steps)."""
+        raise NotImplementedError
+
+    def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
+        return None
+
+    def export(self) -> DiffusionModel:
+        """The model to save (e.g. with adapters folded into plain diffusers modules)."""
+        return self.model
+
+    def state_dict(self) -> dict:
+        """JSON-able state to checkpoint beyond weights, optimizer and RNGs."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def info(self) -> dict:
+        """Extra fields for the run's status file (``base_model`` is what ``load`` needs for adapters)."""
+        return {}
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], acc: Any, n_micro: int) -> None:
+    """Average accumulated gradients over micro-batches and processes (explicit all-reduce).
+
+    Every process contributes a gradient for every parameter (zeros where its estimator wrote
+    none), so the collective calls match across processes.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.div_(n_micro)
+        if acc.num_processes > 1:
+            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+
+
+def _device(requested: str | None) -> torch.device | None:
+    """The device asked for, checked now (a missing GPU is the user's to hear about, not a silent CPU run)."""
+    if requested is None:
+        return None
+    try:
+        dev = torch.device(requested)
+    except RuntimeError as e:
+        raise ChaintuneError(f"device {requested!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ChaintuneError(f"device {requested!r}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ChaintuneError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ChaintuneError(f"device {requested!r}: MPS is not available on this machine")
+    return dev
+
+
+class Trainer:
+    """Runs an :class:`Objective` under a config with ``optim``/``eval``/``run`` sections."""
+
+    def __init__(self, cfg: Any, objective: Objective, *, out: str | Path | None = None, overwrite: bool = False,
+                 resume: bool = False, show_progress: bool | None = None, name: str | None = None,
+                 thread_policy: bool = False):
+        self.cfg, self.objective = cfg, objective
+        self.out = Path(out) if out is not None else None
+        self.overwrite, self.resume = overwrite, resume
+        self.show_progress = cfg.run.progress if show_progress is None else show_progress
+        self.name = name or (self.out.name if self.out is not None else "") or objective.command
+        self.thread_policy = thread_policy
+        self.state: dict = {"bad_steps": 0}
+        self._status_base: dict = {}
+
+    # ------------------------------------------------------------------------------ helpers for objectives
+    def autocast(self):
+        return self.acc.autocast()
+
+    def log_line(self, text: str) -> None:
+        """A message that does not break the progress bar (main process only)."""
+        if self.main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+    # ------------------------------------------------------------------------------ the run
+    def fit(self) -> RunResult:
+        from accelerate import Accelerator
+
+        cfg, obj = self.cfg, self.objective
+        cfg.validate()
+        if self.resume and self.out is None:
+            raise ChaintuneError("resume needs the run directory (out)")
+        if self.out is not None and not (self.resume or self.overwrite) and self.out.is_dir() \
+                and any(self.out.iterdir()):  # before loading anything: the cheapest error to report
+            raise ChaintuneError(f"{self.out} already holds files; pass --resume to continue it or --overwrite "
+                                 "to replace it")
+        requested = _device(cfg.run.device)
+        self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision,
+                               cpu=requested is not None and requested.type == "cpu")
+        self.device = requested if requested is not None else self.acc.device
+        self.main = self.acc.is_main_process
+        torch.manual_seed(cfg.run.seed)
+        self.generator = torch.Generator().manual_seed(cfg.run.seed + 1_000_003 * self.acc.process_index)
+        obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
+        if self.thread_policy:
+            from chaintune.utils.threads import apply_thread_policy
+
+            apply_thread_policy(obj.model)
+        if self.out is not None and self.main:
+            from chaintune.training.runs import prepare_run_dir
+
+            prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
+        self.acc.wait_for_everyone()
+        try:
+            return self._train()
+        except KeyboardInterrupt:
+            self._status("interrupted")
+            raise
+        except ChaintuneError as e:
+            self._status(f"failed: {e}")
+            raise
+        except BaseException as e:
+            self._status(f"failed: internal error {type(e).__name__}")
+            raise
+
+    def _status(self, status: str, **extra) -> None:
+        if self.out is None or not self.main or not self._status_base:
+            return
+        from chaintune.training.runs import write_run_info
+
+        write_run_info(self.out, {**self._status_base, "status": status, **extra})
+
+    def _train(self) -> RunResult:
+        from diffusers.optimization import get_scheduler
+
+        from chaintune.training import checkpoint as ckpt
+        from chaintune.training.adapters import apply_peft
+        from chaintune.training.logging import RunLogger
+        from chaintune.training.optim import make_optimizer
+        from chaintune.utils.progress import progress
+
+        cfg, obj, out, main = self.cfg, self.objective, self.out, self.main
+        opt_cfg = cfg.optim
+        den = obj.model.denoiser
+        self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
+        self.params = params = [p for p in den.parameters() if p.requires_grad]
+        self.optimizer = opt = make_optimizer(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
+                                              eight_bit=opt_cfg.eight_bit_adam)
+        self.lr_scheduler = lr_sched = get_scheduler(LR_SCHEDULES[opt_cfg.lr_schedule], opt,
+                                                     num_warmup_steps=opt_cfg.warmup_steps,
+                                                     num_training_steps=opt_cfg.steps)
+        self.ema = None
+        if opt_cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=opt_cfg.ema_decay)
+        start = 0
+        if self.resume:
+            start = ckpt.restore(out, den, opt, lr_sched, self.generator, self.state, ema=self.ema)
+            obj.load_state_dict(self.state.pop("objective", None) or {})
+            if main:
+                ckpt.truncate_metrics(out, start)
+        self._status_base = {"command": obj.command, "name": self.name, "peft": opt_cfg.peft,
+                             "trainable_parameters": sum(p.numel() for p in params),
+                             "trainable_tensors": len(self.trainable), **obj.info(), "config": flat_values(cfg)}
+        if out is not None and main:
+            ckpt.save_config(out, to_dict(cfg))
+            self._status("running")
+        logger = RunLogger(out, tensorboard=cfg.run.tensorboard) if out is not None and main else None
+        result = RunResult(model=obj.model, out=out, trainable=self.trainable, name=self.name, command=obj.command)
+
+        def log(row: dict) -> None:
+            result.history.append(row)
+            if logger is not None:
+                logger.log(row)
+
+        steps = opt_cfg.steps
+        if obj.evaluate_at_start and start == 0:
+            result.first_eval = self._evaluate(0)
+            log({"step": 0, **result.first_eval})
+        bar = progress(range(start, steps), desc=f"{obj.command} {self.name}", total=steps, initial=start,
+                       disable=not (main and self.show_progress))
+        t0 = time.time()
+        last_eval: dict = {}
+        row: dict = {}
+        for step in bar:
+            den.train()
+            row = {}
+            for n_micro, metrics in obj.updates(self, step):
+                row.update(metrics)
+                row.update(self._apply(n_micro, step))
+            done = step + 1
+            row.update(lr=lr_sched.get_last_lr()[0], time=time.time() - t0)
+            if isinstance(row.get(obj.progress_key), float):
+                bar.set_postfix({obj.progress_key: f"{row[obj.progress_key]:.4g}"})
+            last = done == steps
+            evaluate = last or (cfg.eval.eval_every > 0 and done % cfg.eval.eval_every == 0)
+            if evaluate:
+                last_eval = self._evaluate(done)
+                row.update(last_eval)
+            if last or evaluate or done % cfg.run.log_every == 0:
+                log({"step": done, **row, **({"final": True} if last else {})})
+            if out is not None and cfg.run.save_every and (done % cfg.run.save_every == 0 or last):
+                self.acc.wait_for_everyone()
+                if main:
+                    ckpt.save(out, done, den, opt, lr_sched, self.generator,
+                              {**self.state, "objective": obj.state_dict()}, keep=cfg.run.keep_checkpoints,
+                              ema=self.ema)
+        bar.close()
+        self.acc.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(params)  # the EMA weights are what is saved and returned
+        den.eval()
+        result.final = {"step": steps, **{k: v for k, v in row.items() if k not in ("final",)}, **last_eval,
+                        "train_seconds": round(time.time() - t0, 2)}
+        if out is not None and main:
+            from chaintune.training.runs import save_tuned_model
+
+            save_tuned_model(out, obj.export(), opt_cfg.peft, opt_cfg.lora_rank)
+            final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
+            self._status("finished", final=final)
+            logger.close()
+            if cfg.run.report:
+                from chaintune.report import build_report
+
+                build_report(out)
+        return result
+
+    def _apply(self, n_micro: int, step: int) -> dict:
+        """Average, check, clip and apply one update; a non-finite gradient is skipped (and counted)."""
+        params, opt, cfg = self.params, self.optimizer, self.cfg
+        reduce_gradients(params, self.acc, n_micro)
+        if not all(torch.isfinite(p.grad).all() for p in params):
+            self.state["bad_steps"] += 1
+            opt.zero_grad(set_to_none=True)
+            limit = cfg.run.max_bad_steps
+            self.log_line(f"warning: step {step + 1}: non-finite gradient, update skipped "
+                          f"({self.state['bad_steps']}/{limit} in a row)")
+            if self.state["bad_steps"] >= limit:
+                where = f"; the last good checkpoint in {self.out / 'checkpoints'} is intact" if self.out else ""
+                raise ChaintuneError(f"{limit} non-finite gradients in a row at step {step + 1}; stopped{where} "
+                                     "(lower --lr or check the reward/data)")
+            return {"skipped_updates": self.state["bad_steps"]}
+        self.state["bad_steps"] = 0
+        clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        opt.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(params)
+        opt.zero_grad(set_to_none=True)
+        return {"grad_norm": gnorm}
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def _evaluate(self, step: int) -> dict:
+        den = self.objective.model.denoiser
+        with self._ema_weights():
+            den.eval()
+            try:
+                ev = self.objective.evaluate(self, step)
+            finally:
+                den.train()
+        if ev is None:
+            return {}
+        if ev.images is not None and self.out is not None and self.main:
+            from chaintune.utils.images import save_grid
+
+            save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png")
+        return dict(ev.metrics)
+
+
+def format_summary(result: RunResult) -> str:
+    """The lines a run ends with: what its evaluation measured (start -> end) and where it is."""
+    first, final = result.first_eval, result.final
+    keys = [k for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (k.startswith("eval/") or k in ("fid", "kid"))]
+    head = f"{result.command} {result.name}: {final.get('step', 0)} steps in {final.get('train_seconds', 0):.0f} s"
+    lines = [head]
+    for k in keys:
+        before = f"{first[k]:.4g} -> " if isinstance(first.get(k), (int, float)) else ""
+        lines.append(f"  {k.removeprefix('eval/'):<16} {before}{final[k]:.4g}")
+    if len(lines) == 1 and isinstance(final.get("loss"), (int, float)):
+        lines.append(f"  {'loss':<16} {final['loss']:.4g}")
+    if result.out is not None:
+        lines.append(f"  run: {result.out}  (report: {result.out / 'report.html'}; "
+                     f"sample: chaintune sample --model {result.out})")
+    return "\n".join(lines)
