@@ -85,7 +85,7 @@ def config(args, label: str, out: Path):
                 mixed_precision="no", gradient_checkpointing=True, baseline="batch", inner_epochs=1,
                 clip_range=1e-4, kl_weight=0.0, retention_weight=0.0, grad_accum=1, heldout_reward="auto")
     opts.update(METHODS[label])
-    return AlignConfig(**opts)
+    return AlignConfig.from_dict(opts)
 
 
 def step_seconds(metrics: list[dict]) -> tuple[float, list[float]]:
@@ -122,15 +122,17 @@ def peak_memory(cfg) -> dict:
     import torch
 
     import chaintune
+    from chaintune.options import flat_values
     from chaintune.training.align import estimator_from_config
 
-    model = chaintune.load(cfg.model)
+    v = flat_values(cfg)
+    model = chaintune.load(v["model"])
     model.denoiser.requires_grad_(True)
-    chaintune.estimate_gradient(model, cfg.reward, "truncated-backprop", n=2, steps=2)  # warm-up
+    chaintune.estimate_gradient(model, v["reward"], "truncated-backprop", n=2, steps=2)  # warm-up
 
     def work() -> dict:
-        chaintune.estimate_gradient(model, cfg.reward, estimator_from_config(cfg), n=cfg.batch_size,
-                                    steps=cfg.sample_steps, eta=cfg.eta, checkpoint=cfg.gradient_checkpointing,
+        chaintune.estimate_gradient(model, v["reward"], estimator_from_config(cfg), n=v["batch_size"],
+                                    steps=v["sample_steps"], eta=v["eta"], checkpoint=v["gradient_checkpointing"],
                                     generator=torch.Generator().manual_seed(0))
         return {}
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     C.setup_threads(1)
     import chaintune
+    from chaintune.options import flat_values
     from chaintune.training.align import align, read_metrics
 
     t_start = time.time()
@@ -166,11 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
             evals = [{k: v for k, v in m.items() if k.startswith("eval/") or k == "step"}
                      for m in metrics if "eval/reward" in m]
             for e in evals:
-                e["samples"] = e["step"] * cfg.batch_size * cfg.grad_accum
+                e["samples"] = e["step"] * cfg.optim.batch_size * cfg.optim.grad_accum
                 e["train_seconds"] = clock[e["step"]]
             train = [{"step": m["step"], "reward_mean": m["reward_mean"], "grad_norm": m.get("grad_norm")}
                      for m in metrics if "reward_mean" in m]
-            run = {"method": label, "config": {k: getattr(cfg, k) for k in (
+            run = {"method": label, "config": {k: flat_values(cfg)[k] for k in (
                        "estimator", "h", "zo", "ho", "k", "lr", "sigma", "steps", "batch_size", "sample_steps", "eta")},
                    "evals": evals, "train": train, "sec_per_step": med, "sample_sec_same_batch": sample_s,
                    "step_over_sample": med / sample_s, "wall_seconds": wall,

@@ -1,23 +1,26 @@
 """Offline transfer benchmarks: Diff-Tuning vs plain fine-tuning at equal steps.
 
-Two benchmarks (``--benchmark``):
+A benchmark is a preset, a YAML file under ``benchmarks/presets/`` (``--benchmark NAME``, or the path of
+your own file): its data (base model, few-shot target, held-out evaluation images, references) and,
+over ``presets/defaults.yaml``, its run settings and those of ``--quick``. Flags override the preset.
 
 * ``glyphs`` (default): ``builtin:glyphs`` (digits typeset from fonts) -> few-shot handwritten
   digits (``digits-fewshot:K``), FID vs the held-out ``digits:test``. Source and target differ
   even in fine detail (typeset vs handwritten strokes).
-* ``classes``: a DDPM pretrained on handwritten digits 0-4 (``digits-0to4:train``, the shipped
-  ``builtin:digits`` config, pretrained here once (~13 min) and cached) -> few-shot handwritten digits 5-9
+* ``classes``: a DDPM pretrained on handwritten digits 0-4 (``pretrain:digits-0to4:train``: the shipped
+  ``builtin:digits`` recipe, pretrained here once (~13 min) and cached) -> few-shot handwritten digits 5-9
   (``digits-fewshot-5to9:K``), FID vs the held-out ``digits-5to9:test``. Same writers, pen and
   scanner, new global shapes: the setting where Diff-Tuning's premise (low-noise denoising is
   shared across domains) holds by construction.
 
 Both run several seeds (optionally PEFT variants with seed 0), record FID at intermediate steps
-(``fid_curve``), and analyse the chain of forgetting of the plainly fine-tuned model. FID/KID use
-the shipped digit classifier's features on 1000 generated images against images never seen in
-training.
+(``fid_curve``), report what the final samples are (:func:`chaintune.transfer.diagnostics.sample_report`)
+and analyse the chain of forgetting of the plainly fine-tuned model. FID/KID use the shipped digit
+classifier's features on 1000 generated images against images never seen in training.
 
     python benchmarks/transfer.py                        # glyphs: about 30 min on one core
     python benchmarks/transfer.py --benchmark classes --shots 10 --eval-every 250
+    python benchmarks/transfer.py --benchmark my_preset.yaml
     python benchmarks/transfer.py --quick                # CI smoke: under 2 min
     python benchmarks/transfer.py --merge a.json b.json --name c   # pool seeds of equal-config runs
 
@@ -38,31 +41,72 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from chaintune.transfer.diagnostics import model_sample_report, nearest_distance  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent
+PRESETS = ROOT / "presets"
+BENCHMARKS = sorted(p.stem for p in PRESETS.glob("*.yaml") if p.stem != "defaults")
+DATA_KEYS = ("base", "target", "eval_data", "real", "source", "name")  # every preset names these
+SECTIONS = ("description", "run", "quick", "pretrain")
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (a preset changes one key, not a whole section)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _defaults() -> dict:
+    return yaml.safe_load((PRESETS / "defaults.yaml").read_text())
+
+
+def load_preset(name: str) -> dict:
+    """A benchmark preset: ``presets/NAME.yaml`` (or a YAML path) over ``presets/defaults.yaml``."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: unknown benchmark {name!r}: one of {', '.join(BENCHMARKS)} or a preset .yaml file")
+    defaults = _defaults()
+    own = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(own) - set(DATA_KEYS) - set(SECTIONS))
+    unknown += sorted(f"{sec}.{k}" for sec in ("run", "quick") for k in own.get(sec) or {}
+                      if k not in defaults["run"])
+    missing = [k for k in DATA_KEYS if k not in own]
+    if unknown or missing:
+        raise SystemExit(f"error: preset {path}: " + "; ".join(
+            ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            + ([f"missing {', '.join(missing)}"] if missing else [])))
+    return _merged(defaults, own)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    run = _defaults()["run"]  # for the help texts; the chosen preset may override them
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI smoke run (< 2 min): 1 seed, few steps")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="CI smoke run (< 2 min): the presets' quick settings")
+    p.add_argument("--seeds", type=int, default=None, help=f"(default: the preset's, {run['seeds']})")
     p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--skip-forgetting", action="store_true", help="no chain-of-forgetting analysis")
-    p.add_argument("--steps", type=int, default=1000, help="fine-tuning steps per run (equal for all methods)")
-    p.add_argument("--shots", default="10,50", help="images per class in the few-shot target (comma list)")
-    p.add_argument("--peft", default="", help="PEFT variants run with seed 0, e.g. difffit,lora (default: none)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--bank-size", type=int, default=1000)
-    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps per run (equal for all methods; default {run['steps']})")
+    p.add_argument("--shots", default=None,
+                   help=f"images per class in the few-shot target (comma list; default {run['shots']})")
+    p.add_argument("--peft", default=None, help="PEFT variants run with seed 0, e.g. difffit,lora (default: none)")
+    p.add_argument("--lr", type=float, default=None, help=f"(default {run['lr']})")
+    p.add_argument("--bank-size", type=int, default=None, help=f"(default {run['bank_size']})")
+    p.add_argument("--eval-samples", type=int, default=None, help=f"(default {run['eval_samples']})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model size)")
-    p.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="glyphs",
-                   help="preset of base / target / evaluation data (module docstring)")
+    p.add_argument("--benchmark", default="glyphs", metavar="|".join(BENCHMARKS) + "|FILE.yaml",
+                   help="preset of base / target / evaluation data and run settings (module docstring)")
     p.add_argument("--base", default=None, help="pretrained source model: a model id or pretrain:DATASET "
                    "(default: the benchmark's)")
     p.add_argument("--target", default=None, help="few-shot target dataset id with {k} for the shot count")
     p.add_argument("--eval-data", default=None, help="held-out target images for FID")
-    p.add_argument("--eval-every", type=int, default=0, help="FID every N steps (default: steps // 2)")
-    p.add_argument("--methods", default="plain,diff-tuning", help="transfer methods run for every seed")
+    p.add_argument("--eval-every", type=int, default=None, help="FID every N steps (default: steps // 2)")
+    p.add_argument("--methods", default=None,
+                   help=f"transfer methods run for every seed (default {run['methods']})")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra Diff-Tuning variant run like the methods, with TransferConfig overrides, "
                         "e.g. psi-only:lam=0 or retention-only:alpha=0 (repeatable)")
@@ -70,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pixel size of a pretrain: base (default: the shipped config's 8)")
     p.add_argument("--sample-guidance", type=float, default=None,
                    help="CFG scale of the evaluation samples of a class-conditional model (default: none)")
-    p.add_argument("--bank-labels", default="random",
+    p.add_argument("--bank-labels", default=None,
                    help="classes of a conditional base's bank samples: random, null or a list like 0,1,2,3,4")
     p.add_argument("--num-classes", type=int, default=None,
                    help="pretrain: a class-conditional base (bank samples then train its null class)")
@@ -82,35 +126,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="stem of the result files (default: the benchmark's)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    preset = BENCHMARKS[a.benchmark]
-    for key in ("base", "target", "eval_data", "name"):
-        if getattr(a, key) is None:
-            setattr(a, key, preset[key])
-    if a.quick:
-        a.seeds, a.steps, a.shots, a.peft = 1, 60, "10", ""
-        a.bank_size, a.eval_samples, a.eval_every = 200, 300, 0
-        a.pretrain_steps = a.pretrain_steps or 40
+    preset = load_preset(a.benchmark)
+    # layers, last wins: preset run settings, --quick's, the flags given (None: not given)
+    settings = _merged(preset["run"], preset["quick"]) if a.quick else preset["run"]
+    for key in (*DATA_KEYS, *settings):
+        if getattr(a, key, None) is None:
+            setattr(a, key, preset[key] if key in DATA_KEYS else settings[key])
     a.eval_every = a.eval_every or a.steps // 2
     a.variants = dict(parse_variant(v) for v in a.variant)
     a.out = a.out or (ROOT / "results" / ("tmp" if a.quick else ""))
     return a
 
 
-BENCHMARKS = {
-    "glyphs": {"base": "builtin:glyphs", "target": "digits-fewshot:{k}", "eval_data": "digits:test",
-               "real": "digits:train", "source": "glyphs:test", "name": "transfer"},
-    "classes": {"base": "pretrain:digits-0to4:train", "target": "digits-fewshot-5to9:{k}",
-                "eval_data": "digits-5to9:test", "real": "digits-5to9:train", "source": "digits-0to4:test",
-                "name": "transfer_classes"},
-}
-
-
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:KEY=VALUE,...`` -> (NAME, overrides); values are parsed as YAML scalars (numbers, bools)."""
-    from dataclasses import fields
-
-    import yaml
-
+    from chaintune.errors import ChaintuneError
     from chaintune.transfer import TransferConfig
 
     name, _, body = text.partition(":")
@@ -120,21 +150,41 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not eq or not name:
             raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    unknown = set(overrides) - {f.name for f in fields(TransferConfig)}
-    if unknown:
-        raise SystemExit(f"--variant {text!r}: unknown TransferConfig field(s) {', '.join(sorted(unknown))}")
+    try:  # unknown option names fail here, before anything runs
+        TransferConfig.from_dict({"method": "diff-tuning", **overrides})
+    except ChaintuneError as e:
+        raise SystemExit(f"--variant {text!r}: {e}") from None
     return name, {"method": "diff-tuning", **overrides}
 
 
+def _flat(cfg) -> dict:
+    """A config's options by flat name (the keys ``from_dict`` takes), however its sections nest."""
+    from chaintune.options import flat_values
+
+    return flat_values(cfg)
+
+
+def bank_config(values: dict):
+    """The knowledge-bank settings of a transfer run with these flat options."""
+    from chaintune.transfer import TransferConfig
+
+    cfg = TransferConfig.from_dict(values)
+    cfg.validate()  # bank labels "0,1,2" -> [0, 1, 2]
+    return cfg.bank
+
+
+PRETRAIN_KEY = ("dataset", "resolution", "block_out_channels", "layers_per_block", "attention", "norm_num_groups",
+                "num_classes", "num_train_timesteps", "beta_schedule", "prediction_type", "steps", "batch_size", "lr",
+                "warmup_steps", "ema_decay", "label_dropout", "seed")
+
+
 def pretrained_base(spec: str, resolution: int | None = None, num_classes: int | None = None,
-                    steps: int | None = None):
-    """``(model, id)`` for ``--base``: a model id, or ``pretrain:DATASET`` — the shipped
-    ``builtin:digits`` training config (``chaintune/configs/builtin_digits.yaml``) run on DATASET,
-    cached under ``benchmarks/results/tmp/bases/`` (deterministic: seed 0, about 13 min on one core)."""
+                    steps: int | None = None, pretrain_preset: dict | None = None):
+    """``(model, id)`` for ``--base``: a model id, or ``pretrain:DATASET`` — the preset's recipe (default the
+    shipped ``builtin:digits`` training config, ``chaintune/configs/builtin_digits.yaml``) run on DATASET,
+    cached under the preset's cache folder (deterministic: seed 0, about 13 min on one core)."""
     import hashlib
     import json
-
-    import yaml
 
     import chaintune
 
@@ -142,7 +192,8 @@ def pretrained_base(spec: str, resolution: int | None = None, num_classes: int |
         return chaintune.load(spec), spec
     from chaintune.training.pretrain import PretrainConfig, pretrain
 
-    cfg_path = Path(chaintune.__file__).resolve().parent / "configs" / "builtin_digits.yaml"
+    settings = pretrain_preset or _defaults()["pretrain"]
+    cfg_path = Path(chaintune.__file__).resolve().parent / "configs" / settings["recipe"]
     values = {**yaml.safe_load(cfg_path.read_text()), "dataset": spec.split(":", 1)[1]}
     if resolution:
         values["resolution"] = resolution
@@ -151,12 +202,15 @@ def pretrained_base(spec: str, resolution: int | None = None, num_classes: int |
     if steps:
         values["steps"] = steps
         values["warmup_steps"] = min(values["warmup_steps"], steps // 2)
-    cfg = PretrainConfig(**values)
-    key = hashlib.sha256(json.dumps(vars(cfg), sort_keys=True).encode()).hexdigest()[:10]
-    path = ROOT / "results" / "tmp" / "bases" / f"{cfg.dataset.replace(':', '-')}-{key}"
-    if not (path / "model_index.json").exists():
-        print(f"pretraining the source model on {cfg.dataset} -> {path}", flush=True)
-        pretrain(cfg, out=path, show_progress=False)
+    cfg = PretrainConfig.from_dict(values)
+    # the key hashes what determines the weights (the options of the first, flat PretrainConfig), so bases
+    # cached before the config became nested are found again
+    flat = _flat(cfg)
+    key = hashlib.sha256(json.dumps({k: flat[k] for k in PRETRAIN_KEY}, sort_keys=True).encode()).hexdigest()[:10]
+    path = ROOT / settings["cache"] / f"{values['dataset'].replace(':', '-')}-{key}"
+    if not any((p / "model_index.json").exists() for p in (path, path / "model")):
+        print(f"pretraining the source model on {values['dataset']} -> {path}", flush=True)
+        pretrain(cfg, out=path, show_progress=False, overwrite=True)
     return chaintune.load(str(path)), str(path)
 
 
@@ -173,54 +227,56 @@ def main(argv=None) -> dict:
     from chaintune.transfer.forgetting import analyze
 
     t_start = time.time()
-    base, base_id = pretrained_base(args.base, args.resolution, args.num_classes, args.pretrain_steps)
-    preset = BENCHMARKS[args.benchmark]
+    base, base_id = pretrained_base(args.base, args.resolution, args.num_classes, args.pretrain_steps,
+                                    load_preset(args.benchmark)["pretrain"])
     size = base.latent_shape[-1]  # pixel-space bases: data at the model's resolution
     test_x, test_y = load_dataset(args.eval_data, size=size)
-    train_x, _ = load_dataset(preset["real"], size=size)
+    train_x, _ = load_dataset(args.real, size=size)
     bank_root = ROOT / "results" / "tmp" / "banks"
-    bank = build_bank(base, TransferConfig(bank_size=args.bank_size, bank_labels=args.bank_labels).bank_config(),
-                      bank_root)
+    bank = build_bank(base, bank_config({"bank_size": args.bank_size, "bank_labels": args.bank_labels}), bank_root)
     shots = [int(s) for s in args.shots.split(",") if s]
     peft_variants = [p for p in args.peft.split(",") if p]
-    sample_steps = 50 if not args.quick else 20
+    sample_steps, feature = args.sample_steps, args.feature
 
     def fid_of(model) -> dict:
-        imgs = generate(model, args.eval_samples, sample_steps, 1.0, seed=12345)
-        return fid_kid(test_x, imgs, "digits-cnn")
+        imgs = generate(model, args.eval_samples, sample_steps, 1.0, seed=args.base_sample_seed)
+        return fid_kid(test_x, imgs, feature)
 
     base_key = "base model (glyphs), no tuning" if args.base == "builtin:glyphs" else "base model, no tuning"
     refs = {
         base_key: fid_of(base),
-        f"{preset['real']} (real data, reference)": fid_kid(test_x, train_x, "digits-cnn"),
-        f"{preset['source']} (source data)": fid_kid(test_x, load_dataset(preset["source"], size=size)[0],
-                                                     "digits-cnn"),
+        f"{args.real} (real data, reference)": fid_kid(test_x, train_x, feature),
+        f"{args.source} (source data)": fid_kid(test_x, load_dataset(args.source, size=size)[0], feature),
     }
     targets = {k: load_dataset(args.target.format(k=k), size=size) for k in shots}  # (images, labels)
     for k in shots:
-        refs[f"{args.target.format(k=k)} itself"] = fid_kid(test_x, targets[k][0], "digits-cnn")
+        refs[f"{args.target.format(k=k)} itself"] = fid_kid(test_x, targets[k][0], feature)
 
     runs: list[dict] = []
     tuned_models: dict = {}
 
     def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
         overrides = args.variants.get(method, {"method": method})
-        cfg = TransferConfig(model=base_id, data=args.target.format(k=k), peft=peft,
-                             steps=args.steps, lr=args.lr if peft == "none" else args.lr * 10,
-                             bank_size=args.bank_size, bank_labels=args.bank_labels, bank_dir=str(bank_root),
-                             eval_data=args.eval_data,
-                             feature="digits-cnn", eval_every=args.eval_every, eval_samples=args.eval_samples,
-                             sample_steps=sample_steps, sample_guidance=args.sample_guidance, seed=seed,
-                             log_every=max(1, args.steps // 10), **overrides)
+        cfg = TransferConfig.from_dict({
+            "model": base_id, "data": args.target.format(k=k), "peft": peft, "steps": args.steps,
+            "lr": args.lr if peft == "none" else args.lr * args.peft_lr_scale,
+            "bank_size": args.bank_size, "bank_labels": args.bank_labels, "bank_dir": str(bank_root),
+            "eval_data": args.eval_data, "feature": feature, "eval_every": args.eval_every,
+            "eval_samples": args.eval_samples, "sample_steps": sample_steps, "sample_guidance": args.sample_guidance,
+            "seed": seed, "log_every": max(1, args.steps // 10), **overrides})
         t0 = time.time()
         res = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
         seconds = round(time.time() - t0, 1)  # training and its evaluations, not the report below
         curve = {r["step"]: r["fid"] for r in res.history if "fid" in r}
         m = res.final
+        o = _flat(cfg)  # the final FID's samples: the trainer's seed + 12345 and evaluation settings
+        report = model_sample_report(res.model, targets[k], test_x, n=o["eval_samples"], steps=o["sample_steps"],
+                                     eta=o["sample_eta"], seed=o["seed"] + 12345,
+                                     guidance_scale=o["sample_guidance"], classifier=args.report_classifier)
         row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
                "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
-               "samples": sample_report(res.model, cfg, targets[k], test_x),
+               "samples": report,
                "final_loss": res.history[-2]["loss"] if len(res.history) > 1 else None,
                "seconds": seconds}
         runs.append(row)
@@ -249,11 +305,11 @@ def main(argv=None) -> dict:
     forgetting: dict = {}
     if plain and not args.skip_forgetting:
         tuned = tuned_models[min(plain, key=lambda key: (key[1] != "none", key[2] != shots[0], key[3]))]
-        thresholds = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000] if not args.quick else [0, 500, 1000]
+        fg = args.forgetting
         forgetting = analyze(base, tuned, test_x, bank.latents, eval_images=test_x,
-                             num_timesteps=20 if not args.quick else 5, thresholds=thresholds,
-                             handover_n=min(500, args.eval_samples), steps=sample_steps, feature="digits-cnn",
-                             target_labels=test_y)
+                             num_timesteps=fg["num_timesteps"], thresholds=list(fg["thresholds"]),
+                             handover_n=min(fg["handover_samples"], args.eval_samples), steps=sample_steps,
+                             feature=feature, target_labels=test_y)
 
     summary = summarize(runs)
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -343,41 +399,6 @@ def paired(runs: list[dict]) -> list[dict]:
             row["p_ttest"] = float(stats.ttest_rel([r["fid"] for r in rows], [p["fid"] for p in ref]).pvalue)
             row["kid_p_ttest"] = float(stats.ttest_rel([r["kid"] for r in rows], [p["kid"] for p in ref]).pvalue)
         out.append(row)
-    return out
-
-
-def nearest_distance(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Per image, the RMS pixel distance to its nearest reference image."""
-    return torch.cdist(images.flatten(1).double(), references.flatten(1).double()).amin(1) / images[0].numel() ** 0.5
-
-
-@torch.no_grad()
-def sample_report(model, cfg, target: tuple[torch.Tensor, torch.Tensor], eval_images: torch.Tensor) -> dict:
-    """What the final evaluation samples are: the same samples as the run's final FID (same seed, EMA weights).
-
-    By the shipped digit classifier: ``hist``, the share of each predicted digit; ``source_share``,
-    the share predicted as a digit the target does not contain (leaked from the source domain);
-    ``label_match`` (class-conditional models), the share predicted as the label sampled for.
-    Memorisation: ``nn_train``, the median distance of a sample to its nearest training image,
-    against ``nn_heldout``, the same for the held-out images (new digits of the target domain);
-    ``copies``, the share of samples nearer to a training image than 95% of held-out images are.
-    """
-    from chaintune.classifiers import load_classifier
-    from chaintune.transfer.data import generate
-
-    x_train, y_train = target
-    imgs, labels = generate(model, cfg.eval_samples, cfg.sample_steps, cfg.sample_eta, seed=cfg.seed + 12345,
-                            classes=y_train, guidance_scale=cfg.sample_guidance, with_labels=True)
-    pred = load_classifier("digits-cnn")(imgs).argmax(1)
-    hist = torch.bincount(pred, minlength=10).double() / len(pred)
-    classes = set(y_train.tolist())
-    d_gen, d_new = nearest_distance(imgs, x_train), nearest_distance(eval_images, x_train)
-    out = {"hist": [round(v, 4) for v in hist.tolist()],
-           "source_share": float(sum(hist[c] for c in range(10) if c not in classes)),
-           "nn_train": float(d_gen.median()), "nn_heldout": float(d_new.median()),
-           "copies": float((d_gen < d_new.quantile(0.05)).double().mean())}
-    if labels is not None:
-        out["label_match"] = float((pred == labels).double().mean())
     return out
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chaintune.errors import InputFileNotFoundError, unknown_name
+
 CLASSIFIER_DIR = Path(__file__).resolve().parent / "assets" / "classifiers"
 CLASSIFIERS = ("digits-cnn", "digits-mlp")
 
@@ -143,11 +145,12 @@ _CACHE: dict[str, nn.Module] = {}
 def load_classifier(name: str = "digits-cnn") -> nn.Module:
     """A shipped classifier (frozen, eval mode). Cached per process."""
     if name not in _ARCH:
-        raise ValueError(f"unknown classifier {name!r}; available: {list(_ARCH)}")
+        raise unknown_name("classifier", name, _ARCH)
     if name not in _CACHE:
         path = CLASSIFIER_DIR / f"{name}.safetensors"
         if not path.exists():
-            raise FileNotFoundError(f"classifier weights missing at {path}; rebuild with classifiers.train_classifier")
+            raise InputFileNotFoundError(f"classifier weights missing at {path} (an incomplete install?); rebuild "
+                                         "them with chaintune.classifiers.train_classifier or reinstall chaintune")
         net = _ARCH[name]()
         net.load_state_dict(load_file(str(path)))
         net.eval().requires_grad_(False)

@@ -13,6 +13,7 @@ Feature specs: ``digits-cnn`` (default), ``digits-mlp``, ``inception:/path/to/we
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch import nn
 
 from chaintune.errors import ChaintuneError
 
-__all__ = ["FeatureNet", "feature_network", "fid_kid", "fid", "kid", "INCEPTION_ENV"]
+__all__ = ["FeatureNet", "feature_network", "fid_kid", "fid", "kid", "INCEPTION_ENV", "pairwise_diversity",
+           "nearest_real_distance"]
 
 INCEPTION_ENV = "CHAINTUNE_INCEPTION_WEIGHTS"
 
@@ -153,3 +155,30 @@ def fid(real: torch.Tensor, fake: torch.Tensor, feature: str | nn.Module = "digi
 
 def kid(real: torch.Tensor, fake: torch.Tensor, feature: str | nn.Module = "digits-cnn") -> float:
     return fid_kid(real, fake, feature)["kid"]
+
+
+def pairwise_diversity(images: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between samples (per pixel): collapse to one image drives it to 0."""
+    x = images.flatten(1).float()
+    if len(x) < 2:
+        return 0.0
+    d = torch.cdist(x, x) / math.sqrt(x.shape[1])
+    return float(d.sum() / (len(x) * (len(x) - 1)))
+
+
+def nearest_real_distance(images: torch.Tensor) -> float:
+    """Mean RMS pixel distance from each sample to its nearest real training digit (scikit-learn digits).
+
+    Classifier rewards on 8x8 images are easy to fool with noise that a classifier calls a "3";
+    samples that stay digits stay close to some real digit, so this rises when alignment hacks.
+    """
+    import torch.nn.functional as F
+
+    from chaintune.data import digits_split
+
+    real, _ = digits_split("train", 8)
+    x = images.float().cpu()
+    if x.shape[-1] != 8:
+        x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+    d = torch.cdist(x.flatten(1), real.flatten(1)) / 8.0
+    return float(d.min(1).values.mean())

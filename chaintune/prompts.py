@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from chaintune.backends.base import Conditions
+from chaintune.errors import ChaintuneError, InputFileNotFoundError, user_code_error
 
 __all__ = ["BUILTIN_PROMPTS", "PromptSource", "load_prompts", "StagePrompts", "StagedModel", "STAGES"]
 
@@ -43,9 +44,9 @@ class PromptSource:
 
     def __init__(self, prompts: Sequence[str] | None = None, fn: Callable | None = None, name: str = "prompts"):
         if (prompts is None) == (fn is None):
-            raise ValueError("give either a list of prompts or a prompt function")
+            raise ChaintuneError("give either a list of prompts or a prompt function")
         if prompts is not None and not prompts:
-            raise ValueError(f"{name}: no prompts")
+            raise ChaintuneError(f"{name}: no prompts")
         self.prompts = None if prompts is None else list(prompts)
         self.fn = fn
         self.name = name
@@ -60,20 +61,34 @@ class PromptSource:
             return [self.prompts[int(i)] for i in idx]
         out = []
         for _ in range(n):
-            p = self.fn()
+            try:
+                p = self.fn()
+            except Exception as e:
+                raise user_code_error(f"your prompt function {self.name!r}", e) from e
             out.append(p[0] if isinstance(p, tuple) else p)  # DDPO prompt functions return (prompt, metadata)
         if not all(isinstance(p, str) for p in out):
-            raise TypeError(f"prompt function {self.name} must return str or (str, metadata)")
+            raise ChaintuneError(f"prompt function {self.name} must return str or (str, metadata)")
         return out
 
 
 def _read_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChaintuneError(f"prompt file {path} is not UTF-8 text ({e})") from e
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ChaintuneError(f"prompt file {path} is not valid JSON: {e}") from e
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of prompts")
+            raise ChaintuneError(f"{path}: expected a JSON list of prompts")
+        bad = [d for d in data if isinstance(d, dict) and "prompt" not in d]
+        if bad:
+            raise ChaintuneError(f"{path}: every object in the list needs a 'prompt' key, e.g. "
+                                 f"{{\"prompt\": \"a cat\"}}; got {json.dumps(bad[0])[:80]}")
         return [d["prompt"] if isinstance(d, dict) else str(d) for d in data]
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in text.splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
@@ -86,15 +101,15 @@ def load_prompts(source: str | Path | Sequence[str] | Callable | PromptSource) -
     if isinstance(source, str) and source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_PROMPTS:
-            raise ValueError(f"unknown builtin prompt set {name!r}; available: {sorted(BUILTIN_PROMPTS)}")
+            raise ChaintuneError(f"unknown builtin prompt set {name!r}; available: {sorted(BUILTIN_PROMPTS)}")
         return PromptSource(BUILTIN_PROMPTS[name], name=source)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
+            raise InputFileNotFoundError(f"prompt file not found: {path}")
         prompts = _read_file(path)
         if not prompts:
-            raise ValueError(f"prompt file {path} has no prompts")
+            raise ChaintuneError(f"prompt file {path} has no prompts")
         return PromptSource(prompts, name=str(path))
     return PromptSource([str(p) for p in source], name="list")
 
@@ -123,7 +138,7 @@ class StagePrompts:
     def __post_init__(self):
         b1, b2 = self.boundaries
         if not 0 <= b1 <= b2 <= 1:
-            raise ValueError(f"boundaries must satisfy 0 <= b1 <= b2 <= 1, got {self.boundaries}")
+            raise ChaintuneError(f"boundaries must satisfy 0 <= b1 <= b2 <= 1, got {self.boundaries}")
 
     def stage_of_fraction(self, frac: float) -> str:
         b1, b2 = self.boundaries
@@ -138,13 +153,16 @@ class StagePrompts:
             return [spec] * n
         if callable(spec):
             if base is None:
-                raise ValueError(f"stage {stage!r} is a function of the prompt, but the samples have no prompts")
-            return [spec(p) for p in base]
+                raise ChaintuneError(f"stage {stage!r} is a function of the prompt, but the samples have no prompts")
+            try:
+                return [spec(p) for p in base]
+            except Exception as e:
+                raise user_code_error(f"your {stage} stage prompt function", e) from e
         spec = list(spec)
         if len(spec) == 1:
             return spec * n
         if len(spec) != n:
-            raise ValueError(f"stage {stage!r} has {len(spec)} prompts for {n} samples")
+            raise ChaintuneError(f"stage {stage!r} has {len(spec)} prompts for {n} samples")
         return spec
 
 

@@ -14,8 +14,8 @@ def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddi
     """The scheduler a chain runs with: ``'ddim'`` (eta-controlled), ``'ddpm'``, an instance, or
     ``None`` for the model's own.
 
-    Flow-matching models (``kind='flow'``) have no DDIM/DDPM form: any string kind ('ddim',
-    'ddpm', 'flow') gives their FlowMatchEulerDiscreteScheduler, run as an SDE whose noise level is
+    Flow-matching models (a ``FlowMatchEulerDiscreteScheduler``) have no DDIM/DDPM form: any string
+    kind ('ddim', 'ddpm', 'flow') gives their FlowMatchEulerDiscreteScheduler, run as an SDE whose noise level is
     ``eta`` (eta = 0 is the pipeline's Euler sampler), so trainers keep their 'ddim' default.
     """
     if scheduler is None:
@@ -39,7 +39,7 @@ def make_conditions(
     """Per-sample conditions for ``n`` samples (a single label/prompt is repeated)."""
     cond = model.default_conditions(n, generator=generator)
     if labels is not None:
-        if not model.class_conditional:
+        if not model.takes_labels:
             raise ValueError(f"{model.kind} model {model.source!r} is not class-conditional; drop labels")
         t = torch.as_tensor(labels, dtype=torch.long).flatten()
         if t.numel() == 1:
@@ -50,8 +50,9 @@ def make_conditions(
             raise ValueError(f"labels must be in [0, {model.num_classes - 1}]")
         cond.labels = t
     if prompts is not None:
-        if model.kind != "sd" and model.kind != "flow":
-            raise ValueError(f"{model.kind} model takes class labels, not prompts")
+        if not model.takes_prompts:
+            what = "class labels" if model.takes_labels else "no conditions"
+            raise ValueError(f"{model.kind} model {model.source!r} takes {what}, not prompts")
         p = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(p) == 1:
             p = p * n

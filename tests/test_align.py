@@ -43,7 +43,8 @@ def test_run_directory_is_complete_and_loads_in_diffusers(full_run):
 
 def test_lora_run_writes_adapter_and_merged_model(tmp_path):
     out = tmp_path / "lora"
-    align(AlignConfig.from_dict(dict(**TINY, estimator="truncated-backprop", peft="lora", lora_rank=2, lr=1e-2, out=str(out))))
+    align(AlignConfig.from_dict(dict(**TINY, estimator="truncated-backprop", peft="lora", lora_rank=2, lr=1e-2,
+                                     out=str(out))))
     info = json.loads((out / "chaintune_run.json").read_text())
     assert info["peft"] == "lora" and 0 < info["trainable_parameters"] < 20_000
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -64,8 +65,8 @@ def test_lora_run_writes_adapter_and_merged_model(tmp_path):
 
 def test_guards_are_trained_and_logged(tmp_path):
     out = tmp_path / "guards"
-    align(AlignConfig.from_dict(dict(**TINY, estimator="rlr", kl_weight=0.1, retention_weight=0.5, retention_samples=8,
-                      out=str(out))))
+    align(AlignConfig.from_dict(dict(**TINY, estimator="rlr", kl_weight=0.1, retention_weight=0.5,
+                                     retention_samples=8, out=str(out))))
     rows = read_metrics(out)
     assert all("kl" in r and "retention_loss" in r for r in rows[1:])
     assert all(r["kl"] >= 0 for r in rows[1:])

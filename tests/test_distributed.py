@@ -9,10 +9,9 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import dist_helpers as td
 import pytest
 import torch
-
-import dist_helpers as td
 
 ONE_PROCESS = SimpleNamespace(num_processes=1)  # what reduce_gradients reads from an Accelerator
 

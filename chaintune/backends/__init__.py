@@ -7,19 +7,46 @@ A model id is one of:
   ``DiTPipeline``, ``StableDiffusion3Pipeline`` (flow matching), or a bare ``UNet2DModel``);
 * a chaintune run directory (written by ``chaintune align`` / ``chaintune transfer``);
 * a Hugging Face hub id (resolved through the local cache when offline).
+
+The backend classes are imported lazily (PEP 562), so reading run metadata
+(:mod:`chaintune.backends.run_dir`) does not pay for torch and diffusers.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from chaintune.backends.base import Conditions, DiffusionModel
-from chaintune.backends.dit import DiTModel, load_dit
-from chaintune.backends.flow import FlowModel, load_flow
-from chaintune.backends.sd import StableDiffusionModel, load_sd
-from chaintune.backends.unet import UNetModel, load_unet
+from chaintune.backends.run_dir import RUN_MARKER, is_run_dir, load_run
+
+if TYPE_CHECKING:
+    from chaintune.backends.base import Conditions, DiffusionModel
+    from chaintune.backends.dit import DiTModel
+    from chaintune.backends.flow import FlowModel
+    from chaintune.backends.sd import StableDiffusionModel
+    from chaintune.backends.unet import UNetModel
+
+# public name -> module that defines it
+_LAZY = {
+    "Conditions": "chaintune.backends.base",
+    "DiffusionModel": "chaintune.backends.base",
+    "UNetModel": "chaintune.backends.unet",
+    "StableDiffusionModel": "chaintune.backends.sd",
+    "DiTModel": "chaintune.backends.dit",
+    "FlowModel": "chaintune.backends.flow",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'chaintune.backends' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Conditions",
@@ -32,6 +59,7 @@ __all__ = [
     "builtin_path",
     "BUILTIN_MODELS",
     "ModelNotFoundError",
+    "RUN_MARKER",
 ]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -39,7 +67,6 @@ BUILTIN_MODELS = {
     "digits": "DDPM on scikit-learn's 8x8 handwritten digits (unconditional UNet2DModel)",
     "glyphs": "DDPM on digits rendered from matplotlib's DejaVu fonts (transfer source domain)",
 }
-RUN_MARKER = "chaintune_run.json"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -63,6 +90,11 @@ def builtin_path(name: str) -> Path:
 
 
 def _load_dir(path: Path, source: str) -> DiffusionModel:
+    from chaintune.backends.dit import load_dit
+    from chaintune.backends.flow import load_flow
+    from chaintune.backends.sd import load_sd
+    from chaintune.backends.unet import load_unet
+
     index = path / "model_index.json"
     if index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
@@ -114,10 +146,8 @@ def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: b
         model = _load_dir(builtin_path(model_id.split(":", 1)[1]), model_id)
     else:
         path = Path(model_id).expanduser()
-        if path.is_dir() and (path / RUN_MARKER).exists():
-            from chaintune.training.runs import load_run
-
-            model = load_run(path)
+        if path.is_dir() and is_run_dir(path):
+            model = load_run(path, load)
         elif path.is_dir():
             check_safe_weights(path, allow_pickle)
             model = _load_dir(path, model_id)

@@ -3,6 +3,13 @@
 A backend never steps a scheduler itself (that is ``chaintune.chain``'s job); it only turns
 (x_t, t, conditions) into the model output the scheduler expects, with classifier-free guidance
 applied, and turns final latents into images in [0, 1].
+
+Code outside ``chaintune.backends`` never branches on a backend's ``kind`` (a recorded name, for
+manifests and messages); it asks the model what it can do: :attr:`~DiffusionModel.takes_labels`,
+:attr:`~DiffusionModel.takes_prompts`, :meth:`~DiffusionModel.null_conditions`,
+:attr:`~DiffusionModel.has_null_branch`, :attr:`~DiffusionModel.decodes_latents`,
+:attr:`~DiffusionModel.pixel_shape`, :attr:`~DiffusionModel.produces_video` and
+:meth:`~DiffusionModel.save_lora_weights`. A new backend answers these and every trainer works.
 """
 
 from __future__ import annotations
@@ -40,14 +47,47 @@ class Conditions:
             extra=dict(self.extra),
         )
 
+    @staticmethod
+    def cat(parts: Sequence[Conditions]) -> Conditions:
+        """One batch from several (e.g. target samples, then bank samples on the null branch).
+
+        Every part must carry the same fields (labels and/or prompts), the same guidance and no
+        ``extra``: a backend reads a batch's conditions as a whole, so "given for some samples, missing
+        for others" cannot be expressed. Raises ``ValueError`` otherwise (callers then run the parts
+        as separate batches).
+        """
+        if not parts:
+            raise ValueError("Conditions.cat needs at least one part")
+        first = parts[0]
+        for p in parts:
+            if p.extra:
+                raise ValueError("Conditions with extra fields cannot be concatenated")
+            if (p.labels is None) != (first.labels is None) or (p.prompts is None) != (first.prompts is None):
+                raise ValueError("Conditions.cat: parts differ in which of labels/prompts they carry")
+            if p.guidance_scale != first.guidance_scale:
+                raise ValueError("Conditions.cat: parts differ in guidance_scale")
+        return Conditions(
+            labels=None if first.labels is None else torch.cat([p.labels for p in parts]),
+            prompts=None if first.prompts is None else [q for p in parts for q in p.prompts],
+            guidance_scale=first.guidance_scale,
+        )
+
+
+def vae_pixel_shape(vae: nn.Module, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(channels, height, width) of the images an ``AutoencoderKL`` decodes ``latent_shape`` latents to."""
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    _, h, w = latent_shape
+    return int(vae.config.in_channels), h * scale, w * scale
+
 
 class DiffusionModel:
     """A loaded diffusion model: ``denoiser`` (the trainable module), ``scheduler``, decoder.
 
-    Subclasses implement :meth:`denoise_fn`, :meth:`decode` and :meth:`save`.
+    Subclasses implement :meth:`denoise_fn`, :meth:`decode` and :meth:`save`, and override the
+    capability answers below that differ from the defaults (an unconditional pixel-space image model).
     """
 
-    kind: str = "base"
+    kind: str = "base"  # a recorded name (bank manifests, messages); decisions use the capabilities
     denoiser: nn.Module
     scheduler: object
     source: str = ""
@@ -73,10 +113,62 @@ class DiffusionModel:
     def num_classes(self) -> int | None:
         return None
 
+    # ------------------------------------------------------------------ capabilities
+
+    @property
+    def takes_labels(self) -> bool:
+        """Whether the model takes class labels (``Conditions.labels`` in ``[0, num_classes)``)."""
+        return self.conditional and self.num_classes is not None
+
     @property
     def class_conditional(self) -> bool:
-        """Whether the model takes class labels (SD and flow models take prompts instead)."""
-        return self.conditional and self.num_classes is not None
+        """Alias of :attr:`takes_labels` (the older name)."""
+        return self.takes_labels
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether the model takes text prompts (``Conditions.prompts``)."""
+        return False
+
+    @property
+    def null_label(self) -> int | None:
+        """The class id of the unconditional branch, if the model has one (classifier-free guidance)."""
+        return None
+
+    @property
+    def has_null_branch(self) -> bool:
+        """Whether :meth:`null_conditions` is a branch of its own, distinct from the conditional ones
+        (empty prompt, null class). False for an unconditional model: its only branch is the one
+        every sample trains, so training a knowledge bank on the "null branch" competes with the target."""
+        return self.takes_prompts or self.null_label is not None
+
+    def null_conditions(self, n: int) -> Conditions:
+        """Conditions of the unconditional branch for ``n`` samples (what Diff-Tuning's bank trains on,
+        and what a base model is scored with on data it was not conditioned on)."""
+        return Conditions()
+
+    @property
+    def decodes_latents(self) -> bool:
+        """Whether the denoiser works on VAE latents (``decode``/``encode_images`` run the VAE)."""
+        return False
+
+    @property
+    def produces_video(self) -> bool:
+        """Whether samples are videos (``[N, C, F, H, W]``) rather than images."""
+        return False
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the model generates and trains on (before any VAE)."""
+        if self.decodes_latents:
+            raise NotImplementedError(f"{type(self).__name__} must give its pixel_shape")
+        return tuple(self.latent_shape)
+
+    def save_lora_weights(self, directory: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> bool:
+        """Write ``lora_state_dict`` (peft keys) to ``directory`` in diffusers' LoRA format, so the
+        pipeline's ``load_lora_weights`` reads it. Returns False where diffusers has no LoRA loader for
+        this kind of pipeline (the peft-format adapter chaintune writes is then the only one)."""
+        return False
 
     def to(self, device) -> DiffusionModel:
         for m in self.modules().values():
@@ -111,5 +203,13 @@ class DiffusionModel:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> None:
-        """Write a directory that plain diffusers loads with ``from_pretrained``."""
+        """Write a directory that plain diffusers loads with ``from_pretrained`` (with ``self.denoiser``)."""
         raise NotImplementedError
+
+    def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
+        """A shallow copy that runs and saves ``denoiser`` instead (e.g. with adapters merged or folded)."""
+        import copy
+
+        model = copy.copy(self)
+        model.denoiser = denoiser
+        return model

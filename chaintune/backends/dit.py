@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
 from chaintune.chain import as_chain_scheduler
 
 
@@ -45,11 +45,26 @@ class DiTModel(DiffusionModel):
     def num_classes(self) -> int:
         return self.denoiser.config.num_embeds_ada_norm
 
+    @property
+    def null_label(self) -> int:
+        return self.num_classes  # the extra embedding DiT reserves for label dropout
+
+    def null_conditions(self, n: int) -> Conditions:
+        return Conditions(labels=torch.full((n,), self.null_label, dtype=torch.long))
+
+    @property
+    def decodes_latents(self) -> bool:
+        return True
+
+    @property
+    def pixel_shape(self):
+        return vae_pixel_shape(self.vae, self.latent_shape)
+
     def default_conditions(self, n, generator=None):
         return Conditions(labels=torch.randint(0, self.num_classes, (n,), generator=generator))
 
     def model_output(self, x, t, cond, encoded=None):
-        labels = cond.labels if cond.labels is not None else torch.full((x.shape[0],), self.num_classes)
+        labels = cond.labels if cond.labels is not None else torch.full((x.shape[0],), self.null_label)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         out = self.denoiser(x, timestep=t.to(x.device), class_labels=labels.to(x.device)).sample
@@ -60,7 +75,7 @@ class DiTModel(DiffusionModel):
         g = cond.guidance_scale
         if g == 1.0:
             return lambda x, t: self.model_output(x, t, cond)
-        labels = torch.cat([torch.full_like(cond.labels, self.num_classes), cond.labels])
+        labels = torch.cat([torch.full_like(cond.labels, self.null_label), cond.labels])
 
         def fn(x, t):
             u, c = self.model_output(torch.cat([x, x]), t, Conditions(labels=labels)).chunk(2)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
 
 
 class FlowModel(DiffusionModel):
@@ -58,6 +58,21 @@ class FlowModel(DiffusionModel):
     @property
     def conditional(self) -> bool:
         return True
+
+    @property
+    def takes_prompts(self) -> bool:
+        return True
+
+    def null_conditions(self, n: int) -> Conditions:
+        return Conditions(prompts=[""] * n)
+
+    @property
+    def decodes_latents(self) -> bool:
+        return True
+
+    @property
+    def pixel_shape(self):
+        return vae_pixel_shape(self.vae, self.latent_shape)
 
     def default_conditions(self, n, generator=None):
         return Conditions(prompts=[""] * n, guidance_scale=1.0)
@@ -124,6 +139,15 @@ class FlowModel(DiffusionModel):
         if pipe.transformer is not self.denoiser:
             pipe = type(pipe)(**{**pipe.components, "transformer": self.denoiser})
         pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def save_lora_weights(self, directory, lora_state_dict) -> bool:
+        """``pytorch_lora_weights.safetensors`` for ``StableDiffusion3Pipeline.load_lora_weights`` (peft
+        keys of the transformer, as diffusers' SD3 LoRA training script writes them)."""
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=lora_state_dict,
+                                                   safe_serialization=True)
+        return True
 
 
 def load_flow(path: str | Path, source: str = "", **kw) -> FlowModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
 from chaintune.chain import as_chain_scheduler
 
 
@@ -48,6 +48,21 @@ class StableDiffusionModel(DiffusionModel):
     @property
     def conditional(self) -> bool:
         return True
+
+    @property
+    def takes_prompts(self) -> bool:
+        return True
+
+    def null_conditions(self, n: int) -> Conditions:
+        return Conditions(prompts=[""] * n)
+
+    @property
+    def decodes_latents(self) -> bool:
+        return True
+
+    @property
+    def pixel_shape(self):
+        return vae_pixel_shape(self.vae, self.latent_shape)
 
     def default_conditions(self, n, generator=None):
         return Conditions(prompts=[""] * n, guidance_scale=1.0)
@@ -105,7 +120,20 @@ class StableDiffusionModel(DiffusionModel):
         return dist.sample() * self.vae.config.scaling_factor
 
     def save(self, path):
-        self.pipe.save_pretrained(str(path), safe_serialization=True)
+        """Save the pipeline with ``self.denoiser`` as its UNet (trainers swap in merged copies)."""
+        pipe = self.pipe
+        if pipe.unet is not self.denoiser:
+            pipe = type(pipe)(**{**pipe.components, "unet": self.denoiser})
+        pipe.save_pretrained(str(path), safe_serialization=True)
+
+    def save_lora_weights(self, directory, lora_state_dict) -> bool:
+        """``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        StableDiffusionPipeline.save_lora_weights(
+            str(directory), unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict), safe_serialization=True
+        )
+        return True
 
 
 def load_sd(path: str | Path, source: str = "", **kw) -> StableDiffusionModel:

@@ -47,6 +47,16 @@ class UNetModel(DiffusionModel):
     def null_label(self) -> int | None:
         return self.denoiser.config.num_class_embeds - 1 if self.conditional and self.has_null_class else None
 
+    @property
+    def _fallback_label(self) -> int:
+        """The label run when none is given: the null class, or class 0 for a model trained without one."""
+        return self.null_label if self.null_label is not None else 0
+
+    def null_conditions(self, n: int) -> Conditions:
+        if not self.conditional:
+            return Conditions()
+        return Conditions(labels=torch.full((n,), self._fallback_label, dtype=torch.long))
+
     def default_conditions(self, n, generator=None):
         if not self.conditional:
             return Conditions()
@@ -57,7 +67,7 @@ class UNetModel(DiffusionModel):
         labels = None
         if self.conditional:
             labels = cond.labels if cond.labels is not None else torch.full(
-                (x.shape[0],), self.null_label if self.null_label is not None else 0, dtype=torch.long
+                (x.shape[0],), self._fallback_label, dtype=torch.long
             )
             labels = labels.to(x.device)
         if t.dim() == 0:

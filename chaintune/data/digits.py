@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chaintune.errors import ChaintuneError
+
 DIGITS_SPLIT_SEED = 0
 
 
@@ -33,6 +35,6 @@ def digits_split(split: str, size: int = 8, test_fraction: float = 0.25):
     n_test = int(round(len(x) * test_fraction))
     idx = perm[n_test:] if split == "train" else perm[:n_test]
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        raise ChaintuneError(f"split must be 'train', 'test' or 'all', got {split!r}")
     idx = torch.as_tensor(idx)
     return x[idx], y[idx]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chaintune.errors import ChaintuneError, InputFileNotFoundError
+
 GLYPHS_SEED = 0
 GLYPHS_PER_CLASS = 600
 GLYPHS_TEST_FRACTION = 0.2
@@ -29,7 +31,8 @@ def font_files() -> list[Path]:
     ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     files = sorted(p for p in ttf.glob("*.ttf") if p.name.startswith(FONT_PREFIXES) and "Display" not in p.name)
     if not files:
-        raise FileNotFoundError(f"no DejaVu/STIX fonts found in {ttf}; is matplotlib installed completely?")
+        raise InputFileNotFoundError(f"no DejaVu/STIX fonts found in {ttf}; is matplotlib installed completely? "
+                                     "(pip install --force-reinstall matplotlib)")
     return files
 
 
@@ -53,7 +56,8 @@ def render_digit(digit: int, font_path: Path, rng: np.random.RandomState, canvas
     img = img.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR)
     box = img.getbbox()
     if box is None:
-        raise ValueError(f"font {font_path.name} rendered an empty glyph for {digit}")
+        raise ChaintuneError(f"font {font_path} rendered an empty glyph for {digit}; the font file looks broken "
+                             "(reinstall matplotlib)")
     glyph = img.crop(box)
     # size-normalise like the NIST preprocessing behind sklearn digits: longest side fills the box
     inner = int(rng.randint(canvas - 8, canvas - 1))
@@ -88,7 +92,7 @@ def glyph_images(split: str = "all", size: int = 8, per_class: int = GLYPHS_PER_
                  seed: int = GLYPHS_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Rendered glyphs ``[N, 1, size, size]`` in [0, 1] and labels; ``split`` is train/test/all (fixed)."""
     if split not in ("all", "train", "test"):
-        raise ValueError(f"glyphs split must be 'train', 'test' or 'all', got {split!r}")
+        raise ChaintuneError(f"glyphs split must be 'train', 'test' or 'all', got {split!r}")
     x, y = _render_all(per_class, seed)
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)

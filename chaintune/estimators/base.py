@@ -21,6 +21,7 @@ import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, run_chain
+from chaintune.errors import ChaintuneError
 
 
 @dataclass
@@ -81,8 +82,6 @@ class Estimator:
 
     def check(self, ctx: EstimationContext) -> None:
         if self.needs_differentiable_reward and not getattr(ctx.reward, "differentiable", False):
-            from chaintune.errors import ChaintuneError
-
             raise ChaintuneError(
                 f"estimator {self.name!r} backpropagates through the reward, but reward "
                 f"{getattr(ctx.reward, 'name', ctx.reward)!r} is not differentiable; use 'rlr', 'half-order', "
@@ -159,7 +158,7 @@ def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str 
                         g = r[idx]
                         adv[idx] = g - (g.sum() - g) / (len(idx) - 1)
         elif kind not in ("batch", "prompt"):
-            raise ValueError(f"baseline must be 'batch', 'prompt' or 'none', got {kind!r}")
+            raise ChaintuneError(f"baseline must be 'batch', 'prompt' or 'none', got {kind!r}")
     if normalize and n > 1:
         adv = adv / (r.std() + 1e-8)
     return adv
@@ -227,7 +226,7 @@ def mirrored_zeroth_order(
     one half's graph is alive at a time.
     """
     if ctx.n % 2:
-        raise ValueError(f"zeroth-order estimators pair samples: n must be even, got {ctx.n}")
+        raise ChaintuneError(f"zeroth-order estimators pair samples: n must be even, got {ctx.n}")
     half = ctx.n // 2
     params = [p for _, p in ctx.params]
     pert = Perturbation(params, sigma, seed, shared=shared)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from chaintune.chain import StepGrad, run_chain
+from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages, draw_noise, rollout
 
 
@@ -66,7 +67,7 @@ class HalfOrder(Estimator):
 
     def __init__(self, h: int = 2, normalize_advantages: bool = False):
         if h < 1:
-            raise ValueError(f"h must be >= 1, got {h}")
+            raise ChaintuneError(f"h must be >= 1, got {h}")
         self.h = h
         self.normalize_advantages = normalize_advantages
 
@@ -84,7 +85,7 @@ class HalfOrder(Estimator):
         stoch = traj.stochastic.tolist()
         n_stoch = len(stoch) if all(stoch) else stoch.index(False)
         if not all(stoch[:n_stoch]) or any(stoch[n_stoch:-1]) or n_stoch < len(stoch) - 1:
-            raise ValueError("half-order spans need every step but the last to be stochastic (eta > 0)")
+            raise ChaintuneError("half-order spans need every step but the last to be stochastic (eta > 0)")
         spans = tile(n_stoch, self.h)
         for span in spans:
             lp = replay_span_log_prob(ctx, traj.latents, noises, span, ctx.conditions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from chaintune.chain import StepGrad, log_prob, prepare_scheduler
+from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages, draw_noise, rollout
 from chaintune.estimators.half_order import final_step_pathwise
 
@@ -23,7 +24,7 @@ class Reinforce(Estimator):
     def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, normalize_advantages: bool = True,
                  step_fraction: float = 1.0, final_step: str = "skip", adv_clip: float = 5.0):
         if final_step not in ("skip", "pathwise"):
-            raise ValueError("final_step must be 'skip' (DDPO) or 'pathwise'")
+            raise ChaintuneError("final_step must be 'skip' (DDPO) or 'pathwise'")
         self.inner_epochs = inner_epochs
         self.clip_range = clip_range
         self.normalize_advantages = normalize_advantages

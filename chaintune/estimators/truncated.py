@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from chaintune.chain import StepGrad
+from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 
 
@@ -20,7 +21,7 @@ class TruncatedBackprop(Estimator):
 
     def __init__(self, k: int = 1, random_k: bool = False, stop_range: tuple[int, int] | None = None):
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ChaintuneError(f"k must be >= 1, got {k}")
         self.k = k
         self.random_k = random_k
         self.stop_range = stop_range
@@ -41,7 +42,7 @@ class TruncatedBackprop(Estimator):
         if self.stop_range is not None:
             a, b = self.stop_range
             if not 0 <= a <= b < ctx.steps:
-                raise ValueError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
+                raise ChaintuneError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
             stop_at = int(torch.randint(a, b + 1, (1,), generator=ctx.generator))
         x_T, noises = draw_noise(ctx, ctx.n)
         modes = self.plan(ctx.steps, ctx.generator, stop_at)

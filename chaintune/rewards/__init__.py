@@ -7,6 +7,11 @@ flow through it. Build one from a spec with :func:`get_reward`::
     from chaintune.rewards import get_reward
     r = get_reward("0.7*digit:3+0.3*jpeg-compressibility")
     values = r(images)  # [n]
+
+and evaluate samples the way the reward's family declares (held-out twin, its own diagnostics)::
+
+    from chaintune.rewards import reward_evaluation
+    row = reward_evaluation("digit:3")(images)  # {'eval/reward': ..., 'eval/class_share': ..., ...}
 """
 
 from chaintune.rewards.base import (
@@ -24,6 +29,7 @@ from chaintune.rewards.builtin import (
     jpeg_size_kb,
     resolve_imagenet_class,
 )
+from chaintune.rewards.evaluation import RewardEvaluation, heldout_spec, reward_evaluation
 from chaintune.rewards.registry import available_rewards, get_reward, register_reward, split_terms
 from chaintune.rewards.scale import AestheticReward, HPSv2Reward, ImageRewardReward, PickScoreReward
 
@@ -32,4 +38,5 @@ __all__ = [
     "DigitReward", "JpegReward", "ImageNetReward", "imagenet_class_names", "resolve_imagenet_class", "jpeg_size_kb",
     "AestheticReward", "PickScoreReward", "HPSv2Reward", "ImageRewardReward",
     "get_reward", "register_reward", "available_rewards", "split_terms",
+    "RewardEvaluation", "reward_evaluation", "heldout_spec",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chaintune.errors import ChaintuneError
+from chaintune.errors import ChaintuneError, user_code_error
 
 
 class Reward:
@@ -51,10 +51,17 @@ class Reward:
         if self.needs_labels and labels is None:
             raise ChaintuneError(f"reward {self.name!r} needs class labels (a class-conditional model) or a "
                                  f"fixed class in the spec")
-        if self.differentiable:
-            return self.forward(images, prompts, labels, metadata)
-        with torch.no_grad():
-            return self.forward(images.detach(), prompts, labels, metadata).detach()
+        try:
+            if self.differentiable:
+                return self.forward(images, prompts, labels, metadata)
+            with torch.no_grad():
+                return self.forward(images.detach(), prompts, labels, metadata).detach()
+        except ChaintuneError:
+            raise
+        except Exception as e:
+            if _is_users(self):  # a user's Reward subclass failed: their code, not a chaintune bug
+                raise user_code_error(f"your reward {self.name!r}", e) from e
+            raise
 
     def __repr__(self) -> str:
         kind = "differentiable" if self.differentiable else "black-box"
@@ -67,6 +74,11 @@ class Reward:
         return WeightedSum([(float(weight), self)])
 
     __rmul__ = __mul__
+
+
+def _is_users(reward: Reward) -> bool:
+    """Whether ``reward`` is an instance of a class defined outside chaintune (a user's subclass)."""
+    return not type(reward).__module__.startswith("chaintune.")
 
 
 def _as_prompts(prompts, n: int) -> list[str] | None:
@@ -148,7 +160,12 @@ class FunctionReward(Reward):
     def forward(self, images, prompts, labels, metadata):
         extra = {"prompts": prompts, "labels": labels, "metadata": metadata}
         kwargs = {k: v for k, v in extra.items() if self._accepts is None or k in self._accepts}
-        out = self.fn(images, **kwargs)
+        try:
+            out = self.fn(images, **kwargs)
+        except ChaintuneError:
+            raise
+        except Exception as e:  # the user's function failed: say so, with the exception's type
+            raise user_code_error(f"your reward {self.name!r}", e) from e
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
             out = out[0]  # DDPO-style (values, info) return
         if isinstance(out, torch.Tensor):

@@ -9,6 +9,11 @@ String syntax, shared by the Python API, config files and the CLI::
 
 A ``+`` only starts a new term when a reward name, a weight or ``module:function`` follows it, so
 file names such as ``sac+logos+ava1-l14-linearMSE.pth`` survive inside adapter paths.
+
+A family may also declare how its runs are evaluated (:mod:`chaintune.rewards.evaluation`): ``heldout``
+names its held-out twin (a judge training never sees, e.g. ``digit:3`` -> ``digit-heldout:3``) and
+``metrics`` computes its own diagnostics on evaluation samples (e.g. ``class_share``, ``nn_distance``).
+Trainers then evaluate any spec the same way instead of special-casing reward names.
 """
 
 from __future__ import annotations
@@ -19,30 +24,49 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.errors import ChaintuneError, unknown_name, user_code_error
 from chaintune.rewards.base import FunctionReward, Reward, WeightedSum
+
+if TYPE_CHECKING:
+    import torch
+
+# arg -> the spec of the family's held-out twin for that arg (None: no twin for it)
+HeldoutFn = Callable[[str | None], str | None]
+# (arg, images, prompts, labels) -> {metric name without the 'eval/' prefix: value}
+MetricsFn = Callable[[str | None, "torch.Tensor", "list[str] | None", "torch.Tensor | None"], dict[str, float]]
 
 
 @dataclass(frozen=True)
 class RewardEntry:
-    """A registered reward: ``factory(arg)`` builds it; ``arg`` is the text after ``name:`` or None."""
+    """A registered reward: ``factory(arg)`` builds it; ``arg`` is the text after ``name:`` or None.
+
+    ``heldout(arg)`` and ``metrics(arg, images, prompts, labels)`` declare the family's evaluation
+    (see :mod:`chaintune.rewards.evaluation`); None: no held-out twin / no metrics of its own.
+    """
 
     factory: Callable[[str | None], Reward]
     pattern: str
     description: str
     differentiable: bool
+    heldout: HeldoutFn | None = None
+    metrics: MetricsFn | None = None
 
 
 _REGISTRY: dict[str, RewardEntry] = {}
 
 
 def register_reward(name: str, factory: Callable[[str | None], Reward], pattern: str | None = None,
-                    description: str = "", differentiable: bool = False) -> None:
-    """Make ``name`` (and ``name:ARG``) usable in reward specs, e.g. by a plugin package."""
+                    description: str = "", differentiable: bool = False, *, heldout: HeldoutFn | None = None,
+                    metrics: MetricsFn | None = None) -> None:
+    """Make ``name`` (and ``name:ARG``) usable in reward specs, e.g. by a plugin package.
+
+    ``heldout`` and ``metrics`` declare how runs with this reward are evaluated (module docstring).
+    """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-        raise ValueError(f"reward names are lower-case words with - or _, got {name!r}")
-    _REGISTRY[name] = RewardEntry(factory, pattern or name, description, differentiable)
+        raise ChaintuneError(f"reward names are lower-case words with - or _, got {name!r}")
+    _REGISTRY[name] = RewardEntry(factory, pattern or name, description, differentiable, heldout, metrics)
 
 
 def available_rewards() -> dict[str, RewardEntry]:
@@ -77,16 +101,31 @@ def _needs_arg(name: str, usage: str, factory: Callable[[str], Reward]) -> Calla
     return build
 
 
+def _twin(name: str) -> HeldoutFn:
+    """The same family argument under another family: ``digit:3`` -> ``digit-heldout:3``."""
+    return lambda arg: name if arg is None or arg == "" else f"{name}:{arg}"
+
+
+def _digit_metrics(family: str, judge: str) -> MetricsFn:
+    """``class_share`` by ``judge`` (the classifier the family's training never sees) and ``nn_distance``."""
+    def metrics(arg, images, prompts, labels):
+        from chaintune.rewards.evaluation import digit_metrics
+
+        return digit_metrics(images, _int_arg(family, arg, required=False), labels, judge=judge)
+    return metrics
+
+
 def _register_builtins() -> None:
     from chaintune.rewards import builtin, scale
 
     register_reward("digit", lambda a: builtin.DigitReward(_int_arg("digit", a, required=False)), "digit:K",
-                    "log p(K | image) from the shipped digit CNN; plain 'digit' uses each sample's class label", True)
+                    "log p(K | image) from the shipped digit CNN; plain 'digit' uses each sample's class label", True,
+                    heldout=_twin("digit-heldout"), metrics=_digit_metrics("digit", "digits-mlp"))
     register_reward("digit-heldout",
                     lambda a: builtin.DigitReward(_int_arg("digit-heldout", a, required=False), "digits-mlp",
                                                   "digit-heldout"),
                     "digit-heldout:K", "log p(K | image) from the held-out digit MLP (a judge training never sees)",
-                    True)
+                    True, heldout=_twin("digit"), metrics=_digit_metrics("digit-heldout", "digits-cnn"))
     register_reward("jpeg-compressibility", _no_arg("jpeg-compressibility", lambda: builtin.JpegReward(True)),
                     description="-(JPEG size in kB), PIL quality 95 (DDPO); black-box")
     register_reward("jpeg-incompressibility", _no_arg("jpeg-incompressibility", lambda: builtin.JpegReward(False)),
@@ -158,7 +197,10 @@ def _load_callable(spec: str) -> Reward:
             raise ChaintuneError(f"reward {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if isinstance(obj, type) and issubclass(obj, Reward):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as e:
+            raise user_code_error(f"your reward {spec!r} (creating it)", e) from e
     if isinstance(obj, Reward):
         return obj
     if not callable(obj):
@@ -176,6 +218,15 @@ def _import(module_name: str):
             raise
         sys.path.append(cwd)
         return importlib.import_module(module_name)
+
+
+def family_of(term: str) -> tuple[str, RewardEntry, str | None] | None:
+    """``'digit:3'`` -> ``('digit', entry, '3')`` for one term of a spec; None for ``module:function`` or unknown."""
+    name, sep, arg = term.partition(":")
+    name = name.strip()
+    if name not in _REGISTRY:
+        return None
+    return name, _REGISTRY[name], arg.strip() if sep else None
 
 
 def _resolve_one(spec: str) -> Reward:

@@ -7,25 +7,29 @@ Layout::
       config.yaml          the resolved config (re-runnable with --config)
       metrics.jsonl        one JSON object per logged step
       model/               the tuned model as a diffusers pipeline (from_pretrained) — LoRA merged
-      adapter/             LoRA only: adapter weights (peft format; diffusers' load_lora_weights for SD)
+      adapter/             LoRA only: adapter weights (peft format; plus diffusers' LoRA format where the
+                           pipeline has a loader, SD and SD3: ``pipe.load_lora_weights("runs/X/adapter")``)
       samples/             sample grids at each evaluation
       checkpoints/         resumable training state (see chaintune.training.checkpoint)
       tb/                  tensorboard logs
 
-``chaintune.load("runs/X")`` loads ``model/`` when present, else the base model plus ``adapter/``.
+``chaintune.load("runs/X")`` loads ``model/`` when present, else the base model plus ``adapter/``
+(that reading side lives in :mod:`chaintune.backends.run_dir`; ``RUN_MARKER`` and ``read_run_info``
+are re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
+from chaintune.backends.run_dir import RUN_MARKER, read_run_info
 from chaintune.errors import ChaintuneError
 from chaintune.utils.io import atomic_dir, save_json
 
-RUN_MARKER = "chaintune_run.json"
+__all__ = ["RUN_MARKER", "MERGE_LIMIT", "prepare_run_dir", "write_run_info", "read_run_info", "save_tuned_model"]
+
 MERGE_LIMIT = 300_000_000  # parameters; above this only the adapter is written (a merged SD is GBs)
 
 
@@ -52,14 +56,6 @@ def write_run_info(path: Path, info: dict) -> None:
     save_json(path / RUN_MARKER, info)
 
 
-def read_run_info(path: str | Path) -> dict:
-    p = Path(path) / RUN_MARKER
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChaintuneError(f"{p} is missing or corrupt: {e}") from e
-
-
 def save_tuned_model(path: Path, model, peft: str, lora_rank: int | None = None) -> None:
     """Write ``model/`` (and ``adapter/`` for LoRA) atomically."""
     den = model.denoiser
@@ -69,17 +65,14 @@ def save_tuned_model(path: Path, model, peft: str, lora_rank: int | None = None)
             return
         from chaintune.training.adapters import merge_lora
 
-        merged = copy.copy(model)
-        merged.denoiser = merge_lora(copy.deepcopy(den))
-        if hasattr(merged, "pipe"):
-            merged.pipe = copy.copy(model.pipe)
-            merged.pipe.unet = merged.denoiser
-        model = merged
+        model = model.with_denoiser(merge_lora(copy.deepcopy(den)))
     with atomic_dir(path / "model") as tmp:
         model.save(tmp)
 
 
 def _save_adapter(target: Path, model, rank: int | None) -> None:
+    """``adapter/``: peft-format weights (what ``chaintune.load`` reads), plus diffusers' LoRA format
+    where the backend's pipeline has a LoRA loader (``model.save_lora_weights``)."""
     from safetensors.torch import save_file
 
     from chaintune.training.adapters import lora_state_dict
@@ -88,34 +81,4 @@ def _save_adapter(target: Path, model, rank: int | None) -> None:
     with atomic_dir(target) as tmp:
         save_file(sd, str(tmp / "adapter_model.safetensors"))
         save_json(tmp / "adapter_config.json", {"r": rank, "peft_type": "LORA"})
-        if model.kind == "sd":
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-
-            StableDiffusionPipeline.save_lora_weights(
-                str(tmp), unet_lora_layers=convert_state_dict_to_diffusers(sd), safe_serialization=True
-            )
-
-
-def load_run(path: str | Path):
-    """Load a run directory as a model (see module docstring)."""
-    from chaintune.backends import _load_dir, load
-
-    path = Path(path)
-    info = read_run_info(path)
-    if (path / "model" / "model_index.json").exists():
-        model = _load_dir(path / "model", str(path))
-    elif (path / "adapter").exists():
-        model = load(info["base_model"])
-        cfg = json.loads((path / "adapter" / "adapter_config.json").read_text())
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from chaintune.training.adapters import apply_lora
-
-        apply_lora(model.denoiser, rank=cfg.get("r") or 4)
-        set_peft_model_state_dict(model.denoiser, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-        model.source = str(path)
-    else:
-        raise ChaintuneError(f"{path} holds no model yet (no model/ or adapter/); the run may not have saved")
-    return model
+        model.save_lora_weights(tmp, sd)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,27 +23,12 @@ import torch
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.sampling import sample
+from chaintune.transfer.config import BankConfig
 from chaintune.utils.io import atomic_dir, save_json
 
 __all__ = ["BankConfig", "KnowledgeBank", "build_bank", "default_bank_root", "model_fingerprint"]
 
 BANK_FORMAT = 1
-
-
-@dataclass
-class BankConfig:
-    """How the bank is sampled. ``labels``: ``random`` (uniform classes, class-conditional models),
-    ``null`` (the unconditional branch) or a list of class ids cycled over the bank."""
-
-    size: int = 1000
-    steps: int = 50
-    eta: float = 1.0
-    scheduler: str = "ddim"
-    guidance_scale: float | None = None
-    labels: str | list[int] = "random"
-    prompts: list[str] = field(default_factory=lambda: [""])
-    seed: int = 0
-    batch_size: int = 250
 
 
 @dataclass
@@ -78,7 +63,8 @@ def model_fingerprint(model: DiffusionModel, samples_per_tensor: int = 64) -> st
 
 
 def bank_settings(model: DiffusionModel, cfg: BankConfig) -> dict:
-    """Everything that determines a bank's content (the manifest minus bookkeeping)."""
+    """Everything that determines a bank's content (the manifest minus bookkeeping); ``model_kind`` is
+    recorded, but which of labels/prompts apply is the model's answer (``takes_labels``/``takes_prompts``)."""
     labels = cfg.labels if isinstance(cfg.labels, str) else [int(x) for x in cfg.labels]
     return {
         "format": BANK_FORMAT,
@@ -89,8 +75,8 @@ def bank_settings(model: DiffusionModel, cfg: BankConfig) -> dict:
         "steps": cfg.steps,
         "eta": cfg.eta,
         "guidance_scale": cfg.guidance_scale,
-        "labels": labels if model.conditional and model.kind != "sd" else None,
-        "prompts": list(cfg.prompts) if model.kind == "sd" else None,
+        "labels": labels if model.takes_labels else None,
+        "prompts": list(cfg.prompts) if model.takes_prompts else None,
         "seed": cfg.seed,
         "count": cfg.size,
     }
@@ -103,7 +89,7 @@ def bank_dir(root: Path, settings: dict) -> Path:
 
 
 def _bank_labels(model: DiffusionModel, cfg: BankConfig, g: torch.Generator) -> torch.Tensor | None:
-    if not model.conditional or model.kind == "sd":
+    if not model.takes_labels:
         return None
     n_cls = model.num_classes
     if cfg.labels == "random":
@@ -120,7 +106,7 @@ def _generate(model: DiffusionModel, cfg: BankConfig) -> tuple[torch.Tensor, tor
     g = torch.Generator().manual_seed(cfg.seed)
     labels = _bank_labels(model, cfg, g)
     prompts = None
-    if model.kind == "sd":
+    if model.takes_prompts:
         p = list(cfg.prompts) or [""]
         prompts = (p * (cfg.size // len(p) + 1))[: cfg.size]
     traj = sample(model, cfg.size, steps=cfg.steps, eta=cfg.eta, generator=g, labels=labels, prompts=prompts,

@@ -11,11 +11,8 @@ from chaintune.errors import ChaintuneError
 
 def pixel_spec(model: DiffusionModel) -> tuple[int, int]:
     """(channels, size) of the images a model is trained on (pixels, before any VAE)."""
-    c, h, _ = model.latent_shape
-    vae = getattr(model, "vae", None)
-    if vae is None:
-        return c, h
-    return int(vae.config.in_channels), h * 2 ** (len(vae.config.block_out_channels) - 1)
+    c, h, _ = model.pixel_shape
+    return c, h
 
 
 def _match_channels(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -80,7 +77,7 @@ def draw_labels(model: DiffusionModel, classes: torch.Tensor | None, n: int,
                 generator: torch.Generator) -> torch.Tensor | None:
     """``n`` labels drawn with repetition from ``classes`` (so at their frequencies); None unless the
     model takes class labels and ``classes`` is non-empty."""
-    if classes is None or not len(classes) or not model.class_conditional:
+    if classes is None or not len(classes) or not model.takes_labels:
         return None
     return classes.long()[torch.randint(0, len(classes), (n,), generator=generator)]
 

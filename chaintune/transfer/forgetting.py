@@ -6,12 +6,13 @@ Two measurements between a base model M0 and its fine-tuned version M1:
    (samples of M0, i.e. the source domain), with the *same* images, timesteps and noise for
    both, so differences are paired. ``forgetting(t)`` is M1's excess loss on the bank,
    ``loss_M1(t) - loss_M0(t)``: how much source-domain denoising skill was lost at noise level t.
-   It is also reported relative to M0 and in x0 units (eps loss times (1 - a_t) / a_t).
+   It is also reported relative to M0 and in x0 units (eps loss times (1 - a_t) / a_t; flow
+   velocity loss times sigma_t^2).
 2. hand-over sampling: M1 denoises chain positions with t >= threshold and M0 those below it;
    the FID of the result against held-out target images, per threshold. If low-noise steps are
    domain general (the chain of forgetting), handing them to M0 costs little.
 
-Class-conditional models: given the target's labels, M1 sees them (on the target losses and in
+Models that take class labels: given the target's labels, M1 sees them (on the target losses and in
 the hand-over chain, with labels drawn at the target's class frequencies), and M0 always runs its
 unconditional branch, since the target's classes are new to it; the bank is scored
 unconditionally by both, which is the branch Diff-Tuning trains on it.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from chaintune.backends.base import Conditions, DiffusionModel
-from chaintune.chain import Denoise, add_noise, run_chain, training_target
+from chaintune.chain import Denoise, add_noise, is_flow_scheduler, run_chain, training_target
 
 __all__ = ["handover_denoise", "per_timestep_losses", "handover_fid", "analyze", "write_report", "spearman"]
 
@@ -73,9 +74,25 @@ def per_timestep_losses(models: Sequence[DiffusionModel], x0: torch.Tensor, time
 
 
 def _null(model: DiffusionModel, n: int) -> Conditions:
-    from chaintune.transfer.conditioning import null_conditions
+    return model.null_conditions(n)
 
-    return null_conditions(model, n)
+
+def x0_scale(scheduler, timesteps: Sequence[int]) -> torch.Tensor:
+    """Per-timestep factor that turns the training-target MSE into an MSE on the implied x0 (float64).
+
+    eps: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), so (1 - a) / a; v: (1 - a); x0: 1;
+    flow velocity: x0 = x_t - sigma v, so sigma^2 (sigma = t / num_train_timesteps, as in training).
+    """
+    ts = torch.as_tensor(list(timesteps), dtype=torch.long)
+    if is_flow_scheduler(scheduler):
+        return (ts.double() / scheduler.config.num_train_timesteps) ** 2
+    ab = scheduler.alphas_cumprod[ts].double()
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon":
+        return (1 - ab) / ab
+    if pt == "v_prediction":
+        return 1 - ab
+    return torch.ones_like(ab)
 
 
 @torch.no_grad()
@@ -147,11 +164,10 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
     x_tgt = encode(base, target_images[:max_images])
     if target_labels is not None and len(target_labels) != len(target_images):
         raise ValueError(f"got {len(target_labels)} target labels for {len(target_images)} images")
-    labels = target_labels[:max_images].long() if target_labels is not None and tuned.class_conditional else None
+    labels = target_labels[:max_images].long() if target_labels is not None and tuned.takes_labels else None
     cond_t = None if labels is None else Conditions(labels=labels)
     losses_t = per_timestep_losses([base, tuned], x_tgt, ts, cond=[None, cond_t], seed=seed)
-    ab = base.scheduler.alphas_cumprod[torch.tensor(ts)].double()
-    to_x0 = (1 - ab) / ab
+    to_x0 = x0_scale(base.scheduler, ts)
     result: dict = {"timesteps": ts, "target": {"base": losses_t[0].tolist(), "tuned": losses_t[1].tolist()}}
     if bank_latents is not None:
         losses_b = per_timestep_losses([base, tuned], bank_latents[:max_images].float(), ts, seed=seed + 1)

@@ -48,12 +48,7 @@ def _folded(model: DiffusionModel) -> DiffusionModel:
 
     if not has_difffit(model.denoiser):
         return model
-    m = copy.copy(model)
-    m.denoiser = fold_difffit(copy.deepcopy(model.denoiser))
-    if hasattr(m, "pipe"):
-        m.pipe = copy.copy(model.pipe)
-        m.pipe.unet = m.denoiser
-    return m
+    return model.with_denoiser(fold_difffit(copy.deepcopy(model.denoiser)))
 
 
 
@@ -78,7 +73,7 @@ class TransferObjective(Objective):
             raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
                                  f"{model.num_classes} classes")
         shots = len(y) / max(1, len(torch.unique(y)))
-        if cfg.retains() and not model.conditional and shots > FEW_SHOT_RETENTION_WINS:
+        if cfg.retains() and not model.has_null_branch and shots > FEW_SHOT_RETENTION_WINS:
             warnings.warn(UNCONDITIONAL_RETENTION.format(shots=shots), UserWarning, stacklevel=4)
         self.model, self.y = model, y
         self.x0_all = encode(model, x_img)

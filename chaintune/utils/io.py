@@ -65,30 +65,53 @@ def save_json(path: str | Path, obj) -> None:
 
 def load_config_file(path: str | Path) -> dict:
     """Read a YAML or TOML config into a dict (one clear error on failure)."""
+    from chaintune.errors import ChaintuneError, InputFileNotFoundError
+
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
+        raise InputFileNotFoundError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ChaintuneError(f"config {path} is a directory; give a .yaml or .toml file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChaintuneError(f"config {path} is not UTF-8 text ({e})") from None
     if path.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(text)
-    import yaml
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ChaintuneError(f"config {path} is not valid TOML: {e}") from None
+    else:
+        import yaml
 
-    data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ChaintuneError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping of option: value")
+        raise ChaintuneError(f"config {path} must be a mapping of option: value")
     return data
 
 
 def strict_config(cls, values: dict, what: str):
-    """``cls(**values)`` for a config dataclass, rejecting unknown keys with a did-you-mean."""
+    """``cls(**values)`` for a config dataclass, rejecting unknown keys with a did-you-mean.
+
+    A ``ValueError`` from the dataclass's own checks (``__post_init__``) is about these values, so it is
+    raised as a :class:`~chaintune.errors.ChaintuneError` (one ``error:`` line in the CLI).
+    """
     from dataclasses import fields
 
-    from chaintune.errors import unknown_name
+    from chaintune.errors import ChaintuneError, unknown_name
 
     known = {f.name for f in fields(cls)}
     bad = sorted(set(values) - known)
     if bad:
         raise unknown_name(what, bad[0], known)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ChaintuneError:
+        raise
+    except ValueError as e:
+        raise ChaintuneError(str(e)) from e
