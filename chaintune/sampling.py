@@ -82,6 +82,7 @@ def sample(
     scheduler: str | object | None = "ddim",
     batch_size: int | None = None,
     decode: bool = True,
+    progress: str | None = None,
 ) -> Trajectory:
     """Sample ``n`` images without gradients and return the full trajectory.
 
@@ -89,6 +90,7 @@ def sample(
     NaN there since the transition is a point mass). ``scheduler='ddpm'`` uses the DDPM
     posterior variance instead and ignores ``eta``. ``batch_size`` splits large ``n`` into
     chunks to bound memory (the noise is drawn chunk by chunk, so results depend on it).
+    ``progress``: a label for a progress bar over the model calls (long sampling phases of trainers).
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -98,17 +100,38 @@ def sample(
     x_T = initial_noise(model, n, generator)
     bs = batch_size or n
     parts = []
+    bar = None
+    if progress:
+        from chaintune.utils.progress import progress as progress_bar
+
+        bar = progress_bar(desc=progress, total=steps * -(-n // bs), leave=False, unit="step")
     with torch.no_grad():
         for s in range(0, n, bs):
             idx = list(range(s, min(n, s + bs)))
             c = cond.subset(idx)
-            traj = run_chain(model.denoise_fn(c), sched, x_T[idx], num_steps=steps, eta=eta,
-                             generator=generator, modes=StepGrad.NONE)
+            denoise = model.denoise_fn(c)
+            if bar is not None:
+                denoise = _ticking(denoise, bar)
+            traj = run_chain(denoise, sched, x_T[idx], num_steps=steps, eta=eta, generator=generator,
+                             modes=StepGrad.NONE)
             if decode:
                 traj.images = model.decode(traj.x0)
             traj.conditions = {"labels": c.labels, "prompts": c.prompts}
             parts.append(traj)
+    if bar is not None:
+        bar.close()
     return parts[0] if len(parts) == 1 else _concat(parts)
+
+
+def _ticking(denoise, bar):
+    """``denoise`` that advances ``bar`` once per model call."""
+
+    def fn(x, t):
+        out = denoise(x, t)
+        bar.update(1)
+        return out
+
+    return fn
 
 
 def _concat(parts: list[Trajectory]) -> Trajectory:

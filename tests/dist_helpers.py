@@ -3,7 +3,7 @@
 Every process builds the same tiny model and the same pre-drawn batch (x_T and all step noise for
 ``N`` samples, from one seed), takes its own slice of it, computes the full-backprop gradient
 (pathwise through every step: deterministic given the noise) in ``micro`` micro-batches, and
-averages with :func:`chaintune.training.align.reduce_gradients` through a real ``accelerate``
+averages with :func:`chaintune.training.trainer.reduce_gradients` through a real ``accelerate``
 Accelerator. The union of the slices is the whole batch, so the result must equal the one-process
 gradient on all ``N`` samples; an AdamW step after it must give the same parameters too. Each rank
 also repeats the step with its slice split into two micro-batches (gradient accumulation).
@@ -58,7 +58,7 @@ def accumulate(model, reward, x_T, noises, idx: list[int], micro: int) -> int:
 
 def one_step(model, params, acc, n_micro: int, lr: float = 1e-2) -> dict:
     """Reduce, record the gradient, take one AdamW step, record the parameters."""
-    from chaintune.training.align import reduce_gradients
+    from chaintune.training.trainer import reduce_gradients
 
     reduce_gradients(params, acc, n_micro)
     grads = [p.grad.detach().clone() for p in params]
@@ -110,7 +110,7 @@ def run(out: str | Path, world: int = 2, port: int | None = None, start_method: 
 
     import chaintune.estimators  # noqa: F401  (imported before forking, so children start warm)
     import chaintune.testing  # noqa: F401
-    import chaintune.training.align  # noqa: F401
+    import chaintune.training.trainer  # noqa: F401
 
     if port is None:
         with socket.socket() as s:

@@ -84,7 +84,8 @@ def builtin_path(name: str) -> Path:
     if not (path / "model_index.json").exists():
         raise ModelNotFoundError(
             f"builtin:{name} is not built in this install; rebuild it with "
-            f"`chaintune pretrain --config chaintune/configs/builtin_{name}.yaml --out {path}`"
+            f"`chaintune pretrain --config chaintune/configs/builtin_{name}.yaml --out runs/builtin-{name}` and copy "
+            f"runs/builtin-{name}/model/ to {path}"
         )
     return path
 

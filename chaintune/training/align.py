@@ -156,7 +156,7 @@ class AlignObjective(Objective):
         if cfg.guards.retention_weight > 0:
             self.bank = sample(model, cfg.guards.retention_samples, steps=chain.sample_steps, eta=chain.eta,
                                generator=torch.Generator().manual_seed(cfg.run.seed + 99), scheduler=self.sched,
-                               decode=False).x0
+                               decode=False, progress="retention samples" if run.bars else None).x0
 
     def _prompts(self) -> list[str] | None:
         """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt."""
@@ -236,7 +236,8 @@ class AlignObjective(Objective):
         c = self._conditions(n, eval_gen)
         with run.autocast():
             tr = sample(self.model, n, steps=chain.sample_steps, eta=chain.eta, generator=eval_gen, labels=c.labels,
-                        prompts=c.prompts, guidance_scale=c.guidance_scale, scheduler=self.sched)
+                        prompts=c.prompts, guidance_scale=c.guidance_scale, scheduler=self.sched,
+                        progress=f"evaluation (step {step})" if run.bars else None)
         return Evaluation(self.evaluation(tr.images, prompts=c.prompts, labels=c.labels), tr.images[:64])
 
     def state_dict(self) -> dict:

@@ -167,6 +167,7 @@ class Trainer:
                                cpu=requested is not None and requested.type == "cpu")
         self.device = requested if requested is not None else self.acc.device
         self.main = self.acc.is_main_process
+        self.bars = self.main and self.show_progress  # progress bars for long phases (bank, evaluation samples)
         torch.manual_seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1_000_003 * self.acc.process_index)
         obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
@@ -247,7 +248,7 @@ class Trainer:
             result.first_eval = self._evaluate(0)
             log({"step": 0, **result.first_eval})
         bar = progress(range(start, steps), desc=f"{obj.command} {self.name}", total=steps, initial=start,
-                       disable=not (main and self.show_progress))
+                       disable=not self.bars)
         t0 = time.time()
         last_eval: dict = {}
         row: dict = {}

@@ -102,7 +102,8 @@ def _bank_labels(model: DiffusionModel, cfg: BankConfig, g: torch.Generator) -> 
     return ids.repeat(cfg.size // len(ids) + 1)[: cfg.size]
 
 
-def _generate(model: DiffusionModel, cfg: BankConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _generate(model: DiffusionModel, cfg: BankConfig,
+              progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(cfg.seed)
     labels = _bank_labels(model, cfg, g)
     prompts = None
@@ -110,7 +111,8 @@ def _generate(model: DiffusionModel, cfg: BankConfig) -> tuple[torch.Tensor, tor
         p = list(cfg.prompts) or [""]
         prompts = (p * (cfg.size // len(p) + 1))[: cfg.size]
     traj = sample(model, cfg.size, steps=cfg.steps, eta=cfg.eta, generator=g, labels=labels, prompts=prompts,
-                  guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, batch_size=cfg.batch_size)
+                  guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, batch_size=cfg.batch_size,
+                  progress=f"knowledge bank ({cfg.size} samples)" if progress else None)
     return traj.images.detach().float().cpu(), traj.x0.detach().float().cpu(), labels
 
 
@@ -122,8 +124,9 @@ def _load(path: Path, manifest: dict) -> KnowledgeBank:
 
 
 def build_bank(model: DiffusionModel, cfg: BankConfig | None = None, root: str | Path | None = None,
-               *, regenerate: bool = False) -> KnowledgeBank:
-    """Load the bank for (model, cfg) from ``root`` if its manifest matches, else sample and store it."""
+               *, regenerate: bool = False, progress: bool = False) -> KnowledgeBank:
+    """Load the bank for (model, cfg) from ``root`` if its manifest matches, else sample and store it
+    (``progress``: with a progress bar, since sampling is the slow part)."""
     from safetensors.torch import save_file
 
     cfg = cfg or BankConfig()
@@ -140,7 +143,7 @@ def build_bank(model: DiffusionModel, cfg: BankConfig | None = None, root: str |
                 return _load(path, manifest)
         except (OSError, ValueError, KeyError):
             pass  # a corrupt cache entry is simply regenerated
-    images, latents, labels = _generate(model, cfg)
+    images, latents, labels = _generate(model, cfg, progress)
     manifest = {**settings, "config": asdict(cfg), "image_shape": list(images.shape[1:]),
                 "latent_shape": list(latents.shape[1:])}
     tensors = {"images": images.contiguous(), "latents": latents.contiguous()}

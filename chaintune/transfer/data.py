@@ -85,7 +85,8 @@ def draw_labels(model: DiffusionModel, classes: torch.Tensor | None, n: int,
 @torch.no_grad()
 def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, batch_size: int = 250, *,
              classes: torch.Tensor | None = None, guidance_scale: float | None = None,
-             with_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+             with_labels: bool = False, progress: str | None = None) -> torch.Tensor | tuple[torch.Tensor,
+                                                                                            torch.Tensor | None]:
     """``n`` samples (images in [0, 1], CPU) with a fixed seed, so evaluations are comparable.
 
     ``classes``: for a class-conditional model, labels are drawn from these (with repetition, so
@@ -97,7 +98,7 @@ def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, b
     g = torch.Generator().manual_seed(seed)
     labels = draw_labels(model, classes, n, g)
     traj = sample(model, n, steps=steps, eta=eta, generator=g, batch_size=batch_size, labels=labels,
-                  guidance_scale=guidance_scale)
+                  guidance_scale=guidance_scale, progress=progress)
     images = traj.images.float().cpu()
     if not with_labels:
         return images

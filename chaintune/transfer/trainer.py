@@ -80,7 +80,7 @@ class TransferObjective(Objective):
         self.n_bank = cfg.bank_batch()
         self.n_target = cfg.optim.batch_size - self.n_bank
         if self.n_bank:
-            self.bank = build_bank(model, cfg.bank, cfg.bank.dir)
+            self.bank = build_bank(model, cfg.bank, cfg.bank.dir, progress=run.bars)
             how = "sampled and cached" if self.bank.generated else "reused from the cache"
             run.log_line(f"knowledge bank: {len(self.bank)} samples {how} at {self.bank.path}")
             self.bank_x0 = self.bank.latents.to(run.device)
@@ -121,7 +121,8 @@ class TransferObjective(Objective):
             return None  # nothing to write and nothing to measure
         n = max(ev.eval_samples, ev.grid_samples) if self.fid else ev.grid_samples
         images = generate(self.model, n, ev.sample_steps, ev.sample_eta, seed=self.cfg.run.seed + 12345,
-                          classes=self.y, guidance_scale=ev.sample_guidance)
+                          classes=self.y, guidance_scale=ev.sample_guidance,
+                          progress=f"evaluation samples (step {step})" if run.bars else None)
         metrics: dict = {}
         if self.fid:
             from chaintune.metrics import fid_kid
