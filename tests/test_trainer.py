@@ -85,7 +85,6 @@ def test_existing_run_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "keep.txt").write_text("mine")
     import chaintune
-
     from chaintune.training.align import align
     from chaintune.training.config import AlignConfig
 

@@ -1,4 +1,4 @@
-"""``chaintune sample`` and ``chaintune pretrain``."""
+"""``chaintune sample`` (``chaintune pretrain`` is generated from its config in ``chaintune.cli.pretrain``)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,13 @@ def register(app: typer.Typer) -> None:
 
         import chaintune
         from chaintune.utils.images import save_grid, save_images
+        from chaintune.utils.threads import apply_thread_policy
 
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_sample_options(num=num, steps=steps, eta=eta, scheduler=scheduler, batch_size=batch_size)
+        dev = _device(device)
         m = chaintune.load(model, device=dev, allow_pickle=allow_pickle)
+        apply_thread_policy(m)  # small models run fastest on one thread (benchmarks/threads.py)
+        _check_conditions(m, label=label, prompt=prompt, steps=steps)
         t0 = time.time()
         traj = chaintune.sample(m, num, steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed),
                                 labels=label, prompts=prompt, guidance_scale=guidance_scale,
@@ -47,28 +51,51 @@ def register(app: typer.Typer) -> None:
         grid = save_grid(traj.images, out / "grid.png")
         typer.echo(f"wrote {num} samples to {out}/ and {grid} ({dt:.1f}s, {steps} steps)")
 
-    @app.command()
-    def pretrain(
-        out: Annotated[Path, typer.Option(help="Output directory (a diffusers DDPMPipeline).")],
-        config: Annotated[Path | None, typer.Option(help="YAML/TOML config (see chaintune/configs/).")] = None,
-        dataset: Annotated[str | None, typer.Option(help="Dataset id (digits:train, glyphs, a folder).")]
-        = None,
-        steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
-        seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    ):
-        """Train a small pixel DDPM from scratch (how builtin:digits is made)."""
-        from chaintune.errors import ChaintuneError
-        from chaintune.training.pretrain import PretrainConfig
-        from chaintune.training.pretrain import pretrain as run
-        from chaintune.utils.io import load_config_file, strict_config
 
-        values = load_config_file(config) if config else {}
-        strict_config(PretrainConfig, values, "pretrain option")  # typos fail before anything is written
-        for k, v in (("dataset", dataset), ("steps", steps), ("seed", seed)):
-            if v is not None:
-                values[k] = v
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise ChaintuneError(f"{out} already exists; pass --overwrite to replace it")
-        run(strict_config(PretrainConfig, values, "pretrain option"), out=out)
-        typer.echo(f"saved model to {out}")
+def _check_sample_options(*, num: int, steps: int, eta: float, scheduler: str, batch_size: int) -> None:
+    """Reject bad numbers before loading anything (one ``error:`` line, not an error deep in the sampler)."""
+    from chaintune.errors import ChaintuneError, unknown_name
+
+    for name, value in (("--num", num), ("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ChaintuneError(f"{name} must be >= 1, got {value}")
+    if eta < 0:
+        raise ChaintuneError(f"--eta must be >= 0, got {eta}")
+    if scheduler not in ("ddim", "ddpm"):
+        raise unknown_name("scheduler", scheduler, ["ddim", "ddpm"])
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    from chaintune.errors import ChaintuneError
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ChaintuneError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps ...): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ChaintuneError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ChaintuneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _check_conditions(m, *, label: int | None, prompt: str | None, steps: int) -> None:
+    """--label/--prompt/--steps against what the loaded model takes."""
+    from chaintune.errors import ChaintuneError
+
+    if label is not None:
+        if not m.takes_labels:
+            raise ChaintuneError(f"{m.kind} model {m.source!r} is not class-conditional; drop --label")
+        if not 0 <= label < m.num_classes:
+            raise ChaintuneError(f"--label must be in 0..{m.num_classes - 1} for {m.source!r}, got {label}")
+    if prompt is not None and not m.takes_prompts:
+        what = "class labels (--label)" if m.takes_labels else "no conditions"
+        raise ChaintuneError(f"{m.kind} model {m.source!r} takes {what}, not prompts; drop --prompt")
+    config = getattr(m.scheduler, "config", None)
+    limit = config.get("num_train_timesteps") if hasattr(config, "get") else None
+    if isinstance(limit, int) and steps > limit:
+        raise ChaintuneError(f"--steps must be at most {limit} (the model's training timesteps), got {steps}")
