@@ -39,6 +39,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from chaintune.errors import ChaintuneError
+
 __all__ = [
     "StepGrad",
     "Trajectory",
@@ -67,7 +69,7 @@ class StepGrad(str, Enum):
     PERTURBED = "perturbed"
 
 
-class DeterministicStepError(ValueError):
+class DeterministicStepError(ChaintuneError):
     """Raised when a log-density is requested for a step with zero noise (eta = 0, or the last
     DDPM/DDIM step): the transition is a point mass and has no Gaussian log-probability."""
 
@@ -94,7 +96,7 @@ def make_scheduler(kind: str, config: dict) -> DDPMScheduler | DDIMScheduler:
         return FlowMatchEulerDiscreteScheduler.from_config(config)
     kinds = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if kind not in kinds:
-        raise ValueError(f"unknown scheduler {kind!r}; choose one of {sorted(kinds)}")
+        raise ChaintuneError(f"unknown scheduler {kind!r}; choose one of {sorted(kinds)}")
     return kinds[kind].from_config(config)
 
 
@@ -124,7 +126,7 @@ def prepare_scheduler(scheduler, num_steps: int, device=None):
             "(chaintune.chain.make_scheduler('ddim', scheduler.config) converts most schedulers)"
         )
     if num_steps < 1 or num_steps > scheduler.config.num_train_timesteps:
-        raise ValueError(
+        raise ChaintuneError(
             f"steps must be in [1, {scheduler.config.num_train_timesteps}], got {num_steps}"
         )
     s = copy.deepcopy(scheduler)
@@ -140,15 +142,15 @@ def _prepare_flow_scheduler(scheduler, num_steps: int, device=None):
     """
     cfg = scheduler.config
     if num_steps < 1 or num_steps > cfg.num_train_timesteps:
-        raise ValueError(f"steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
+        raise ChaintuneError(f"steps must be in [1, {cfg.num_train_timesteps}], got {num_steps}")
     if cfg.get("invert_sigmas", False) or cfg.get("stochastic_sampling", False):
-        raise ValueError("FlowMatchEulerDiscreteScheduler with invert_sigmas/stochastic_sampling is not supported")
+        raise ChaintuneError("FlowMatchEulerDiscreteScheduler with invert_sigmas/stochastic_sampling is not supported")
     s = copy.deepcopy(scheduler)
     kw = {}
     if cfg.get("use_dynamic_shifting", False):
         mu = getattr(scheduler, "chain_mu", None)
         if mu is None:
-            raise ValueError("dynamic shifting needs `scheduler.chain_mu` (the pipeline's resolution-dependent mu)")
+            raise ChaintuneError("dynamic shifting needs `scheduler.chain_mu` (the pipeline's resolution-dependent mu)")
         kw["mu"] = mu
     s.set_timesteps(num_steps, device=device, **kw)
     return s
@@ -194,7 +196,7 @@ def _flow_transition(scheduler, model_output, t, sample, eta):
     (it lands at s' = 0 with std ~ eta * s_last), as in Flow-GRPO.
     """
     if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise ChaintuneError(f"eta must be >= 0, got {eta}")
     idx = _flow_index(scheduler, t)
     sigmas = scheduler.sigmas.to(sample.device)
     s, s_next = sigmas[idx], sigmas[idx + 1]
@@ -243,7 +245,7 @@ def _pred_x0_eps(scheduler, model_output, sample, a_t):
         x0 = a_t**0.5 * sample - b_t**0.5 * model_output
         eps = a_t**0.5 * model_output + b_t**0.5 * sample
     else:
-        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        raise ChaintuneError(f"unsupported prediction_type {cfg.prediction_type!r}")
     if cfg.thresholding:
         x0 = scheduler._threshold_sample(x0)
     elif cfg.clip_sample:
@@ -271,7 +273,7 @@ def transition(
     if isinstance(scheduler, DDPMScheduler):
         vt = scheduler.config.variance_type
         if vt not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"DDPM variance_type {vt!r} is not supported (use fixed_small or fixed_large)")
+            raise ChaintuneError(f"DDPM variance_type {vt!r} is not supported (use fixed_small or fixed_large)")
         cur_alpha = a_t64 / a_prev64
         cur_beta = 1 - cur_alpha
         b_t, b_prev = 1 - a_t64, 1 - a_prev64
@@ -285,7 +287,7 @@ def transition(
             std = torch.zeros((), dtype=dt, device=sample.device)
     else:
         if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+            raise ChaintuneError(f"eta must be >= 0, got {eta}")
         var = (1 - a_prev64) / (1 - a_t64) * (1 - a_t64 / a_prev64)
         std64 = eta * var.sqrt()
         std = std64.to(dt)
@@ -499,7 +501,7 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
         return x0
     if pt == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
-    raise ValueError(f"unsupported prediction_type {pt!r}")
+    raise ChaintuneError(f"unsupported prediction_type {pt!r}")
 
 
 def _flow_sigma(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, is_flow_scheduler, make_scheduler, run_chain
+from chaintune.errors import ChaintuneError
 
 
 def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddim"):
@@ -40,24 +41,24 @@ def make_conditions(
     cond = model.default_conditions(n, generator=generator)
     if labels is not None:
         if not model.takes_labels:
-            raise ValueError(f"{model.kind} model {model.source!r} is not class-conditional; drop labels")
+            raise ChaintuneError(f"{model.kind} model {model.source!r} is not class-conditional; drop labels")
         t = torch.as_tensor(labels, dtype=torch.long).flatten()
         if t.numel() == 1:
             t = t.repeat(n)
         if t.numel() != n:
-            raise ValueError(f"got {t.numel()} labels for {n} samples")
+            raise ChaintuneError(f"got {t.numel()} labels for {n} samples")
         if int(t.min()) < 0 or int(t.max()) >= model.num_classes:
-            raise ValueError(f"labels must be in [0, {model.num_classes - 1}]")
+            raise ChaintuneError(f"labels must be in [0, {model.num_classes - 1}]")
         cond.labels = t
     if prompts is not None:
         if not model.takes_prompts:
             what = "class labels" if model.takes_labels else "no conditions"
-            raise ValueError(f"{model.kind} model {model.source!r} takes {what}, not prompts")
+            raise ChaintuneError(f"{model.kind} model {model.source!r} takes {what}, not prompts")
         p = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(p) == 1:
             p = p * n
         if len(p) != n:
-            raise ValueError(f"got {len(p)} prompts for {n} samples")
+            raise ChaintuneError(f"got {len(p)} prompts for {n} samples")
         cond.prompts = p
     if guidance_scale is not None:
         cond.guidance_scale = float(guidance_scale)
@@ -93,7 +94,7 @@ def sample(
     ``progress``: a label for a progress bar over the model calls (long sampling phases of trainers).
     """
     if n < 1:
-        raise ValueError("n must be >= 1")
+        raise ChaintuneError("n must be >= 1")
     sched = chain_scheduler(model, scheduler)
     cond = make_conditions(model, n, labels=labels, prompts=prompts, guidance_scale=guidance_scale,
                            generator=generator)

@@ -20,7 +20,7 @@ def _align(cfg: AlignConfig, *, resume: bool, overwrite: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    config_command(app, "align", AlignConfig, _align,
+    config_command(app, "align", AlignConfig, _align, code_options=("reward", "heldout_reward"),
                    help="Align a model to a reward (RLR or a baseline estimator); writes a run directory.")
 
     @app.command()

@@ -33,10 +33,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True},
 )
 
-# input errors that are not ChaintuneError: a model id that resolves to nothing (chaintune.backends), a
-# likelihood asked of a noiseless step, i.e. eta = 0 with a likelihood-ratio estimator (chaintune.chain)
-_INPUT_ERROR_NAMES = {"ModelNotFoundError", "DeterministicStepError"}
-
 # OSErrors that are about the user's machine, not about chaintune: one line, exit 2.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -88,11 +84,7 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def _is_input_error(e: BaseException) -> bool:
     from chaintune.errors import ChaintuneError
 
-    if isinstance(e, ChaintuneError):
-        return True
-    # errors about the user's input defined in modules that import torch: matched by name, not imported here
-    # (they could subclass ChaintuneError instead; then this list can go)
-    return any(c.__module__.startswith("chaintune.") and c.__name__ in _INPUT_ERROR_NAMES for c in type(e).__mro__)
+    return isinstance(e, ChaintuneError)
 
 
 def _environment_oserror(e: BaseException) -> OSError | None:

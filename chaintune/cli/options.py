@@ -10,6 +10,7 @@ given on the command line. Torch-free: ``--help`` must not load a model library.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +20,15 @@ import typer
 
 from chaintune.options import Spec, flatten_keys, from_dict, specs
 
-_FIXED = ("ctx", "config", "resume", "overwrite")
+_FIXED = ("ctx", "config", "resume", "overwrite", "trust_code")
 
 
 def _cli_type(spec: Spec) -> Any:
-    """The type typer parses a flag as (a union with a list, like ``str | list[int]``, is given as text)."""
-    args = [a for a in typing.get_args(spec.type) if a is not type(None)] or [spec.type]
-    optional = type(None) in typing.get_args(spec.type)
+    """The type typer parses a flag as: a list is a repeatable flag; a union of a scalar with a list (like
+    ``str | list[int]``) is given as text and parsed by the config."""
+    union = typing.get_origin(spec.type) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(spec.type) if a is not type(None)] if union else [spec.type]
+    optional = union and len(args) < len(typing.get_args(spec.type))
     base = args[0] if len(args) == 1 else str
     return base | None if optional or spec.default is None else base
 
@@ -39,11 +42,17 @@ def _flags(spec: Spec) -> list[str]:
 
 def _help(spec: Spec) -> str:
     where = f"[{spec.section}] " if spec.section else ""
-    return where + spec.help
+    repeat = " (repeat the flag for several values)" if typing.get_origin(_cli_type(spec)) is list or any(
+        typing.get_origin(a) is list for a in typing.get_args(_cli_type(spec))) else ""
+    return where + spec.help + repeat
 
 
-def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[..., None], *, help: str) -> None:
-    """Register ``chaintune NAME``: flags from ``config_cls``; ``run(cfg, resume=, overwrite=)`` does the work."""
+def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[..., None], *, help: str,
+                   code_options: tuple[str, ...] = ()) -> None:
+    """Register ``chaintune NAME``: flags from ``config_cls``; ``run(cfg, resume=, overwrite=)`` does the work.
+
+    ``code_options`` name options whose value may import and run Python code (``module:function``
+    rewards): taken from a resumed run's saved config, they need ``--trust-code``."""
     defaults = config_cls()
     opts = specs(defaults)
     clash = {s.name for s in opts} & set(_FIXED)
@@ -55,11 +64,18 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
             Path | None, typer.Option(help="YAML/TOML file with any of these options (flat keys, or nested by "
                                       "section as config.yaml is written).")]),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-            bool, typer.Option(help="Continue the run in --out from its newest checkpoint, with its saved "
-                               "config.yaml (flags given now override it).")]),
+            bool, typer.Option(help="Continue the run in --out from its newest intact checkpoint, with its saved "
+                               "config.yaml. Flags may change only steps and evaluation/logging/checkpoint "
+                               "settings; a changed model, estimator, LR or schedule is refused.")]),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-            bool, typer.Option(help="Replace an existing run in --out.")]),
+            bool, typer.Option(help="Replace an existing run in --out (only a chaintune run directory that holds "
+                               "nothing else; never the working directory).")]),
     ]
+    if code_options:
+        trust = typer.Option(help="With --resume: allow the run's saved config to import and run Python code (a "
+                             "module:function reward). A run directory from someone else can run any code.")
+        params.append(inspect.Parameter("trust_code", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=Annotated[bool, trust]))
     for s in opts:
         default = list(s.default) if isinstance(s.default, list) else s.default
         params.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[
@@ -68,7 +84,10 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
     def command(**kwargs: Any) -> None:
         ctx: typer.Context = kwargs.pop("ctx")
         config, resume, overwrite = kwargs.pop("config"), kwargs.pop("resume"), kwargs.pop("overwrite")
+        trust = kwargs.pop("trust_code", False)
         values = resolve(config_cls, ctx, kwargs, config, resume)
+        if resume and config is None and not trust:
+            _refuse_saved_code(values, [k for k in code_options if not _on_command_line(ctx, k)])
         run(from_dict(config_cls, values, f"{name} option"), resume=resume, overwrite=overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -96,6 +115,19 @@ def resolve(config_cls: type, ctx: typer.Context, given: dict, config: Path | No
     if out is not None:
         values["out"] = values.get("out", out) if not _on_command_line(ctx, "out") else out
     return values
+
+
+def _refuse_saved_code(values: dict, keys: list[str]) -> None:
+    """A resumed run's config.yaml may name code to import (it may come from anyone): only with --trust-code."""
+    from chaintune.errors import ChaintuneError
+    from chaintune.rewards.registry import code_terms
+
+    for k in keys:
+        v = values.get(k)
+        found = code_terms(v) if isinstance(v, str) else []
+        if found:
+            raise ChaintuneError(f"--resume: the run's saved config sets {k} to {found[0]!r}, which imports and runs "
+                                 "Python code; pass --trust-code if you trust this run directory")
 
 
 def _on_command_line(ctx: typer.Context, key: str) -> bool:

@@ -220,6 +220,15 @@ def _import(module_name: str):
         return importlib.import_module(module_name)
 
 
+def code_terms(spec: str) -> list[str]:
+    """The ``module:function`` terms of a spec: rewards that import and run Python code from files."""
+    try:
+        terms = split_terms(spec.strip())
+    except ChaintuneError:
+        return []
+    return [body for _, body in terms if family_of(body) is None and _MODULE_FN.fullmatch(body.strip())]
+
+
 def family_of(term: str) -> tuple[str, RewardEntry, str | None] | None:
     """``'digit:3'`` -> ``('digit', entry, '3')`` for one term of a spec; None for ``module:function`` or unknown."""
     name, sep, arg = term.partition(":")

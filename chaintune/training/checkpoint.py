@@ -9,6 +9,7 @@ a crash or SIGKILL mid-write leaves the previous one intact; the last ``keep`` a
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -72,32 +73,58 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, opt, lr_sched, gen: 
         })
     ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # rename first (atomic): a kill mid-delete leaves a hidden leftover, never a half checkpoint under
+        # a step_* name; leftovers are removed when the run is next opened
+        doomed = old.with_name(f".{old.name}.deleting")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory appears only once fully written)."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+
+
 def latest(run_dir: Path) -> Path | None:
-    ckpts = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+    ckpts = checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 
-def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
-            ema=None) -> int:
-    """Load the latest checkpoint into the given objects; returns the step to continue from."""
-    path = latest(run_dir)
-    if path is None:
-        raise ChaintuneError(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}")
+def _read(path: Path) -> tuple[dict, dict, dict, dict]:
     try:
-        meta = json.loads((path / "trainer.json").read_text())
-        weights = load_file(str(path / "trainable.safetensors"))
-        ot = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-    except Exception as e:  # corrupt or truncated files
+        return (json.loads((path / "trainer.json").read_text()), load_file(str(path / "trainable.safetensors")),
+                load_file(str(path / "optimizer.safetensors")), load_file(str(path / "rng.safetensors")))
+    except Exception as e:  # truncated or corrupt files: the caller tries the previous checkpoint
         raise ChaintuneError(f"checkpoint {path} is corrupt: {e}") from e
-    params = dict(module.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ChaintuneError(f"checkpoint {path} does not match the model (unknown parameter {missing[0]!r})")
+
+
+def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Generator, state: dict,
+            ema=None, warn=print) -> int | None:
+    """Load the newest intact checkpoint into the given objects; returns its step, or None when the run
+    has no checkpoint (it then starts over). A corrupt newest checkpoint is reported and the previous one
+    used. Parameter names and shapes must match exactly (a different model or PEFT setting is refused)."""
+    found = checkpoints(run_dir)
+    if not found:
+        return None
+    for path in reversed(found):
+        try:
+            meta, weights, ot, rng = _read(path)
+            break
+        except ChaintuneError as e:
+            warn(f"warning: {e}; trying the previous checkpoint")
+    else:
+        raise ChaintuneError(f"--resume: every checkpoint in {Path(run_dir) / 'checkpoints'} is corrupt")
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    unknown, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
+    if unknown or missing:
+        what = f"unknown parameter {unknown[0]!r}" if unknown else f"no value for parameter {missing[0]!r}"
+        raise ChaintuneError(f"checkpoint {path} does not match the model ({what}); was the run made with another "
+                             "model or PEFT setting?")
+    for n, t in weights.items():
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise ChaintuneError(f"checkpoint {path} does not match the model: {n} has shape {list(t.shape)} there "
+                                 f"and {list(params[n].shape)} in the model")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)

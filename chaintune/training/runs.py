@@ -20,7 +20,11 @@ are re-exported here).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,31 +32,117 @@ from chaintune.backends.run_dir import RUN_MARKER, read_run_info
 from chaintune.errors import ChaintuneError
 from chaintune.utils.io import atomic_dir, save_json
 
-__all__ = ["RUN_MARKER", "MERGE_LIMIT", "prepare_run_dir", "write_run_info", "read_run_info", "save_tuned_model"]
+__all__ = ["RUN_MARKER", "RUN_ENTRIES", "MERGE_LIMIT", "RunLock", "check_run_dir", "prepare_run_dir", "write_run_info",
+           "read_run_info", "save_tuned_model"]
 
 MERGE_LIMIT = 300_000_000  # parameters; above this only the adapter is written (a merged SD is GBs)
 
 
-def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``path`` for a new run; refuse to clobber an existing run unless told."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if resume:
-            return path
-        if not overwrite:
-            raise ChaintuneError(
-                f"{path} already holds files; pass --resume to continue it or --overwrite to replace it")
-        import shutil
+# what a run directory may hold: ``--overwrite`` deletes a folder only when it holds nothing else
+RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "metrics.jsonl", "model", "adapter", "samples", "checkpoints",
+                         "tb", "report.html"})
 
-        shutil.rmtree(path)
-    elif resume:
-        raise ChaintuneError(f"--resume: {path} does not exist")
+
+def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Everything that can be said about ``path`` before a model is loaded or a file written.
+
+    ``--overwrite`` replaces only a recognisable chaintune run (its marker file, nothing but run entries),
+    never the working directory or one of its parents; ``--resume`` needs a run.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ChaintuneError(f"{path} is a file; --out names a run directory")
+    busy = path.is_dir() and any(path.iterdir())
+    if resume:
+        if not (path / RUN_MARKER).is_file():
+            raise ChaintuneError(f"--resume: {path} is not a chaintune run (no {RUN_MARKER})")
+        return
+    if not busy:
+        return
+    if not overwrite:
+        raise ChaintuneError(f"{path} already holds files; pass --resume to continue it or --overwrite to replace it")
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise ChaintuneError(f"--overwrite will not delete {path}: it is the working directory or one of its parents")
+    if not (path / RUN_MARKER).is_file():
+        raise ChaintuneError(f"--overwrite deletes only chaintune runs; {path} has no {RUN_MARKER}, so its files are "
+                             "left alone (choose another --out)")
+    others = sorted(e.name for e in path.iterdir() if e.name not in RUN_ENTRIES and not e.name.startswith("."))
+    if others:
+        raise ChaintuneError(f"--overwrite will not delete {path}: it holds files that are not part of a run "
+                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+
+
+class RunLock:
+    """One writer per run: an exclusive OS lock (``flock``) on the run directory itself.
+
+    The kernel releases it when the process exits in any way (a crash or SIGKILL leaves no stale lock),
+    and ``--overwrite`` empties the directory instead of replacing it, so the lock stays on the same
+    inode. Where ``fcntl`` is missing (Windows) runs are not locked.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self._fd = Path(path), None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = ""
+            with contextlib.suppress(ChaintuneError, KeyError, TypeError):
+                info = read_run_info(self.path)
+                who = f" (pid {info['pid']} on {info.get('host', '?')}, {info.get('command', '?')})"
+            raise ChaintuneError(f"{self.path} is being written by another chaintune process{who}; wait for it "
+                                 "or choose another --out") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False,
+                    lock: RunLock | None = None) -> RunLock:
+    """Create (or, with ``overwrite``, empty) the run directory under its lock; returns the held lock.
+
+    Call :func:`check_run_dir` first, before loading anything. Leftovers of killed writes (temp files
+    and directories, half-pruned checkpoints) are removed here, which is safe under the lock.
+    """
+    path = Path(path)
+    check_run_dir(path, overwrite=overwrite, resume=resume)
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    lock = (lock or RunLock(path)).acquire()
+    if overwrite and not resume and any(path.iterdir()):
+        trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        for entry in list(path.iterdir()):
+            os.replace(entry, trash / entry.name)  # the run disappears at once; deleting may take a while
+        shutil.rmtree(trash, ignore_errors=True)
+    for leftover in [*path.glob(".*.tmp"), *path.glob("checkpoints/.*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return lock
 
 
 def write_run_info(path: Path, info: dict) -> None:
-    info = {**info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    import socket
+
+    info = {**info, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     save_json(path / RUN_MARKER, info)
 
 

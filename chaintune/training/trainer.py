@@ -158,29 +158,43 @@ class Trainer:
         cfg.validate()
         if self.resume and self.out is None:
             raise ChaintuneError("resume needs the run directory (out)")
-        if self.out is not None and not (self.resume or self.overwrite) and self.out.is_dir() \
-                and any(self.out.iterdir()):  # before loading anything: the cheapest error to report
-            raise ChaintuneError(f"{self.out} already holds files; pass --resume to continue it or --overwrite "
-                                 "to replace it")
         requested = _device(cfg.run.device)
         self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision,
                                cpu=requested is not None and requested.type == "cpu")
         self.device = requested if requested is not None else self.acc.device
         self.main = self.acc.is_main_process
+        self.lock = None
+        if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
+            from chaintune.training.runs import RunLock, check_run_dir
+
+            check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
+            self.lock = RunLock(self.out)
+            if self.out.is_dir():
+                self.lock.acquire()  # a second writer stops here, before it loads a model
+            if self.resume:
+                check_resume_config(cfg, self.out)
         self.bars = self.main and self.show_progress  # progress bars for long phases (bank, evaluation samples)
         torch.manual_seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1_000_003 * self.acc.process_index)
-        obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
-        if self.thread_policy:
-            from chaintune.utils.threads import apply_thread_policy
-
-            apply_thread_policy(obj.model)
-        if self.out is not None and self.main:
-            from chaintune.training.runs import prepare_run_dir
-
-            prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
-        self.acc.wait_for_everyone()
         try:
+            obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
+            if self.thread_policy:
+                from chaintune.utils.threads import apply_thread_policy
+
+                apply_thread_policy(obj.model)
+            if self.out is not None and self.main:
+                from chaintune.training.runs import prepare_run_dir
+
+                prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
+                if not self.resume or not (self.out / "config.yaml").exists():
+                    # marker and config at once: a run killed before its first checkpoint can still be resumed
+                    from chaintune.training import checkpoint as ckpt
+
+                    ckpt.save_config(self.out, to_dict(cfg))
+                    self._status_base = {"command": obj.command, "name": self.name, **obj.info(),
+                                         "config": flat_values(cfg)}
+                    self._status("starting")
+            self.acc.wait_for_everyone()
             return self._train()
         except KeyboardInterrupt:
             self._status("interrupted")
@@ -191,6 +205,9 @@ class Trainer:
         except BaseException as e:
             self._status(f"failed: internal error {type(e).__name__}")
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def _status(self, status: str, **extra) -> None:
         if self.out is None or not self.main or not self._status_base:
@@ -225,10 +242,17 @@ class Trainer:
             self.ema = EMAModel(params, decay=opt_cfg.ema_decay)
         start = 0
         if self.resume:
-            start = ckpt.restore(out, den, opt, lr_sched, self.generator, self.state, ema=self.ema)
+            restored = ckpt.restore(out, den, opt, lr_sched, self.generator, self.state, ema=self.ema,
+                                    warn=self.log_line)
+            if restored is None:
+                self.log_line(f"warning: {out} has no checkpoint yet; the run starts over")
+            elif restored > opt_cfg.steps:
+                raise ChaintuneError(f"--resume: the newest checkpoint is at step {restored}, past --steps "
+                                     f"{opt_cfg.steps}")
+            start = restored or 0
             obj.load_state_dict(self.state.pop("objective", None) or {})
             if main:
-                ckpt.truncate_metrics(out, start)
+                ckpt.truncate_metrics(out, start if restored is not None else -1)
         self._status_base = {"command": obj.command, "name": self.name, "peft": opt_cfg.peft,
                              "trainable_parameters": sum(p.numel() for p in params),
                              "trainable_tensors": len(self.trainable), **obj.info(), "config": flat_values(cfg)}
@@ -347,6 +371,34 @@ class Trainer:
 
             save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png")
         return dict(ev.metrics)
+
+
+# what --resume may change: how long to train and how to evaluate, log and checkpoint; everything else would make
+# the resumed run a different experiment than the checkpoint's, so it is refused
+RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "eval_samples", "grid_samples", "log_every", "save_every",
+                               "keep_checkpoints", "max_bad_steps", "tensorboard", "progress", "report", "device",
+                               "out"})
+
+
+def check_resume_config(cfg: Any, out: Path) -> None:
+    """Refuse a resume whose options differ from the run's saved ``config.yaml`` outside RESUME_MAY_CHANGE."""
+    import yaml
+
+    from chaintune.options import flat_values, from_dict
+
+    path = out / "config.yaml"
+    if not path.is_file():
+        return  # killed before it wrote its config: nothing to compare with, the run starts over
+    try:
+        saved = flat_values(from_dict(type(cfg), yaml.safe_load(path.read_text()) or {}, "option in config.yaml"))
+    except (yaml.YAMLError, ChaintuneError) as e:
+        raise ChaintuneError(f"--resume: {path} is unreadable: {' '.join(str(e).split())}") from None
+    now = flat_values(cfg)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and now[k] != saved.get(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+        raise ChaintuneError(f"--resume continues the run as it was configured; changed: {diff}. Only "
+                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'out'}))} may change (start a new run instead)")
 
 
 def format_summary(result: RunResult) -> str:
