@@ -9,6 +9,10 @@ weights on disk. Always compare generated images against *held-out* target image
 Feature specs: ``digits-cnn`` (default), ``digits-mlp``, ``inception:/path/to/weights``
 (a TorchScript Inception such as ``inception-2015-12-05.pt``, or torch-fidelity's
 ``pt_inception-2015-12-05`` state dict when torch-fidelity is installed).
+
+Loading an Inception file unpickles it (TorchScript archives hold pickles), which can run code from the
+file, so ``inception:`` needs the same opt-in as pickled model weights: ``allow_pickle=True`` (CLI
+``--allow-pickle``) or ``CHAINTUNE_ALLOW_PICKLE=1`` in the environment.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ class _TorchScriptInception(nn.Module):
         return self.model(x, return_features=True)
 
 
-def _inception(path: str | None) -> nn.Module:
+def _inception(path: str | None, allow_pickle: bool = False) -> nn.Module:
+    from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
+
     path = path or os.environ.get(INCEPTION_ENV)
     if not path:
         raise ChaintuneError(
@@ -70,6 +76,11 @@ def _inception(path: str | None) -> nn.Module:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ChaintuneError(f"Inception weights not found at {p}")
+    if not pickle_allowed(allow_pickle):
+        raise ChaintuneError(
+            f"loading the Inception weights {p} unpickles the file, which can run code from it; if you trust it, "
+            f"pass --allow-pickle (Python: allow_pickle=True) or set {ALLOW_PICKLE_ENV}=1 (any command)"
+        )
     try:
         return FeatureNet(_TorchScriptInception(p), 2048, f"inception:{p}", channels=3)
     except (RuntimeError, ValueError):
@@ -93,8 +104,12 @@ def _inception(path: str | None) -> nn.Module:
     return FeatureNet(_Fidelity(), 2048, f"inception:{p}", channels=3)
 
 
-def feature_network(spec: str | nn.Module = "digits-cnn") -> FeatureNet:
-    """Resolve a feature spec (see module docstring) or wrap a given module."""
+def feature_network(spec: str | nn.Module = "digits-cnn", allow_pickle: bool = False) -> FeatureNet:
+    """Resolve a feature spec (see module docstring) or wrap a given module.
+
+    ``allow_pickle`` opts in to ``inception:PATH``, whose loading runs code from the file (also
+    ``CHAINTUNE_ALLOW_PICKLE=1``); the built-in ``digits-*`` networks are read from safetensors and need none.
+    """
     if isinstance(spec, FeatureNet):
         return spec
     if isinstance(spec, nn.Module):
@@ -108,7 +123,7 @@ def feature_network(spec: str | nn.Module = "digits-cnn") -> FeatureNet:
         net = load_classifier(name)
         return FeatureNet(net, int(net.feature_dim), name)
     if name == "inception":
-        return _inception(arg or None)
+        return _inception(arg or None, allow_pickle)
     from chaintune.errors import unknown_name
 
     raise unknown_name("feature network", spec, ["digits-cnn", "digits-mlp", "inception:PATH"])
@@ -120,14 +135,17 @@ def _features(net: FeatureNet, images: torch.Tensor, batch_size: int) -> torch.T
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: str | nn.Module = "digits-cnn", *,
             kid_subsets: int = 50, kid_subset_size: int = 1000, batch_size: int = 256,
-            seed: int = 0) -> dict[str, float]:
-    """FID, KID (mean and std over subsets) between two image sets ``[n, C, H, W]`` in [0, 1]."""
+            seed: int = 0, allow_pickle: bool = False) -> dict[str, float]:
+    """FID, KID (mean and std over subsets) between two image sets ``[n, C, H, W]`` in [0, 1].
+
+    ``allow_pickle``: see :func:`feature_network`.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if len(real) < 2 or len(fake) < 2:
         raise ChaintuneError(f"FID needs at least 2 images per set (got {len(real)} real, {len(fake)} fake)")
-    net = feature_network(feature)
+    net = feature_network(feature, allow_pickle=allow_pickle)
     # features are computed once and fed through an identity "network", so FID and KID share them
     fr, ff = _features(net, real.cpu(), batch_size), _features(net, fake.cpu(), batch_size)
     ident = FeatureNet(nn.Identity(), net.num_features, net.name)

@@ -79,6 +79,7 @@ def test_transfer_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     cut.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000003", cut / "checkpoints" / "step_000003")
     shutil.copy(tmp_path / "full" / "config.yaml", cut / "config.yaml")
+    shutil.copy(tmp_path / "full" / "chaintune_run.json", cut / "chaintune_run.json")
     resumed = run(cut, resume=True)
     for (k, a), b in zip(full.model.denoiser.state_dict().items(), resumed.model.denoiser.state_dict().values(),
                          strict=True):

@@ -42,6 +42,7 @@ def test_pretrain_writes_the_common_run_directory_and_resumes_bit_exactly(tmp_pa
     cut.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000002", cut / "checkpoints" / "step_000002")
     shutil.copy(tmp_path / "full" / "config.yaml", cut / "config.yaml")
+    shutil.copy(tmp_path / "full" / "chaintune_run.json", cut / "chaintune_run.json")
     resumed = _pretrain(cut, resume=True)
     for (k, a), b in zip(full.model.denoiser.state_dict().items(), resumed.model.denoiser.state_dict().values(),
                          strict=True):

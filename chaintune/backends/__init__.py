@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chaintune.backends.run_dir import RUN_MARKER, is_run_dir, load_run
+from chaintune.errors import ChaintuneError
 
 if TYPE_CHECKING:
     from chaintune.backends.base import Conditions, DiffusionModel
@@ -69,7 +70,7 @@ BUILTIN_MODELS = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(ChaintuneError, FileNotFoundError):
     """A model id that is not a builtin, a local directory, a run, or a cached hub model."""
 
 
@@ -118,18 +119,32 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_safe_weights(path: Path, allow_pickle: bool = False) -> None:
-    """Refuse directories whose weights exist only as pickles (loading a pickle can run code)."""
-    if allow_pickle or not path.is_dir():
-        return
-    files = [f for f in path.rglob("*") if f.is_file()]
-    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
-    if pickles and not any(f.suffix == ".safetensors" for f in files):
-        from chaintune.errors import ChaintuneError
+    """Refuse a model directory where some component would load from a pickle (loading a pickle can run code).
 
-        raise ChaintuneError(
-            f"{path} holds only pickled weights ({pickles[0].name}); chaintune loads safetensors. Convert them, or "
-            "pass allow_pickle=True (CLI: --allow-pickle) if you trust the file"
-        )
+    Checked per folder, since each folder is loaded on its own (diffusers components are subfolders: ``unet/``,
+    ``vae/``, ``text_encoder/`` ...) and prefers safetensors over a pickle *beside it*: a pickle-format weight
+    file with no ``.safetensors`` in the same folder is what that component would load. A safetensors file in
+    another folder (or a variant such as ``*.fp16.safetensors``, which chaintune does not ask for) makes
+    nothing safe. ``allow_pickle`` or ``CHAINTUNE_ALLOW_PICKLE=1`` opts in.
+    """
+    from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
+
+    if pickle_allowed(allow_pickle) or not path.is_dir():
+        return
+    by_folder: dict[Path, list[Path]] = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            by_folder.setdefault(f.parent, []).append(f)
+    for folder, files in by_folder.items():
+        pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+        # a variant (name.fp16.safetensors) is not what loads without variant=: it does not shadow the pickle
+        if pickles and not any(f.suffix == ".safetensors" and "." not in f.stem for f in files):
+            where = "" if folder == path else f"{folder.relative_to(path)}/ of "
+            raise ChaintuneError(
+                f"{where}{path} holds only pickled weights ({pickles[0].name}, no .safetensors beside it), and "
+                "loading a pickle can run code; chaintune loads safetensors. Convert them, or if you trust the "
+                f"files pass --allow-pickle (Python: allow_pickle=True) or set {ALLOW_PICKLE_ENV}=1"
+            )
 
 
 def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,8 @@ def register(app: typer.Typer) -> None:
         = None,
         allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (.bin/.pt) weights; only for files you trust.")]
         = False,
+        overwrite: Annotated[bool, typer.Option(
+            help="Replace existing sample PNGs and grid.png in --out (other files there are kept).")] = False,
     ):
         """Sample images from a model and write PNGs plus a grid."""
         import torch
@@ -37,32 +40,49 @@ def register(app: typer.Typer) -> None:
         from chaintune.utils.images import save_grid, save_images
         from chaintune.utils.threads import apply_thread_policy
 
-        _check_sample_options(num=num, steps=steps, eta=eta, scheduler=scheduler, batch_size=batch_size)
+        _check_sample_options(num=num, steps=steps, eta=eta, scheduler=scheduler, batch_size=batch_size,
+                              guidance_scale=guidance_scale)
+        _check_sample_outputs(out, num, overwrite)  # before the model loads: cheap errors first
         dev = _device(device)
         m = chaintune.load(model, device=dev, allow_pickle=allow_pickle)
-        apply_thread_policy(m)  # small models run fastest on one thread (benchmarks/threads.py)
+        apply_thread_policy(m)  # 1 thread for small models, the free cores for big ones (benchmarks/threads.py)
         _check_conditions(m, label=label, prompt=prompt, steps=steps)
         t0 = time.time()
         traj = chaintune.sample(m, num, steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed),
                                 labels=label, prompts=prompt, guidance_scale=guidance_scale,
                                 scheduler=scheduler, batch_size=batch_size)
         dt = time.time() - t0
-        save_images(traj.images, out)
+        save_images(traj.images, out)  # one atomic write per file: never a half-written PNG
         grid = save_grid(traj.images, out / "grid.png")
         typer.echo(f"wrote {num} samples to {out}/ and {grid} ({dt:.1f}s, {steps} steps)")
 
 
-def _check_sample_options(*, num: int, steps: int, eta: float, scheduler: str, batch_size: int) -> None:
+def _check_sample_options(*, num: int, steps: int, eta: float, scheduler: str, batch_size: int,
+                          guidance_scale: float | None = None) -> None:
     """Reject bad numbers before loading anything (one ``error:`` line, not an error deep in the sampler)."""
     from chaintune.errors import ChaintuneError, unknown_name
 
     for name, value in (("--num", num), ("--steps", steps), ("--batch-size", batch_size)):
         if value < 1:
             raise ChaintuneError(f"{name} must be >= 1, got {value}")
-    if eta < 0:
-        raise ChaintuneError(f"--eta must be >= 0, got {eta}")
+    if not (math.isfinite(eta) and eta >= 0):  # `nan < 0` is False: test the good range, not the bad one
+        raise ChaintuneError(f"--eta must be a finite number >= 0, got {eta}")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ChaintuneError(f"--guidance-scale must be a finite number, got {guidance_scale}")
     if scheduler not in ("ddim", "ddpm"):
         raise unknown_name("scheduler", scheduler, ["ddim", "ddpm"])
+
+
+def sample_paths(out: Path, num: int) -> list[Path]:
+    """The files ``chaintune sample`` writes (names as ``save_images``/``save_grid`` give them)."""
+    return [out / f"sample_{i:04d}.png" for i in range(num)] + [out / "grid.png"]
+
+
+def _check_sample_outputs(out: Path, num: int, overwrite: bool) -> None:
+    """Existing samples of the same names are someone's results: replaced only with --overwrite."""
+    from chaintune.utils.io import check_output_dir, check_overwrite
+
+    check_overwrite(sample_paths(check_output_dir(out), num), overwrite)
 
 
 def _device(device: str | None) -> str:

@@ -41,17 +41,25 @@ def register(app: typer.Typer) -> None:
         samples: Annotated[int, typer.Option(help="Images per hand-over threshold for FID (0: skip).", min=0)] = 500,
         steps: Annotated[int, typer.Option(help="Sampling steps of the hand-over chain.", min=2)] = 50,
         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        allow_pickle: Annotated[bool, typer.Option(
+            help="Allow pickled (.bin/.pt) model weights and a TorchScript inception:/path; only for files you "
+            "trust (loading them runs code).")] = False,
+        overwrite: Annotated[bool, typer.Option(
+            help="Replace forgetting.json and forgetting.png in --out (other files there are kept).")] = False,
     ):
         """Per-timestep forgetting of a fine-tuned model and hand-over FID (JSON + plot)."""
         import chaintune
+        from chaintune.metrics import feature_network
         from chaintune.transfer import TransferConfig
         from chaintune.transfer.bank import build_bank
         from chaintune.transfer.data import load_target
         from chaintune.transfer.forgetting import analyze, write_report
+        from chaintune.utils.io import check_output_dir, check_overwrite
 
-        m0, m1 = chaintune.load(base), chaintune.load(tuned)
-        x, y = load_target(m0, data)
-        ev = load_target(m0, eval_data)[0] if eval_data else x
+        # cheap errors first: an existing report, a bad feature spec or bank option fails before a model loads
+        check_overwrite([check_output_dir(out) / "forgetting.json", out / "forgetting.png"], overwrite)
+        # resolved once here, with the opt-in, and handed on as a module (not re-loaded per hand-over threshold)
+        features = feature_network(feature, allow_pickle=allow_pickle) if samples > 0 else None
         # the tuned run's own bank settings (and cache) when --tuned is a transfer run directory
         cfg = (TransferConfig.from_run(tuned) if Path(tuned).is_dir() else None) \
             or TransferConfig.from_dict({"bank_seed": seed})
@@ -60,9 +68,12 @@ def register(app: typer.Typer) -> None:
         if bank_labels is not None:
             cfg.bank.labels = bank_labels
         cfg.validate()
+        m0, m1 = chaintune.load(base, allow_pickle=allow_pickle), chaintune.load(tuned, allow_pickle=allow_pickle)
+        x, y = load_target(m0, data)
+        ev = load_target(m0, eval_data)[0] if eval_data else x
         bank = build_bank(m0, cfg.bank, cfg.bank.dir)
         res = analyze(m0, m1, x, bank.latents, eval_images=ev if samples > 0 else None, num_timesteps=timesteps,
-                      handover_n=max(samples, 2), steps=steps, feature=feature, seed=seed,
+                      handover_n=max(samples, 2), steps=steps, feature=features, seed=seed,
                       target_labels=y if len(y) == len(x) else None)
         res["models"] = {"base": base, "tuned": tuned}
         res.update(data=data, eval_data=eval_data or data, bank_path=str(bank.path))

@@ -96,8 +96,10 @@ class ChainConfig:
 class EstimatorConfig:
     """Which gradient estimator, and its options (each estimator reads the ones its constructor names)."""
 
-    name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | zeroth-order | full-backprop "
-                       "| truncated-backprop | alignprop | refl.", key="estimator")
+    name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | grpo | zeroth-order | "
+                       "full-backprop | truncated-backprop | alignprop | refl. rlr with h = 1, spans = 1 and no ZO "
+                       "(its defaults) computes the same gradient as rlr-released at its defaults, bit for bit.",
+                       key="estimator")
     h: int = option(1, "rlr / half-order: span length (steps of backprop inside the likelihood-ratio span).", min=1)
     j: str = option("uniform", "rlr: span placement: uniform | grad-norm | a,b (paper steps; diffusive chain of "
                     "thought).")
@@ -111,10 +113,27 @@ class EstimatorConfig:
                         min=1)
     shared_perturbation: bool = option(False, "rlr / zeroth-order: one perturbation direction for all ZO steps.")
     k: int = option(1, "truncated-backprop / alignprop: number of final steps to backpropagate through.", min=1)
-    inner_epochs: int = option(1, "reinforce: PPO inner epochs per batch.", min=1)
-    clip_range: float = option(1e-4, "reinforce: PPO clip range of the likelihood ratio.", gt=0)
-    baseline: str = option("batch", "Reward baseline of likelihood-ratio terms: batch | prompt | none "
-                           "(leave-one-out, unbiased).", choices=("batch", "prompt", "none"))
+    inner_epochs: int = option(1, "reinforce / grpo: PPO inner epochs per batch.", min=1)
+    clip_range: float = option(1e-4, "reinforce / grpo: PPO clip range of the ratio of per-dimension mean "
+                               "log-probs (DDPO / Flow-GRPO's convention and default).", gt=0)
+    kl_coef: float = option(0.0, "grpo: weight of the per-step closed-form KL to the reference (base) policy "
+                            "(Flow-GRPO's beta; needs the base model).", min=0)
+    baseline: str = option("batch", "Reward baseline of likelihood-ratio terms: batch | prompt | none (leave-one-out, "
+                           "unbiased) | group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
+                           "running buffer). grpo always uses group.",
+                           choices=("batch", "prompt", "none", "group", "tracker"))
+    tracker_buffer: int = option(16, "baseline tracker: rewards kept per prompt (DDPO: 16).", min=1)
+    tracker_min_count: int = option(16, "baseline tracker: below this many buffered rewards a prompt uses batch "
+                                    "statistics (DDPO: 16).", min=0)
+    final_eta: float | None = option(None, "rlr-released: eta of the final first-order step (the release: 0; "
+                                     "default: the chain's eta).", min=0)
+    chain_len: int = option(1, "rlr-released: likelihood-ratio steps per estimate, uniform positions (the "
+                            "release: 2).", min=0)
+    lr_clip_range: float = option(0.0, "rlr-released: PPO clip of each likelihood-ratio step on per-dimension mean "
+                                  "log-probs (the release: 1e-4; 0: eq. 6's plain term).", min=0)
+    fo_coef: float = option(1.0, "rlr-released: weight of the first-order term (the release's loss_coeff).")
+    lr_coef: float = option(1.0, "rlr-released: weight of each likelihood-ratio step, 1 = unbiased (the release's "
+                            "ho_loss_coeff c on its per-dimension loss is c / (D * std R)).")
 
 
 @dataclass
@@ -164,6 +183,14 @@ class AlignConfig:
         e = self.estimator
         if e.name in ("rlr", "half-order") and e.h >= self.chain.sample_steps:
             raise ChaintuneError(f"h={e.h} must be smaller than sample_steps={self.chain.sample_steps}")
+        if "," in e.j:
+            try:
+                a, b = (int(v) for v in e.j.split(","))
+            except ValueError:
+                raise ChaintuneError(f"j must be uniform, grad-norm or a,b (paper steps), got {e.j!r}") from None
+            if not 2 <= a <= b <= self.chain.sample_steps:
+                raise ChaintuneError(f"j must satisfy 2 <= a <= b <= sample_steps={self.chain.sample_steps} (paper "
+                                     f"steps; step 1 is the first-order step), got {e.j!r}")
         if self.optim.peft not in ("none", "lora"):
             raise ChaintuneError("align trains full weights (peft none) or LoRA (peft lora)")
         try:

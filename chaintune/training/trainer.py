@@ -164,19 +164,19 @@ class Trainer:
         self.device = requested if requested is not None else self.acc.device
         self.main = self.acc.is_main_process
         self.lock = None
-        if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
-            from chaintune.training.runs import RunLock, check_run_dir
-
-            check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
-            self.lock = RunLock(self.out)
-            if self.out.is_dir():
-                self.lock.acquire()  # a second writer stops here, before it loads a model
-            if self.resume:
-                check_resume_config(cfg, self.out)
         self.bars = self.main and self.show_progress  # progress bars for long phases (bank, evaluation samples)
         torch.manual_seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1_000_003 * self.acc.process_index)
         try:
+            if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
+                from chaintune.training.runs import RunLock, check_run_dir
+
+                check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
+                self.lock = RunLock(self.out)
+                if self.out.is_dir():
+                    self.lock.acquire()  # a second writer stops here, before it loads a model
+                if self.resume:
+                    check_resume_config(cfg, self.out)
             obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
             if self.thread_policy:
                 from chaintune.utils.threads import apply_thread_policy

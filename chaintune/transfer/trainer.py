@@ -77,13 +77,6 @@ class TransferObjective(Objective):
             warnings.warn(UNCONDITIONAL_RETENTION.format(shots=shots), UserWarning, stacklevel=4)
         self.model, self.y = model, y
         self.x0_all = encode(model, x_img)
-        self.n_bank = cfg.bank_batch()
-        self.n_target = cfg.optim.batch_size - self.n_bank
-        if self.n_bank:
-            self.bank = build_bank(model, cfg.bank, cfg.bank.dir, progress=run.bars)
-            how = "sampled and cached" if self.bank.generated else "reused from the cache"
-            run.log_line(f"knowledge bank: {len(self.bank)} samples {how} at {self.bank.path}")
-            self.bank_x0 = self.bank.latents.to(run.device)
         ev = cfg.eval
         self.eval_name = default_eval_data(cfg.data) if ev.eval_data == "auto" else ev.eval_data
         self.feature = default_feature(cfg.data) if ev.feature == "auto" else ev.feature
@@ -94,6 +87,13 @@ class TransferObjective(Objective):
             from chaintune.metrics import feature_network
 
             feature_network(self.feature)  # fail now, not after training, on a bad feature spec
+        self.n_bank = cfg.bank_batch()
+        self.n_target = cfg.optim.batch_size - self.n_bank
+        if self.n_bank:
+            self.bank = build_bank(model, cfg.bank, cfg.bank.dir, progress=run.bars)
+            how = "sampled and cached" if self.bank.generated else "reused from the cache"
+            run.log_line(f"knowledge bank: {len(self.bank)} samples {how} at {self.bank.path}")
+            self.bank_x0 = self.bank.latents.to(run.device)
         if cfg.optim.gradient_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
             model.denoiser.enable_gradient_checkpointing()
 

@@ -57,6 +57,56 @@ def atomic_dir(path: str | Path):
         raise
 
 
+ALLOW_PICKLE_ENV = "CHAINTUNE_ALLOW_PICKLE"
+
+
+def pickle_allowed(allow_pickle: bool = False) -> bool:
+    """Whether loading pickle-based files (``.bin``/``.pt`` weights, TorchScript archives) is allowed.
+
+    Unpickling runs code from the file, so it needs an opt-in: ``allow_pickle`` (CLI ``--allow-pickle``) or
+    ``CHAINTUNE_ALLOW_PICKLE=1`` for callers that cannot pass it (the generated ``align``/``transfer`` commands).
+    """
+    return bool(allow_pickle) or os.environ.get(ALLOW_PICKLE_ENV) == "1"
+
+
+def check_output_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Refuse an output folder that is a file or lies under one, before any expensive work.
+
+    ``mkdir`` would fail there only after the model has loaded and sampled, with a bare ``NotADirectoryError``.
+    """
+    from chaintune.errors import ChaintuneError
+
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"lies under the file {p}"
+                raise ChaintuneError(f"{flag} {out} {what}; give a folder")
+            break
+    return out
+
+
+def check_overwrite(paths: list[Path], overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse to replace existing output files unless ``overwrite`` (checked before any work, so nothing is lost).
+
+    Only the named files are ever replaced; other files in their folder are left alone.
+    """
+    from chaintune.errors import ChaintuneError
+
+    folders = [p for p in paths if p.is_dir()]
+    if folders:  # never replaced, even with --overwrite: it is not an output of ours
+        raise ChaintuneError(f"{folders[0]} is a folder where an output file goes; move it or choose another --out")
+    if overwrite:
+        return
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing:
+        more = f" (and {len(existing) - 1} more output file(s))" if len(existing) > 1 else ""
+        raise ChaintuneError(
+            f"{existing[0]} already exists{more}; pass {flag} to replace the outputs of this command "
+            "(other files in the folder are kept), or choose another --out"
+        )
+
+
 def save_json(path: str | Path, obj) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, default=str)
