@@ -254,7 +254,7 @@ MATRIX: list[tuple[str, list[str], dict[str, str], list[str]]] = [
     ("device-cuda-transfer", [*TRANSFER, "--device", "cuda"], {}, ["cuda"]),
     ("device-cuda-sample", [*SAMPLE, "--device", "cuda"], {}, ["cuda", "--device cpu"]),
     ("forgetting-timesteps-zero", [*FORGET, "--timesteps", "0"], {}, ["--timesteps", "greater than or equal to 2"]),
-    ("j-reversed", [*ALIGN, "--j", "20,10"], {}, ["j must", "(20, 10)"]),
+    ("j-reversed", [*ALIGN, "--j", "20,10"], {}, ["j must", "20,10"]),
     ("j-past-the-chain", ["align", "--out", "run", "--j", "2,100", "--sample-steps", "20", "--steps", "1",
                           "--batch-size", "2", "--eval-samples", "2", "--no-tensorboard", "--no-progress"], {},
      ["j", "100", "20"]),

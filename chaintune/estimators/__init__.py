@@ -5,10 +5,11 @@
 ``truncated-backprop`` pathwise through the last k steps (AlignProp / DRaFT-K; biased)
 ``refl``               one pathwise step scored on its x_0 prediction (ReFL; biased)
 ``reinforce``          likelihood ratio at every step with PPO clipping (DDPO)
+``grpo``               group-normalised advantages, PPO clipping, KL to the reference (Flow-GRPO)
 ``zeroth-order``       parameter perturbation at every step (ES; black-box)
 ``half-order``         likelihood ratio at the end of pathwise spans of h steps
 ``rlr``                FO on step 1 + HO span of h steps + ZO elsewhere (paper eq. 6)
-``rlr-released``       the authors' released variant: FO on step 1 + one LR step
+``rlr-released``       the authors' released variant: FO on step 1 + ``chain_len`` (PPO-clipped) LR steps
 =====================  ==============================================================
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages
 from chaintune.estimators.full import FullBackprop
+from chaintune.estimators.grpo import GRPO
 from chaintune.estimators.half_order import HalfOrder
 from chaintune.estimators.reinforce import Reinforce
 from chaintune.estimators.rlr import RLR, RLRReleased
@@ -29,6 +31,7 @@ ESTIMATORS = {
     "refl": ReFL,
     "reinforce": Reinforce,
     "ddpo": Reinforce,
+    "grpo": GRPO,
     "zeroth-order": ZerothOrder,
     "half-order": HalfOrder,
     "rlr": RLR,
@@ -53,4 +56,4 @@ def get_estimator(name: str | Estimator, **kwargs) -> Estimator:
 
 
 __all__ = ["Estimator", "EstimationContext", "Stats", "advantages", "FullBackprop", "TruncatedBackprop", "ReFL",
-           "Reinforce", "ZerothOrder", "HalfOrder", "RLR", "RLRReleased", "ESTIMATORS", "get_estimator"]
+           "Reinforce", "GRPO", "ZerothOrder", "HalfOrder", "RLR", "RLRReleased", "ESTIMATORS", "get_estimator"]

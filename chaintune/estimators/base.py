@@ -22,6 +22,7 @@ import torch
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, run_chain
 from chaintune.errors import ChaintuneError
+from chaintune.estimators.baselines import PerPromptStatTracker, group_keys, group_normalized
 
 
 @dataclass
@@ -37,8 +38,11 @@ class EstimationContext:
     generator: torch.Generator | None = None
     conditions: Conditions | None = None
     checkpoint: bool = True
-    baseline: str = "batch"  # 'batch' | 'prompt' | 'none'
+    baseline: str = "batch"  # one of BASELINES, see advantages()
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # A context under which ``model.denoise_fn`` runs the reference (base) policy, e.g.
+    # ``lambda: base_model_weights(model, frozen_copy)``; estimators with a KL penalty to the reference need it.
+    reference: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -69,10 +73,41 @@ class Stats:
 
 
 class Estimator:
-    """Base class. Subclasses say which chain positions get which gradient in :meth:`plan`."""
+    """Base class. Subclasses say which chain positions get which gradient in :meth:`plan`.
+
+    State that must survive checkpoint/resume (RLR's span norms, DDPO's per-prompt reward buffers)
+    is exposed by :meth:`state_dict` / :meth:`load_state_dict` (JSON-friendly).
+    """
 
     name = "estimator"
     needs_differentiable_reward = False
+    _tracker: PerPromptStatTracker | None = None
+
+    def _init_tracker(self, tracker_buffer: int, tracker_min_count: int) -> None:
+        self.tracker_buffer = tracker_buffer
+        self.tracker_min_count = tracker_min_count
+        self._tracker = PerPromptStatTracker(tracker_buffer, tracker_min_count)
+
+    def advantages(self, rewards: torch.Tensor, cond: Conditions | None, kind: str,
+                   normalize: bool = False) -> torch.Tensor:
+        """:func:`advantages` with this estimator's per-prompt stat tracker (``kind='tracker'``)."""
+        return advantages(rewards, cond, kind, normalize, tracker=self._tracker)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep: ``{"norms": {j: norm}, "stat_tracker": {...}}`` (entries only when set)."""
+        out: dict = {}
+        norms = getattr(self, "_norms", None)
+        if norms:
+            out["norms"] = {str(k): v for k, v in norms.items()}
+        if self._tracker is not None and self._tracker.stats:
+            out["stat_tracker"] = self._tracker.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("norms") and hasattr(self, "_norms"):
+            self._norms = {int(k): float(v) for k, v in state["norms"].items()}
+        if state.get("stat_tracker") and self._tracker is not None:
+            self._tracker.load_state_dict(state["stat_tracker"])
 
     def plan(self, num_steps: int, generator: torch.Generator | None = None) -> list[StepGrad]:
         raise NotImplementedError
@@ -88,7 +123,7 @@ class Estimator:
                 "'reinforce' or 'zeroth-order'"
             )
         if not ctx.params:
-            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+            raise ChaintuneError("the model has no trainable parameters (requires_grad=False everywhere)")
 
     def __repr__(self) -> str:
         fields_ = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -133,16 +168,34 @@ def rollout(
     return traj, images, r
 
 
-def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str = "batch",
-               normalize: bool = False) -> torch.Tensor:
-    """R_k - b_k with a leave-one-out baseline, so b_k is independent of sample k (no bias).
+BASELINES = ("batch", "prompt", "none", "group", "tracker")
 
-    ``kind='prompt'`` uses the other samples of the same prompt/label (falling back to the
-    batch when a prompt appears once); ``'none'`` returns the rewards. ``normalize`` divides by
-    the batch std (DDPO's choice: rescales the step size, keeps the direction's expectation).
+
+def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str = "batch",
+               normalize: bool = False, tracker: PerPromptStatTracker | None = None) -> torch.Tensor:
+    """R_k - b_k for the likelihood-ratio terms.
+
+    Leave-one-out (unbiased: b_k is independent of sample k): ``'batch'`` uses the other samples of
+    the batch; ``'prompt'`` the other samples of the same prompt/label (falling back to the batch when
+    a prompt appears once); ``'none'`` returns the rewards. ``normalize`` then divides by the batch
+    std (DDPO's choice: rescales the step size, keeps the direction's expectation).
+
+    Normalised, as the reference implementations (slightly biased: the sample is in its own
+    statistics): ``'group'`` is GRPO's (r - mean_group) / (std_group + 1e-4) over the samples of the
+    same prompt/label in this batch; ``'tracker'`` is DDPO's per-prompt stat tracker (running buffer,
+    batch statistics below a minimum count), and needs the estimator's ``tracker``. Both are already
+    normalised, so ``normalize`` does not apply to them.
     """
     r = rewards.detach().float()
     n = r.shape[0]
+    if kind not in BASELINES:
+        raise ChaintuneError(f"baseline must be one of {', '.join(BASELINES)}, got {kind!r}")
+    if kind == "group":
+        return group_normalized(r, group_keys(cond, n)).to(r.device)
+    if kind == "tracker":
+        if tracker is None:
+            raise ChaintuneError("baseline 'tracker' needs a PerPromptStatTracker (the estimator's)")
+        return tracker.update(group_keys(cond, n), r).to(r.device)
     if kind == "none" or n < 2:
         adv = r.clone()
     else:
@@ -157,8 +210,6 @@ def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str 
                     if len(idx) > 1:
                         g = r[idx]
                         adv[idx] = g - (g.sum() - g) / (len(idx) - 1)
-        elif kind not in ("batch", "prompt"):
-            raise ChaintuneError(f"baseline must be 'batch', 'prompt' or 'none', got {kind!r}")
     if normalize and n > 1:
         adv = adv / (r.std() + 1e-8)
     return adv

@@ -18,7 +18,7 @@ import torch
 
 from chaintune.chain import StepGrad, run_chain
 from chaintune.errors import ChaintuneError
-from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages, draw_noise, rollout
+from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 
 
 def spans_ending_at(ends: list[int], h: int, floor: int = 0) -> list[tuple[int, int]]:
@@ -65,11 +65,13 @@ def final_step_pathwise(ctx: EstimationContext, x_last: torch.Tensor, noises, co
 class HalfOrder(Estimator):
     name = "half-order"
 
-    def __init__(self, h: int = 2, normalize_advantages: bool = False):
+    def __init__(self, h: int = 2, normalize_advantages: bool = False, tracker_buffer: int = 16,
+                 tracker_min_count: int = 16):
         if h < 1:
             raise ChaintuneError(f"h must be >= 1, got {h}")
         self.h = h
         self.normalize_advantages = normalize_advantages
+        self._init_tracker(tracker_buffer, tracker_min_count)
 
     def plan(self, num_steps, generator=None):
         """Representative plan: the span that ends at the last stochastic position."""
@@ -81,7 +83,7 @@ class HalfOrder(Estimator):
         x_T, noises = draw_noise(ctx, ctx.n)
         with torch.no_grad():
             traj, images, r = rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions)
-        adv = advantages(r, ctx.conditions, ctx.baseline, self.normalize_advantages).to(x_T.device)
+        adv = self.advantages(r, ctx.conditions, ctx.baseline, self.normalize_advantages).to(x_T.device)
         stoch = traj.stochastic.tolist()
         n_stoch = len(stoch) if all(stoch) else stoch.index(False)
         if not all(stoch[:n_stoch]) or any(stoch[n_stoch:-1]) or n_stoch < len(stoch) - 1:

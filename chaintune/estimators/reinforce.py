@@ -1,68 +1,109 @@
 """REINFORCE / DDPO: a likelihood ratio at every stochastic step, with PPO clipping.
 
 One no-grad rollout is stored; then for each inner epoch and each stochastic position i the
-log-prob log p_theta(x_{i+1} | x_i) is recomputed with a graph and the clipped PPO objective
-min(A * rho, A * clip(rho, 1 - eps, 1 + eps)), rho = p_theta / p_old, is backpropagated one
-position at a time (memory of one step). On the first epoch rho = 1, so the estimate is exactly
-sum_i A * grad log p_i — unbiased with the leave-one-out baseline. Later epochs reuse the samples
-(off-policy, clipped): the trainer steps the optimizer after each yield.
+log-prob log p_theta(x_{i+1} | x_i) is recomputed with a graph and DDPO's clipped objective
+
+    loss_i = mean_k max(-A_k rho_k, -A_k clip(rho_k, 1 - eps, 1 + eps)),   rho = exp(lp_mean - lp_mean_old)
+
+is backpropagated one position at a time (memory of one step). As in ddpo-pytorch and Flow-GRPO,
+lp_mean is the Gaussian log-density *averaged* over the D latent dimensions, so ``clip_range``
+(DDPO's default 1e-4) means what it means there; on the summed log-prob it would be D times tighter
+and clip almost every sample after the first update. What is backpropagated is ``D * loss_i``
+(see :mod:`chaintune.estimators.ppo`): on the first epoch rho = 1 and the estimate is exactly
+sum_i A * grad log p_i (sum over dimensions) — unbiased with the leave-one-out baseline, the same
+scale as every other estimator. Later epochs reuse the samples (off-policy, clipped): the trainer
+steps the optimizer after each yield. ``clip_frac`` and ``ppo_loss`` (mean over the trained
+positions of loss_i) are logged in DDPO's units.
 """
 
 from __future__ import annotations
 
 import torch
 
-from chaintune.chain import StepGrad, log_prob, prepare_scheduler
+from chaintune.chain import StepGrad, prepare_scheduler
 from chaintune.errors import ChaintuneError
-from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages, draw_noise, rollout
+from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.half_order import final_step_pathwise
+from chaintune.estimators.ppo import ppo_objective, step_log_prob
 
 
 class Reinforce(Estimator):
     name = "reinforce"
 
     def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, normalize_advantages: bool = True,
-                 step_fraction: float = 1.0, final_step: str = "skip", adv_clip: float = 5.0):
+                 step_fraction: float = 1.0, final_step: str = "skip", adv_clip: float = 5.0,
+                 tracker_buffer: int = 16, tracker_min_count: int = 16):
         if final_step not in ("skip", "pathwise"):
             raise ChaintuneError("final_step must be 'skip' (DDPO) or 'pathwise'")
+        if inner_epochs < 1 or clip_range <= 0:
+            raise ChaintuneError(f"inner_epochs must be >= 1 and clip_range > 0, got {inner_epochs}, {clip_range}")
         self.inner_epochs = inner_epochs
         self.clip_range = clip_range
         self.normalize_advantages = normalize_advantages
         self.step_fraction = step_fraction
         self.final_step = final_step
         self.adv_clip = adv_clip
+        self._init_tracker(tracker_buffer, tracker_min_count)
 
     def plan(self, num_steps, generator=None):
         return [StepGrad.LIKELIHOOD] * (num_steps - 1) + [StepGrad.NONE]
+
+    def baseline(self, ctx: EstimationContext) -> str:
+        """Which baseline this estimator uses (DDPO: the context's; GRPO overrides it)."""
+        return ctx.baseline
+
+    def _advantages(self, r: torch.Tensor, ctx: EstimationContext) -> torch.Tensor:
+        kind = self.baseline(ctx)
+        adv = self.advantages(r, ctx.conditions, kind, self.normalize_advantages)
+        if self.adv_clip and (self.normalize_advantages or kind in ("group", "tracker")):
+            adv = adv.clamp(-self.adv_clip, self.adv_clip)  # only meaningful on a normalised scale
+        return adv
+
+    def _penalty(self, ctx: EstimationContext, denoise, sched, traj, i: int, mean: torch.Tensor,
+                 std: torch.Tensor) -> torch.Tensor | None:
+        """An extra per-position loss in chaintune's (summed) units; GRPO's KL to the reference."""
+        return None
 
     def updates(self, ctx: EstimationContext):
         self.check(ctx)
         x_T, noises = draw_noise(ctx, ctx.n)
         with torch.no_grad():
             traj, images, r = rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions)
-        adv = advantages(r, ctx.conditions, ctx.baseline, self.normalize_advantages).to(x_T.device)
-        if self.normalize_advantages and self.adv_clip:
-            adv = adv.clamp(-self.adv_clip, self.adv_clip)
+        adv = self._advantages(r, ctx).to(x_T.device)
         positions = [i for i, s in enumerate(traj.stochastic.tolist()) if s]
+        if not positions:
+            raise ChaintuneError(f"estimator {self.name!r} needs stochastic steps (eta > 0), got eta={ctx.eta}")
         sched = prepare_scheduler(ctx.scheduler, ctx.steps, device=x_T.device)
         denoise = ctx.model.denoise_fn(ctx.conditions)
+        dim = traj.latents[0][0].numel()
         for epoch in range(self.inner_epochs):
             chosen = positions
             if self.step_fraction < 1.0:
                 k = max(1, round(self.step_fraction * len(positions)))
                 perm = torch.randperm(len(positions), generator=ctx.generator)[:k]
                 chosen = [positions[int(j)] for j in perm]
-            clipped = 0.0
+            scale = len(positions) / len(chosen)  # the chosen positions stand for all of them
+            clipped = ppo = approx_kl = penalty_sum = 0.0
             for i in chosen:
                 with ctx.autocast():
-                    lp = log_prob(denoise, sched, traj.latents[i], int(traj.timesteps[i]), traj.latents[i + 1],
-                                  ctx.eta)
-                ratio = torch.exp(lp - traj.log_probs[:, i].to(lp))
-                unclipped = -adv * ratio
-                clip = -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
-                loss = torch.maximum(unclipped, clip).sum() / ctx.n * (len(positions) / len(chosen))
-                loss.backward()
+                    lp, mean, std = step_log_prob(denoise, sched, traj.latents[i], traj.timesteps[i],
+                                                  traj.latents[i + 1], ctx.eta)
+                    old = traj.log_probs[:, i].to(lp) / dim  # stored summed log-prob -> per-dimension mean
+                    per_sample, ratio = ppo_objective(adv, lp, old, self.clip_range)
+                    loss = per_sample.mean()  # DDPO's loss at this position
+                    pen = self._penalty(ctx, denoise, sched, traj, i, mean, std)
+                total = dim * loss if pen is None else dim * loss + pen
+                (total * scale).backward()
                 clipped += float(((ratio - 1).abs() > self.clip_range).float().mean())
+                ppo += float(loss.detach())
+                approx_kl += float(0.5 * ((lp.detach() - old) ** 2).mean())
+                penalty_sum += 0.0 if pen is None else float(pen.detach())
             if epoch == 0 and self.final_step == "pathwise" and len(positions) < ctx.steps:
                 (-final_step_pathwise(ctx, traj.latents[-2], noises, ctx.conditions).sum() / ctx.n).backward()
-            yield Stats(rewards=r, images=images, extra={"epoch": epoch, "clip_frac": clipped / len(chosen)})
+            m = len(chosen)
+            extra = {"epoch": epoch, "clip_frac": clipped / m, "ppo_loss": ppo / m, "approx_kl": approx_kl / m}
+            extra.update(self._penalty_metrics(penalty_sum, m))
+            yield Stats(rewards=r, images=images, extra=extra)
+
+    def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:
+        return {}

@@ -25,8 +25,9 @@ likelihood ratio (the h = 1 half-order term, also unbiased) instead of zeroth-or
 there is no span to average and ``spans`` has no effect.
 
 ``zo=False`` / ``ho=False`` give the paper's ablations (those steps are then left out or moved to
-zeroth-order). :func:`RLRReleased` is the authors' released variant: first-order on the final
-step plus one likelihood-ratio step at a uniformly random position, nothing else (biased).
+zeroth-order). :class:`RLRReleased` is the authors' released variant: first-order on the final
+step (at eta = 0 there if asked) plus ``chain_len`` likelihood-ratio steps at uniformly random
+positions, nothing else (biased); at its defaults it is this estimator with h = 1, no ZO.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ from collections import Counter
 
 import torch
 
-from chaintune.chain import StepGrad
+from chaintune.chain import StepGrad, run_chain
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import (
     EstimationContext,
     Estimator,
     Stats,
-    advantages,
     draw_noise,
     mirrored_zeroth_order,
     rollout,
 )
+from chaintune.estimators.ppo import ppo_objective
 
 
 class RLR(Estimator):
@@ -53,7 +54,7 @@ class RLR(Estimator):
 
     def __init__(self, h: int = 2, j: str | tuple[int, int] = "uniform", sigma: float = 1e-3,
                  zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9,
-                 spans: int = 1):
+                 spans: int = 1, tracker_buffer: int = 16, tracker_min_count: int = 16):
         if h < 1:
             raise ChaintuneError(f"h must be >= 1, got {h}")
         if spans < 1:
@@ -76,6 +77,7 @@ class RLR(Estimator):
         self.norm_decay = norm_decay
         self.spans = spans
         self._norms: dict[int, float] = {}
+        self._init_tracker(tracker_buffer, tracker_min_count)
 
     # which steps get which gradient -----------------------------------------------------------
     def j_range(self, num_steps: int) -> tuple[int, int]:
@@ -138,7 +140,7 @@ class RLR(Estimator):
             if differentiable:
                 loss = loss - r.sum() / ctx.n
             if lr_pos:
-                adv = advantages(r, cond, ctx.baseline).to(r.device)
+                adv = self.advantages(r, cond, ctx.baseline).to(r.device)
                 ho = -(adv * traj.graph_log_probs[lr_pos[0]]).sum() / ctx.n
                 if self.j == "grad-norm":
                     ho_norm.append(_accumulate_measuring_norm(ho, params))
@@ -197,7 +199,7 @@ class RLR(Estimator):
         ho_norm: dict[int, list[float]] = {}
 
         def surrogate(traj, images, r, cond):
-            adv = advantages(r, cond, ctx.baseline).to(r.device)
+            adv = self.advantages(r, cond, ctx.baseline).to(r.device)
             for w, span, j in terms:
                 lp = replay_span_log_prob(ctx, traj.latents, traj.noises, span, cond)
                 term = -(adv * lp).sum() / ctx.n
@@ -224,22 +226,119 @@ def _accumulate_measuring_norm(term: torch.Tensor, params: list, weight: float =
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
-class _Released(RLR):
-    name = "rlr-released"
+class RLRReleased(RLR):
+    """The authors' released code path (RTkenny/RLR-Opimtizer, ``rlr_trainer_v_b.py``, strategy "RLR").
 
-    def plan(self, num_steps, generator=None, j=None, differentiable=True):
+    Per estimate: one rollout; a first-order term on the final step, ``fo_coef * -mean R(x_0)``
+    (pathwise through that step only), plus ``chain_len`` likelihood-ratio steps at positions drawn
+    independently and uniformly (with replacement; their terms are summed, as the release sums its
+    ``HO_loss``), each weighted by ``lr_coef``. The release's options:
+
+    * ``final_eta``: the eta of the final, first-order step (the release: 0, a deterministic last step;
+      ``None``: the chain's eta). The rest of the chain keeps the chain's eta.
+    * ``chain_len``: number of likelihood-ratio steps (the release's script: 2).
+    * ``lr_clip_range``: > 0 puts each likelihood-ratio step in the release's PPO form,
+      max(-A rho, -A clip(rho, 1 +- eps)) with rho = exp(clamp(lp_mean - lp_mean_old, +-20)) on the
+      per-dimension mean log-prob (the release: 1e-4); 0 keeps eq. 6's plain term A * grad log p.
+      The release computes rho on the rollout it has just sampled with the same weights, so rho = 1
+      and the clip never binds: the gradient equals the plain term's (to rounding). It is kept for
+      fidelity (the release's loss form), not because it changes the estimate.
+    * ``fo_coef`` / ``lr_coef``: the release's ``loss_coeff`` / ``ho_loss_coeff``. Here ``lr_coef``
+      multiplies chaintune's unbiased likelihood-ratio term (summed log-prob, see
+      :mod:`chaintune.estimators.ppo`); the release's ``ho_loss_coeff`` c weights a per-dimension loss
+      with batch z-scored advantages, which is ``lr_coef`` = c / (D * std R) here (D = latent size).
+
+    Draws never land on the final position (it is covered first-order; in the release a draw there
+    meets a deterministic step whose NaN log-prob zeroes the whole likelihood-ratio loss).
+    The advantage is the context's baseline (the release z-scores rewards over the batch).
+
+    At its defaults (chain_len 1, final_eta None, lr_clip_range 0, coefficients 1) this is exactly
+    ``rlr`` with h = 1, spans = 1, zo = False: the same draws of j, the same rollout, the same gradient
+    bit for bit (tests/test_ppo_grpo.py). It is biased: steps other than the drawn ones get no gradient.
+    """
+
+    name = "rlr-released"
+    needs_differentiable_reward = True
+
+    def __init__(self, chain_len: int = 1, final_eta: float | None = None, lr_clip_range: float = 0.0,
+                 fo_coef: float = 1.0, lr_coef: float = 1.0, tracker_buffer: int = 16, tracker_min_count: int = 16):
+        if chain_len < 0:
+            raise ChaintuneError(f"chain_len must be >= 0, got {chain_len}")
+        if final_eta is not None and final_eta < 0:
+            raise ChaintuneError(f"final_eta must be >= 0, got {final_eta}")
+        if lr_clip_range < 0:
+            raise ChaintuneError(f"lr_clip_range must be >= 0, got {lr_clip_range}")
+        super().__init__(h=1, zo=False, tracker_buffer=tracker_buffer, tracker_min_count=tracker_min_count)
+        self.chain_len = chain_len
+        self.final_eta = final_eta
+        self.lr_clip_range = lr_clip_range
+        self.fo_coef = fo_coef
+        self.lr_coef = lr_coef
+
+    def plan(self, num_steps, generator=None, j: int | list[int] | None = None, differentiable=True):
+        if num_steps < 2:
+            raise ChaintuneError("rlr-released needs at least 2 steps")
+        if j is None:
+            js = [self.sample_j(num_steps, generator) for _ in range(self.chain_len)]
+        else:
+            js = [j] if isinstance(j, int) else list(j)
         modes = [StepGrad.NONE] * num_steps
-        pos = int(torch.randint(0, num_steps - 1, (1,), generator=generator)) if j is None else num_steps - j
-        modes[pos] = StepGrad.LIKELIHOOD
+        for jj in js:
+            modes[num_steps - jj] = StepGrad.LIKELIHOOD
         modes[-1] = StepGrad.PATHWISE
         return modes
 
-    def sample_j(self, num_steps, generator=None):
-        return int(torch.randint(2, num_steps + 1, (1,), generator=generator))
+    def updates(self, ctx: EstimationContext):
+        self.check(ctx)
+        T = ctx.steps
+        js = [self.sample_j(T, ctx.generator) for _ in range(self.chain_len)]
+        counts = Counter(T - j for j in js)  # chain position -> number of draws
+        modes = self.plan(T, j=js)
+        separate = self.final_eta is not None and self.final_eta != ctx.eta
+        if separate:
+            modes[-1] = StepGrad.NONE  # rerun below at final_eta, pathwise
+        x_T, noises = draw_noise(ctx, ctx.n)
+        if separate:
+            traj, images, r = self._rollout_final_eta(ctx, modes, x_T, noises)
+        else:
+            traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions, grad_reward=True)
+        fo = r.sum() / ctx.n
+        loss = torch.zeros((), device=r.device) - (fo if self.fo_coef == 1 else self.fo_coef * fo)
+        if counts:
+            adv = self.advantages(r, ctx.conditions, ctx.baseline).to(r.device)
+        dim = traj.latents[0][0].numel()
+        clipped = 0.0
+        for pos, c in sorted(counts.items()):
+            lp = traj.graph_log_probs[pos]
+            if self.lr_clip_range > 0:
+                per_sample, ratio = ppo_objective(adv, lp / dim, traj.log_probs[:, pos] / dim, self.lr_clip_range,
+                                                  max_log_ratio=20.0)
+                term = dim * per_sample.mean()
+                clipped += c * float(((ratio - 1).abs() > self.lr_clip_range).float().mean())
+            else:
+                term = -(adv * lp).sum() / ctx.n
+            w = c * self.lr_coef
+            loss = loss + (term if w == 1 else w * term)
+        loss.backward()
+        extra = {"j": js[0] if js else 0, "h": 1, "chain_len": self.chain_len}
+        if self.lr_clip_range > 0 and js:
+            extra["clip_frac"] = clipped / len(js)
+        yield Stats(rewards=r.detach(), images=images.detach(), extra=extra)
 
+    def _rollout_final_eta(self, ctx: EstimationContext, modes, x_T, noises):
+        """The chain at the context's eta up to the final step, then that step at ``final_eta``, pathwise."""
+        from chaintune.rewards import validate_reward_output
 
-def RLRReleased() -> RLR:  # noqa: N802
-    """The authors' released code path: FO on the final step + one LR step at a random position."""
-    est = _Released(h=1, zo=False)
-    est.needs_differentiable_reward = True
-    return est
+        T = ctx.steps
+        with ctx.autocast():
+            denoise = ctx.model.denoise_fn(ctx.conditions)
+            traj = run_chain(denoise, ctx.scheduler, x_T, num_steps=T, eta=ctx.eta, modes=modes, noises=noises,
+                             checkpoint=ctx.checkpoint)
+            last = run_chain(denoise, ctx.scheduler, traj.latents[-2], num_steps=T, eta=self.final_eta,
+                             modes=[StepGrad.NONE] * (T - 1) + [StepGrad.PATHWISE], noises=noises,
+                             checkpoint=ctx.checkpoint, start=T - 1)
+        images = ctx.model.decode(last.x0)
+        cond = ctx.conditions
+        r = ctx.reward(images, prompts=cond.prompts, labels=cond.labels)
+        r = validate_reward_output(r, x_T.shape[0], getattr(ctx.reward, "name", "reward"))
+        return traj, images, r
