@@ -12,7 +12,7 @@ demo: install
 	chaintune demo
 
 sample: install
-	chaintune sample --model builtin:digits --num 64 --out out/samples
+	chaintune sample --model builtin:digits --num 64 --out out/samples --overwrite
 
 # the CI test command: the fast, representative suite (slow end-to-end tests are marked `slow`)
 test: install-dev

@@ -198,6 +198,10 @@ def test_resume_refuses_a_changed_experiment(capsys, tmp_path, monkeypatch):
                           (["--model", "builtin:glyphs"], "model"), (["--peft", "lora"], "peft")):
         one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "6", *flags), needle)
     assert snapshot(tmp_path) == before
+    cfg = tmp_path / "r" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("lr: 0.001", "lr: 0.5"))  # an edited config.yaml is caught too
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "6"), "lr: 0.001 -> 0.5")
+    cfg.write_text(cfg.read_text().replace("lr: 0.5", "lr: 0.001"))
     assert run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "6", "--eval-every", "3")[0] == 0
 
 

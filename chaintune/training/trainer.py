@@ -381,18 +381,21 @@ RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "eval_samples", "grid_samp
 
 
 def check_resume_config(cfg: Any, out: Path) -> None:
-    """Refuse a resume whose options differ from the run's saved ``config.yaml`` outside RESUME_MAY_CHANGE."""
-    import yaml
+    """Refuse a resume whose options differ from what the run ran with outside RESUME_MAY_CHANGE.
 
+    The reference is the config recorded in the run's status file (what the checkpoints were made
+    with), so an edited ``config.yaml`` is caught too."""
     from chaintune.options import flat_values, from_dict
+    from chaintune.training.runs import read_run_info
 
-    path = out / "config.yaml"
-    if not path.is_file():
-        return  # killed before it wrote its config: nothing to compare with, the run starts over
+    recorded = read_run_info(out).get("config")
+    if not isinstance(recorded, dict):
+        return  # killed before it recorded its config: nothing to compare with, the run starts over
     try:
-        saved = flat_values(from_dict(type(cfg), yaml.safe_load(path.read_text()) or {}, "option in config.yaml"))
-    except (yaml.YAMLError, ChaintuneError) as e:
-        raise ChaintuneError(f"--resume: {path} is unreadable: {' '.join(str(e).split())}") from None
+        saved = flat_values(from_dict(type(cfg), recorded, "recorded option"))
+    except ChaintuneError as e:
+        raise ChaintuneError(f"--resume: the config recorded in {out} does not fit this command: "
+                             f"{' '.join(str(e).split())}") from None
     now = flat_values(cfg)
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and now[k] != saved.get(k)]
     if changed:
