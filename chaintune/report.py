@@ -32,7 +32,7 @@ h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.up{color:#1a7f37}.down{color:#b3261e}
+.good{color:#1a7f37}.bad{color:#b3261e}
 .charts{display:flex;flex-wrap:wrap;gap:1em}.charts figure{margin:0}
 .grids{display:flex;flex-wrap:wrap;gap:1.2em}.grids figure{margin:0;text-align:center}
 .grids img{image-rendering:pixelated;max-width:320px;border:1px solid #ccc}
@@ -162,6 +162,32 @@ def _config_section(info: dict) -> str:
             f"<pre>{whole}</pre></details>")
 
 
+# which way is good for a metric: a rising nn-distance or FID is reward hacking or forgetting, not progress
+LOWER_IS_BETTER = ("nn_distance", "base_distance", "fid", "kid", "loss", "recon", "retention", "kl")
+HIGHER_IS_BETTER = ("reward", "class_share", "diversity", "accuracy")
+
+
+def metric_direction(key: str) -> int:
+    """+1 when a larger value is better, -1 when a smaller one is, 0 when neither (lr, time, grad_norm)."""
+    name = key.rsplit("/", 1)[-1]
+    if any(k in name for k in LOWER_IS_BETTER):
+        return -1
+    if any(k in name for k in HIGHER_IS_BETTER):
+        return 1
+    return 0
+
+
+def _hacking_section(info: dict) -> str:
+    events = info.get("hacking") or []
+    if not events:
+        return ""
+    rows = "".join(f"<tr><td class='num'>{_esc(e.get('step'))}</td><td>{_esc(e.get('reason'))}</td>"
+                   f"<td>{_esc(e.get('action'))}</td></tr>" for e in events)
+    final = f"<p>Final model: <b>{_esc(info['final_model'])}</b></p>" if info.get("final_model") else ""
+    return (f"<h2 class='warn'>Reward hacking detected</h2>{final}<table><tr><th>step</th><th>what the guard saw"
+            f"</th><th>action</th></tr>{rows}</table>")
+
+
 def _table_section(series: dict[str, list[tuple[float, float]]]) -> str:
     if not series:
         return ""
@@ -170,7 +196,8 @@ def _table_section(series: dict[str, list[tuple[float, float]]]) -> str:
         (s0, v0), (s1, v1) = pts[0], pts[-1]
         finite = [v for _, v in pts if math.isfinite(v)]
         delta = v1 - v0 if math.isfinite(v1 - v0) else float("nan")
-        cls = "up" if delta > 0 else "down" if delta < 0 else ""
+        good = delta * metric_direction(key)
+        cls = "good" if good > 0 else "bad" if good < 0 else ""
         lo = _fmt(min(finite)) if finite else "–"
         hi = _fmt(max(finite)) if finite else "–"
         rows.append(f"<tr><th>{_esc(key)}</th><td class='num'>{_fmt(v0)}</td><td class='num'>{_fmt(s0)}</td>"
@@ -223,6 +250,7 @@ def render_report(run_dir: str | Path) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1><p class='meta'>{meta}</p><p class='meta'>{_esc(run_dir.resolve())}</p>",
+        _hacking_section(info),
         _table_section(series),
         _curves_section(series, bad, metrics_path.exists()),
         _samples_section(sample_grids(run_dir)),

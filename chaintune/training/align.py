@@ -119,6 +119,79 @@ def retention_loss(model, bank: torch.Tensor, gen: torch.Generator, n: int) -> t
     return torch.nn.functional.mse_loss(pred.float(), training_target(model.scheduler, x0, noise, t).float())
 
 
+class HackingGuard:
+    """Tells reward hacking from progress by what the reward cannot see.
+
+    The first evaluation (the base model) is the reference. A later evaluation raises an alarm when
+    (1) the samples leave the data: the family's realism distance (nn-distance to real digits for the
+        built-ins, else ``eval/base_distance``: each sample's distance to the nearest base-model sample,
+        at thumbnail size) exceeds ``tolerance`` x the base model's;
+    (2) they collapse: diversity falls below ``collapse`` x the base model's; or
+    (3) the held-out reward falls while the training reward keeps rising: it drops by more than half of
+        its gain over the base below its best, at a training reward no lower than at that best.
+    The trainer then warns, stops or rolls back to the best evaluation (``--on-hacking``).
+    """
+
+    def __init__(self, tolerance: float, collapse: float):
+        self.tolerance, self.collapse = tolerance, collapse
+        self.base: dict | None = None
+        self.best: dict | None = None  # the evaluation with the highest held-out reward so far
+        self._thumbs: torch.Tensor | None = None
+        self._base_spread = 0.0
+
+    @staticmethod
+    def _thumbnails(images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = images.detach().float().cpu()
+        if x.shape[-1] > 16:
+            x = F.interpolate(x, size=(16, 16), mode="area")
+        return x.flatten(1)
+
+    def base_distance(self, images: torch.Tensor) -> float:
+        """Mean distance to the nearest base-model sample (RMS per pixel); for the base itself, leave-one-out."""
+        x = self._thumbnails(images)
+        scale = x.shape[1] ** 0.5
+        if self._thumbs is None:
+            self._thumbs = x
+            d = torch.cdist(x, x)
+            d.fill_diagonal_(float("inf"))
+            self._base_spread = float(d.min(1).values.mean() / scale) if len(x) > 1 else 0.0
+            return self._base_spread
+        return float(torch.cdist(x, self._thumbs).min(1).values.mean() / scale)
+
+    def alarm(self, m: dict) -> str | None:
+        if self.base is None:
+            self.base = dict(m)
+            return None
+        key = "eval/nn_distance" if "eval/nn_distance" in m else "eval/base_distance"
+        r0, r = self.base.get(key), m.get(key)
+        if r0 and r is not None and r > self.tolerance * r0:
+            return f"{key.removeprefix('eval/')} {r:.3g} is {r / r0:.2f}x the base model's {r0:.3g}"
+        d0, d = self.base.get("eval/diversity"), m.get("eval/diversity")
+        if d0 and d is not None and d < self.collapse * d0:
+            return f"diversity {d:.3g} fell below {self.collapse:g}x the base model's {d0:.3g} (collapse)"
+        h = m.get("eval/heldout_reward")
+        if h is None:
+            return None
+        if self.best is not None:
+            h0, hb = self.base["eval/heldout_reward"], self.best["eval/heldout_reward"]
+            if h < hb - 0.5 * abs(hb - h0) and m["eval/reward"] >= self.best["eval/reward"]:
+                return (f"held-out reward fell to {h:.3g} (best {hb:.3g}) while the training reward rose to "
+                        f"{m['eval/reward']:.3g}")
+        if self.best is None or h > self.best["eval/heldout_reward"]:
+            self.best = dict(m)
+        return None
+
+    def state_dict(self) -> dict:
+        thumbs = None if self._thumbs is None else self._thumbs.tolist()
+        return {"base": self.base, "best": self.best, "thumbs": thumbs, "spread": self._base_spread}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base, self.best, self._base_spread = state.get("base"), state.get("best"), state.get("spread", 0.0)
+        self._thumbs = None if state.get("thumbs") is None else torch.tensor(state["thumbs"])
+
+
 class AlignObjective(Objective):
     """Maximise E[R(x_0)] through the chain with the configured estimator (+ guards)."""
 
@@ -128,6 +201,8 @@ class AlignObjective(Objective):
 
     def __init__(self, cfg: AlignConfig):
         self.cfg = cfg
+        self.guard = HackingGuard(cfg.guards.realism_tolerance, cfg.guards.collapse_ratio)
+        self.on_alarm, self.max_rollbacks = cfg.guards.on_hacking, cfg.guards.max_rollbacks
 
     def prepare(self, run: Trainer) -> None:
         import chaintune
@@ -142,7 +217,8 @@ class AlignObjective(Objective):
         self.prompts = self._prompts()
         model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk)
         self.frozen = None
-        if cfg.guards.kl_weight > 0 and cfg.optim.peft == "none":
+        needs_reference = cfg.guards.kl_weight > 0 or (cfg.estimator.name == "grpo" and cfg.estimator.kl_coef > 0)
+        if needs_reference and cfg.optim.peft == "none":  # LoRA needs no copy: the base is the adapters switched off
             self.frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
         self.sched = chain_scheduler(model, chain.scheduler)
         stages = self._stage_prompts()
@@ -192,6 +268,10 @@ class AlignObjective(Objective):
         except ValueError as e:
             raise ChaintuneError(str(e)) from e
 
+    def _reference(self):
+        """A context in which the model runs its base (pre-alignment) weights (grpo's KL reference)."""
+        return base_model_weights(self.model, self.frozen)
+
     def updates(self, run: Trainer, step: int) -> Iterator[tuple[int, dict]]:
         from chaintune.estimators import EstimationContext
 
@@ -200,7 +280,7 @@ class AlignObjective(Objective):
                                   steps=chain.sample_steps, eta=chain.eta, scheduler=self.sched, generator=gen,
                                   conditions=self._conditions(cfg.optim.batch_size, gen),
                                   checkpoint=cfg.optim.gradient_checkpointing, baseline=cfg.estimator.baseline,
-                                  autocast=run.autocast)
+                                  autocast=run.autocast, reference=self._reference)
                 for _ in range(cfg.optim.grad_accum)]
         iters = [self.estimator.updates(c) for c in ctxs]
         rewards: list[torch.Tensor] = []
@@ -238,15 +318,21 @@ class AlignObjective(Objective):
             tr = sample(self.model, n, steps=chain.sample_steps, eta=chain.eta, generator=eval_gen, labels=c.labels,
                         prompts=c.prompts, guidance_scale=c.guidance_scale, scheduler=self.sched,
                         progress=f"evaluation (step {step})" if run.bars else None)
-        return Evaluation(self.evaluation(tr.images, prompts=c.prompts, labels=c.labels), tr.images[:64])
+        metrics = self.evaluation(tr.images, prompts=c.prompts, labels=c.labels)
+        metrics["eval/base_distance"] = self.guard.base_distance(tr.images)
+        return Evaluation(metrics, tr.images[:64], score=metrics.get("eval/heldout_reward", metrics["eval/reward"]),
+                          alarm=self.guard.alarm(metrics))
 
     def state_dict(self) -> dict:
-        norms = getattr(self.estimator, "_norms", None)
-        return {"estimator_norms": {str(k): v for k, v in norms.items()}} if norms else {}
+        return {"estimator": self.estimator.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("estimator_norms"):
-            self.estimator._norms = {int(k): v for k, v in state["estimator_norms"].items()}
+        if state.get("estimator"):
+            self.estimator.load_state_dict(state["estimator"])
+        elif state.get("estimator_norms"):  # checkpoints written before the estimators kept their own state
+            self.estimator.load_state_dict({"norms": state["estimator_norms"]})
+        if state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
 
     def info(self) -> dict:
         return {"base_model": self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}

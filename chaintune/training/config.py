@@ -47,6 +47,9 @@ class EvalConfig:
 
     eval_every: int = option(25, "Evaluate every N steps (0: only at the end).", min=0)
     eval_samples: int = option(64, "Samples per evaluation.", min=1)
+    final_model: str = option("last", "Which weights the run saves as model/: last (the last step's) | best (the "
+                              "evaluation with the best held-out score; also kept as OUT/best, a model id).",
+                              choices=("last", "best"))
 
 
 @dataclass
@@ -144,6 +147,17 @@ class GuardConfig:
     kl_samples: int = option(4, "Samples per KL estimate.", min=1)
     retention_weight: float = option(0.0, "Weight of a denoising loss on base-model samples.", min=0)
     retention_samples: int = option(64, "Base-model samples generated for the retention loss.", min=1)
+    # the hacking guard (chaintune.training.align.HackingGuard): its thresholds are the acceptance bounds of
+    # issue 13 (samples that stay digits: nn-distance <= 1.3x the base model's) and a halving of diversity
+    on_hacking: str = option("rollback", "When an evaluation shows reward hacking: off | warn | stop (keep the best "
+                             "checkpoint) | rollback (back to the best checkpoint with half the LR; stop after "
+                             "max_rollbacks).", choices=("off", "warn", "stop", "rollback"))
+    realism_tolerance: float = option(1.3, "Hacking when the family's realism distance (nn-distance to real data "
+                                      "for the built-in digits, else to the base model's samples) exceeds this "
+                                      "multiple of the base model's.", gt=1)
+    collapse_ratio: float = option(0.5, "Hacking when sample diversity falls below this share of the base "
+                                   "model's (collapse).", gt=0, max=1)
+    max_rollbacks: int = option(2, "Rollbacks before the guard stops the run.", min=0)
 
 
 @dataclass
@@ -165,7 +179,7 @@ class AlignConfig:
     estimator: EstimatorConfig = section(EstimatorConfig)
     optim: OptimConfig = section(OptimConfig)
     guards: GuardConfig = section(GuardConfig)
-    eval: AlignEvalConfig = section(AlignEvalConfig)
+    eval: AlignEvalConfig = section(AlignEvalConfig, final_model="best")
     run: RunConfig = section(RunConfig, out="runs/align")
 
     @classmethod

@@ -39,8 +39,8 @@ MERGE_LIMIT = 300_000_000  # parameters; above this only the adapter is written 
 
 
 # what a run directory may hold: ``--overwrite`` deletes a folder only when it holds nothing else
-RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "metrics.jsonl", "model", "adapter", "samples", "checkpoints",
-                         "tb", "report.html"})
+RUN_ENTRIES = frozenset({RUN_MARKER, "config.yaml", "metrics.jsonl", "model", "adapter", "best", "samples",
+                         "checkpoints", "tb", "report.html"})
 
 
 def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:

@@ -42,6 +42,8 @@ class Evaluation:
 
     metrics: dict[str, float]
     images: torch.Tensor | None = None
+    score: float | None = None  # higher is better: which evaluation's weights are the run's best
+    alarm: str | None = None  # what looks wrong (reward hacking), for the objective's policy
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RunResult:
     first_eval: dict = field(default_factory=dict)
     name: str = ""
     command: str = ""
+    notes: list[str] = field(default_factory=list)  # what the summary must say beyond the metrics (hacking)
 
 
 class Objective:
@@ -63,6 +66,8 @@ class Objective:
     model: DiffusionModel
     evaluate_at_start = False  # evaluate the untrained model at step 0 (the "before" of a run)
     progress_key = "loss"  # the training metric shown in the progress bar
+    on_alarm = "off"  # what an evaluation's alarm does: off | warn | stop | rollback (to the best weights, half LR)
+    max_rollbacks = 0
 
     def prepare(self, run: Trainer) -> None:
         """Load and validate everything (model, data, reward, estimator) on ``run.device``; write nothing."""
@@ -268,6 +273,9 @@ class Trainer:
                 logger.log(row)
 
         steps = opt_cfg.steps
+        self.best: dict | None = None  # {"step", "score", "metrics", "params"}: the best evaluation's weights
+        if self.resume and self.state.get("best") and out is not None and (out / "best").is_dir():
+            self.best = self._read_best(out / "best")
         if obj.evaluate_at_start and start == 0:
             result.first_eval = self._evaluate(0)
             log({"step": 0, **result.first_eval})
@@ -276,7 +284,10 @@ class Trainer:
         t0 = time.time()
         last_eval: dict = {}
         row: dict = {}
+        stop = False
         for step in bar:
+            if stop:
+                break
             den.train()
             row = {}
             for n_micro, metrics in obj.updates(self, step):
@@ -291,6 +302,7 @@ class Trainer:
             if evaluate:
                 last_eval = self._evaluate(done)
                 row.update(last_eval)
+                stop = self._act_on_alarm(done)
             if last or evaluate or done % cfg.run.log_every == 0:
                 log({"step": done, **row, **({"final": True} if last else {})})
             if out is not None and cfg.run.save_every and (done % cfg.run.save_every == 0 or last):
@@ -304,8 +316,19 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to(params)  # the EMA weights are what is saved and returned
         den.eval()
-        result.final = {"step": steps, **{k: v for k, v in row.items() if k not in ("final",)}, **last_eval,
+        result.final = {"step": done if opt_cfg.steps > start else start,
+                        **{k: v for k, v in row.items() if k not in ("final",)}, **last_eval,
                         "train_seconds": round(time.time() - t0, 2)}
+        final_model = "last"
+        if cfg.eval.final_model == "best" and self.best is not None and self.best["step"] != result.final["step"]:
+            self._load_params(self.best["params"])
+            result.final.update(self.best["metrics"], best_step=self.best["step"])
+            final_model = f"best (step {self.best['step']})"
+        self._status_base.update(final_model=final_model, hacking=self.state.get("hacking", []))
+        result.notes = [f"reward hacking at step {e['step']}: {e['reason']}; {e['action']}"
+                        for e in self.state.get("hacking", [])]
+        if final_model != "last":
+            result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
         if out is not None and main:
             from chaintune.training.runs import save_tuned_model
 
@@ -344,6 +367,69 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return {"grad_norm": gnorm}
 
+    def _load_params(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, values, strict=True):
+                p.copy_(v.to(p.device, p.dtype))
+
+    def _keep_best(self, step: int, ev: Evaluation) -> None:
+        """Remember the best evaluation's weights (they are what was evaluated: the EMA's when there is one) and
+        write them as OUT/best, a model id."""
+        self.best = {"step": step, "score": ev.score, "metrics": dict(ev.metrics),
+                     "params": [p.detach().to("cpu", copy=True) for p in self.params]}
+        self.state["best"] = {"step": step, "score": ev.score}
+        if self.out is None or not self.main:
+            return
+        from safetensors.torch import save_file
+
+        from chaintune.training.runs import save_tuned_model, write_run_info
+        from chaintune.utils.io import atomic_dir
+
+        with atomic_dir(self.out / "best") as tmp:
+            save_tuned_model(tmp, self.objective.export(), self.cfg.optim.peft, self.cfg.optim.lora_rank)
+            names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
+            save_file({n: t.contiguous() for n, t in zip(names, self.best["params"], strict=True)},
+                      str(tmp / "trainable.safetensors"))  # what a resumed run rolls back to
+            write_run_info(tmp, {"command": self.objective.command, "status": f"best evaluation (step {step})",
+                                 "step": step, "score": ev.score, **self.objective.info(),
+                                 "peft": self.cfg.optim.peft, "metrics": ev.metrics})
+
+    def _read_best(self, path: Path) -> dict | None:
+        """The best evaluation kept in OUT/best, for a resumed run (None if unreadable: it is then re-found)."""
+        from safetensors.torch import load_file
+
+        from chaintune.training.runs import read_run_info
+
+        try:
+            weights, info = load_file(str(path / "trainable.safetensors")), read_run_info(path)
+            names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
+            return {"step": info["step"], "score": info["score"], "metrics": info.get("metrics", {}),
+                    "params": [weights[n] for n in names]}
+        except (ChaintuneError, OSError, KeyError):
+            return None
+
+    def _act_on_alarm(self, step: int) -> bool:
+        """Apply the objective's policy to the last evaluation's alarm; True when the run must stop."""
+        ev, obj = self._last_evaluation, self.objective
+        if ev is None or ev.alarm is None or obj.on_alarm == "off":
+            return False
+        rollbacks = self.state.get("rollbacks", 0)
+        if obj.on_alarm == "warn":
+            action = "warned"
+        elif obj.on_alarm == "rollback" and self.best is not None and rollbacks < obj.max_rollbacks:
+            self._load_params(self.best["params"])
+            self.optimizer.state.clear()  # the moments carry the hacking direction
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.5
+            self.lr_scheduler.base_lrs = [lr * 0.5 for lr in self.lr_scheduler.base_lrs]
+            self.state["rollbacks"] = rollbacks + 1
+            action = f"rolled back to the best evaluation (step {self.best['step']}) with half the LR"
+        else:
+            action = "stopped" + (f"; the best evaluation (step {self.best['step']}) is kept" if self.best else "")
+        self.state.setdefault("hacking", []).append({"step": step, "reason": ev.alarm, "action": action})
+        self.log_line(f"warning: step {step}: reward hacking? {ev.alarm}; {action}")
+        return action.startswith("stopped")
+
     @contextlib.contextmanager
     def _ema_weights(self):
         if self.ema is None:
@@ -362,6 +448,10 @@ class Trainer:
             den.eval()
             try:
                 ev = self.objective.evaluate(self, step)
+                self._last_evaluation = ev
+                if ev is not None and ev.alarm is None and ev.score is not None and (
+                        self.best is None or ev.score > self.best["score"]):
+                    self._keep_best(step, ev)
             finally:
                 den.train()
         if ev is None:
@@ -416,6 +506,7 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  {k.removeprefix('eval/'):<16} {before}{final[k]:.4g}")
     if len(lines) == 1 and isinstance(final.get("loss"), (int, float)):
         lines.append(f"  {'loss':<16} {final['loss']:.4g}")
+    lines += [f"  note: {n}" for n in result.notes]
     if result.out is not None:
         lines.append(f"  run: {result.out}  (report: {result.out / 'report.html'}; "
                      f"sample: chaintune sample --model {result.out})")

@@ -1,0 +1,70 @@
+"""GRPO for diffusion / flow models, following Flow-GRPO (Liu et al. 2025, yifan123/flow_grpo).
+
+* advantages normalised within each group of samples of the same prompt/label in the batch,
+  A = (r - mean_group) / (std_group + 1e-4), clipped to +-``adv_clip`` (Flow-GRPO: 5);
+* the clipped PPO ratio on the per-dimension mean log-prob of every stochastic transition
+  (clip 1e-4), as :class:`~chaintune.estimators.reinforce.Reinforce`;
+* a KL penalty to the reference (base) policy, per step and in closed form: both transitions are
+  Gaussians with the same std, so
+
+      KL(p_theta(.|x_i) || p_ref(.|x_i)) = |mean_theta - mean_ref|^2 / (2 std_i^2)   (summed over dims),
+
+  added with weight ``kl_coef`` (Flow-GRPO's ``beta``) at every trained position.
+
+Units: as everywhere in chaintune the policy term is backpropagated as D x DDPO's per-dimension loss
+(an unbiased -grad E[R] on the first epoch) and the KL is the summed one, i.e. D x Flow-GRPO's
+per-dimension KL; the ratio of the two terms, hence ``kl_coef`` = ``beta``, is Flow-GRPO's. One
+difference, on purpose: Flow-GRPO divides the squared mean difference by 2 g^2 with g its SDE's
+diffusion coefficient (``std_dev_t``), not by the step's variance g^2 |d sigma|, so its "KL" is the KL
+times |d sigma|; here it is the exact per-step KL (the same formula for DDPM/DDIM and flow steps).
+
+The reference policy comes from the context: ``ctx.reference()`` is a context manager under which
+``ctx.model.denoise_fn`` runs the base model (LoRA adapters disabled, or a frozen copy swapped in;
+see ``chaintune.training.align.base_model_weights``). It is required when ``kl_coef > 0``.
+Works for DDPM-style chains (DDIM eta > 0; the deterministic last step is skipped, as DDPO does)
+and for flow models (every SDE step is stochastic, the last one included, as in Flow-GRPO).
+The context's ``baseline`` is not read: GRPO's baseline is the group normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chaintune.chain import transition
+from chaintune.errors import ChaintuneError
+from chaintune.estimators.base import EstimationContext
+from chaintune.estimators.reinforce import Reinforce
+
+
+class GRPO(Reinforce):
+    name = "grpo"
+
+    def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, kl_coef: float = 0.0,
+                 step_fraction: float = 1.0, adv_clip: float = 5.0):
+        if kl_coef < 0:
+            raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
+        super().__init__(inner_epochs=inner_epochs, clip_range=clip_range, normalize_advantages=False,
+                         step_fraction=step_fraction, final_step="skip", adv_clip=adv_clip)
+        self.kl_coef = kl_coef
+
+    def baseline(self, ctx: EstimationContext) -> str:
+        return "group"
+
+    def check(self, ctx: EstimationContext) -> None:
+        super().check(ctx)
+        if self.kl_coef > 0 and ctx.reference is None:
+            raise ChaintuneError("grpo with kl_coef > 0 needs the reference policy: the trainer must pass "
+                                 "EstimationContext(reference=...) (a context that runs the base model)")
+
+    def _penalty(self, ctx, denoise, sched, traj, i, mean, std):
+        if self.kl_coef <= 0:
+            return None
+        x_i, t = traj.latents[i], traj.timesteps[i]
+        with torch.no_grad(), ctx.reference():
+            ref_mean, _, _ = transition(sched, ctx.model.denoise_fn(ctx.conditions)(x_i, t.to(x_i.device)), int(t),
+                                        x_i, ctx.eta)
+        kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * std.float() ** 2)
+        return self.kl_coef * kl.mean()
+
+    def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:
+        return {"kl": penalty_sum / m / self.kl_coef} if self.kl_coef > 0 else {}

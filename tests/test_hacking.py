@@ -1,0 +1,72 @@
+"""The reward-hacking guard: a deliberately hacking run (high LR, no KL) is caught and keeps its pre-hack best."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import chaintune
+from chaintune.training.align import HackingGuard, align_run
+from chaintune.training.config import AlignConfig
+from chaintune.training.trainer import format_summary
+
+# no KL guard, an LR that hacks digit:3 within ~10 steps at batch 8 (measured: nn-distance 0.126 -> 0.21)
+HACKING = {"reward": "digit:3", "estimator": "rlr", "lr": 1e-4, "steps": 60, "batch_size": 8, "sample_steps": 10,
+           "eval_every": 5, "eval_samples": 32, "tensorboard": False, "progress": False, "report": True}
+
+
+def test_a_hacking_run_is_stopped_and_keeps_its_pre_hack_best(tmp_path):
+    res = align_run(AlignConfig.from_dict({**HACKING, "on_hacking": "stop", "out": str(tmp_path / "h")}))
+    info = json.loads((tmp_path / "h" / "chaintune_run.json").read_text())
+    events = info["hacking"]
+    assert events and events[-1]["action"].startswith("stopped")
+    assert res.final["step"] < 60  # stopped early
+    best = json.loads((tmp_path / "h" / "best" / "chaintune_run.json").read_text())
+    assert best["step"] < events[0]["step"]  # the best evaluation is from before the hack
+    rows = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    base_nn = rows[0]["eval/nn_distance"]
+    assert best["metrics"]["eval/nn_distance"] <= 1.3 * base_nn
+    hacked = [r for r in rows if r["step"] == events[0]["step"] and "eval/nn_distance" in r][0]
+    assert hacked["eval/nn_distance"] > 1.3 * base_nn  # what the alarm saw really is off the digits
+    # best/ is a model id, and it is what the run saved as its model
+    b, final = chaintune.load(tmp_path / "h" / "best"), chaintune.load(tmp_path / "h")
+    for (k, x), y in zip(b.denoiser.state_dict().items(), final.denoiser.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    assert info["final_model"].startswith("best")
+    assert "reward hacking at step" in format_summary(res)
+    assert "Reward hacking detected" in (tmp_path / "h" / "report.html").read_text()
+
+
+def test_rollback_halves_the_lr_then_stops(tmp_path):
+    res = align_run(AlignConfig.from_dict({**HACKING, "lr": 1e-3, "max_rollbacks": 1, "report": False,
+                                           "out": str(tmp_path / "r")}))
+    actions = [e["action"] for e in json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["hacking"]]
+    assert actions[0].startswith("rolled back") and actions[-1].startswith("stopped")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert min(r["lr"] for r in rows) == 0.5e-3  # after the rollback
+    assert res.final["step"] < 60
+
+
+def test_guard_rules_on_hand_made_evaluations():
+    g = HackingGuard(tolerance=1.3, collapse=0.5)
+    base = {"eval/reward": -4.0, "eval/heldout_reward": -4.0, "eval/diversity": 0.3, "eval/nn_distance": 0.12}
+    assert g.alarm(base) is None  # the reference
+    assert g.alarm({**base, "eval/reward": -2.0, "eval/heldout_reward": -2.0, "eval/nn_distance": 0.15}) is None
+    assert "nn_distance" in g.alarm({**base, "eval/nn_distance": 0.16})  # 1.33x
+    assert "collapse" in g.alarm({**base, "eval/diversity": 0.14})
+    # held-out falls by more than half its gain (-4 -> -2) while the training reward rises: hacking
+    assert "held-out reward fell" in g.alarm({**base, "eval/reward": -1.0, "eval/heldout_reward": -3.1})
+    assert g.alarm({**base, "eval/reward": -2.5, "eval/heldout_reward": -2.9}) is None  # both fell: not hacking
+
+
+def test_generic_realism_is_the_distance_to_base_samples():
+    g = HackingGuard(1.3, 0.5)
+    base = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spread = g.base_distance(base)  # leave-one-out among the base samples
+    assert spread > 0
+    assert g.base_distance(base) == 0.0  # the same samples sit on the base set
+    near = base + 0.01 * torch.randn(base.shape, generator=torch.Generator().manual_seed(1))
+    assert g.base_distance(near) < 0.1 * spread  # samples that stay where the base model's are
+    far = torch.ones_like(base)  # washed out to white: far from every base sample
+    assert g.base_distance(far) > 1.3 * spread
