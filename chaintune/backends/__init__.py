@@ -91,26 +91,32 @@ def builtin_path(name: str) -> Path:
     return path
 
 
-def _load_dir(path: Path, source: str) -> DiffusionModel:
-    from chaintune.backends.dit import load_dit
-    from chaintune.backends.flow import load_flow
-    from chaintune.backends.sd import load_sd
-    from chaintune.backends.unet import load_unet
+# diffusers pipeline class (model_index.json's _class_name) -> "module:loader(path, source)"; a backend adds one line
+PIPELINE_LOADERS = {
+    "DDPMPipeline": "chaintune.backends.unet:load_unet",
+    "DDIMPipeline": "chaintune.backends.unet:load_unet",
+    "StableDiffusionPipeline": "chaintune.backends.sd:load_sd",
+    "StableDiffusion3Pipeline": "chaintune.backends.flow:load_flow",
+    "DiTPipeline": "chaintune.backends.dit:load_dit",
+}
 
+
+def _load_dir(path: Path, source: str) -> DiffusionModel:
     index = path / "model_index.json"
     if index.exists():
         cls = json.loads(index.read_text()).get("_class_name", "")
-        if cls == "StableDiffusion3Pipeline":
-            return load_flow(path, source)
-        if cls in ("DDPMPipeline", "DDIMPipeline"):
-            return load_unet(path, source)
-        if cls.startswith("StableDiffusion"):
-            return load_sd(path, source)
-        if cls == "DiTPipeline":
-            return load_dit(path, source)
-        raise ValueError(f"{path}: pipeline {cls!r} is not supported (UNet, Stable Diffusion or DiT pipelines)")
+        target = PIPELINE_LOADERS.get(cls)
+        if target is None and cls.startswith("StableDiffusion") and "XL" not in cls and "3" not in cls:
+            target = PIPELINE_LOADERS["StableDiffusionPipeline"]  # SD 1.x/2.x variants share the backend
+        if target is None:
+            raise ChaintuneError(f"{path}: pipeline {cls!r} is not supported; chaintune loads "
+                                 f"{', '.join(sorted(PIPELINE_LOADERS))}")
+        module, _, fn = target.partition(":")
+        return getattr(importlib.import_module(module), fn)(path, source)
     cfg = path / "config.json"
     if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
+        from chaintune.backends.unet import load_unet
+
         return load_unet(path, source)
     raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
 
