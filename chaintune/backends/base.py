@@ -213,3 +213,28 @@ class DiffusionModel:
         model = copy.copy(self)
         model.denoiser = denoiser
         return model
+
+
+class PromptConditioned:
+    """Mixin for text-conditioned backends (SD, SD3, SDXL, FLUX, Wan): prompts in, the empty prompt as the
+    unconditional branch (what classifier-free guidance and Diff-Tuning's bank use)."""
+
+    conditional = True
+    takes_prompts = True
+
+    def null_conditions(self, n: int) -> Conditions:
+        return Conditions(prompts=[""] * n)
+
+    def default_conditions(self, n: int, generator: torch.Generator | None = None) -> Conditions:
+        return Conditions(prompts=[""] * n, guidance_scale=1.0)
+
+
+class VAELatents:
+    """Mixin for latent backends: the denoiser works on VAE latents; images have the VAE's pixel shape."""
+
+    decodes_latents = True
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        return vae_pixel_shape(self.vae, self.latent_shape)
+

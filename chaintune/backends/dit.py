@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
+from chaintune.backends.base import Conditions, DiffusionModel, VAELatents
 from chaintune.chain import as_chain_scheduler
 
 
-class DiTModel(DiffusionModel):
+class DiTModel(VAELatents, DiffusionModel):
     kind = "dit"
 
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler, source: str = "",
@@ -51,14 +51,6 @@ class DiTModel(DiffusionModel):
 
     def null_conditions(self, n: int) -> Conditions:
         return Conditions(labels=torch.full((n,), self.null_label, dtype=torch.long))
-
-    @property
-    def decodes_latents(self) -> bool:
-        return True
-
-    @property
-    def pixel_shape(self):
-        return vae_pixel_shape(self.vae, self.latent_shape)
 
     def default_conditions(self, n, generator=None):
         return Conditions(labels=torch.randint(0, self.num_classes, (n,), generator=generator))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
 
 
-class FlowModel(DiffusionModel):
+class FlowModel(PromptConditioned, VAELatents, DiffusionModel):
     kind = "flow"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 256):
@@ -54,28 +54,6 @@ class FlowModel(DiffusionModel):
         s = c.sample_size
         s = (s, s) if isinstance(s, int) else tuple(s)
         return (c.in_channels, *s)
-
-    @property
-    def conditional(self) -> bool:
-        return True
-
-    @property
-    def takes_prompts(self) -> bool:
-        return True
-
-    def null_conditions(self, n: int) -> Conditions:
-        return Conditions(prompts=[""] * n)
-
-    @property
-    def decodes_latents(self) -> bool:
-        return True
-
-    @property
-    def pixel_shape(self):
-        return vae_pixel_shape(self.vae, self.latent_shape)
-
-    def default_conditions(self, n, generator=None):
-        return Conditions(prompts=[""] * n, guidance_scale=1.0)
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

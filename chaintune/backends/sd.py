@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
 from chaintune.chain import as_chain_scheduler
 
 
-class StableDiffusionModel(DiffusionModel):
+class StableDiffusionModel(PromptConditioned, VAELatents, DiffusionModel):
     kind = "sd"
 
     def __init__(self, pipe: StableDiffusionPipeline, source: str = "", vae_chunk: int | None = None):
@@ -44,28 +44,6 @@ class StableDiffusionModel(DiffusionModel):
         s = self.denoiser.config.sample_size
         s = (s, s) if isinstance(s, int) else tuple(s)
         return (self.denoiser.config.in_channels, *s)
-
-    @property
-    def conditional(self) -> bool:
-        return True
-
-    @property
-    def takes_prompts(self) -> bool:
-        return True
-
-    def null_conditions(self, n: int) -> Conditions:
-        return Conditions(prompts=[""] * n)
-
-    @property
-    def decodes_latents(self) -> bool:
-        return True
-
-    @property
-    def pixel_shape(self):
-        return vae_pixel_shape(self.vae, self.latent_shape)
-
-    def default_conditions(self, n, generator=None):
-        return Conditions(prompts=[""] * n, guidance_scale=1.0)
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
