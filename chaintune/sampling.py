@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,7 @@ def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddi
     if scheduler is None:
         return model.scheduler
     if isinstance(scheduler, str) and is_flow_scheduler(model.scheduler):
-        return make_scheduler("flow", model.scheduler.config)
+        return copy.deepcopy(model.scheduler)  # keeps what a config cannot say (FLUX: chain_mu, its sigma grid)
     if isinstance(scheduler, str):
         return make_scheduler(scheduler, model.scheduler.config)
     return scheduler

@@ -158,3 +158,137 @@ def tiny_flow_model(seed: int = 0):
     from chaintune.backends.flow import FlowModel
 
     return FlowModel(tiny_flow_pipeline(seed), source="tiny-flow", max_sequence_length=8)
+
+
+# the scheduler config SDXL base ships (Euler; its PNDM-era keys tell DDIM not to clip latents)
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+    "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline at toy size: CLIP-L and CLIP-G stand-ins (8 hidden units each, the
+    second with a projection for the pooled embedding), a "text_time" UNet on 8 px latents taking their
+    concatenation (16) and 6 micro-conditioning ids, a tiny fp32-forced VAE, SDXL's Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    text2 = _tiny_clip_with_projection(tok2, seed + 1)
+    torch.manual_seed(seed)
+    time_dim = 4
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text2.config.projection_dim,
+    )
+    vae = tiny_vae(seed)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    sched = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
+        scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
+def tiny_sdxl_model(seed: int = 0):
+    """A :class:`~chaintune.backends.sdxl.SDXLModel` on :func:`tiny_sdxl_pipeline`."""
+    from chaintune.backends.sdxl import SDXLModel
+
+    return SDXLModel(tiny_sdxl_pipeline(seed), source="tiny-sdxl")
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A T5 (Unigram, tokenizers-backed) tokenizer over printable ASCII, built offline: "▁" + one character
+    per word start, one character after, plus <pad>=0 and </s>=1 like T5/UMT5."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A WanPipeline at toy size: a 1-layer UMT5 encoder, a 1-block WanTransformer3DModel on 4-channel
+    latents, a Wan VAE with Wan's compression (time 4, space 8: 5 frames of 16x16 px -> latents [4, 2, 2, 2])
+    and non-trivial latents_mean/std, and Wan's UniPC flow scheduler (flow_shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+    )).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                           latents_std=[1.5, 0.8, 1.2, 2.0])
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                    num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tok, text_encoder=text, vae=vae, scheduler=sched, transformer=transformer)
+
+
+def tiny_wan_model(seed: int = 0):
+    """A :class:`~chaintune.backends.wan.WanModel` on :func:`tiny_wan_pipeline`: 5 frames of 16x16 px, 8 tokens."""
+    from chaintune.backends.wan import WanModel
+
+    return WanModel(tiny_wan_pipeline(seed), source="tiny-wan", max_sequence_length=8, num_frames=5, height=16,
+                    width=16)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A FluxPipeline at toy size: a tiny CLIP text encoder (pooled output) and a tiny T5 encoder (sequence; its
+    tokenizer is the byte-level CLIP one, which FluxPipeline accepts), a guidance-distilled 1+1-layer FLUX
+    transformer on 4-channel latents, a tiny VAE with FLUX's shift/scaling factors, and FLUX.1-dev's dynamically
+    shifted FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok.get_vocab()), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok2.get_vocab()), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tok2.pad_token_id,
+        eos_token_id=tok2.eos_token_id,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )
+    vae = tiny_vae(seed, latent_channels=4)
+    vae.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                            base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                            max_shift=1.15)
+    return FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=tok2, transformer=transformer)
+
+
+def tiny_flux_model(seed: int = 0):
+    """A :class:`~chaintune.backends.flux.FluxModel` on :func:`tiny_flux_pipeline`: 16x16 px, 8 T5 tokens."""
+    from chaintune.backends.flux import FluxModel
+
+    return FluxModel(tiny_flux_pipeline(seed), source="tiny-flux", max_sequence_length=8, height=16, width=16)

@@ -312,14 +312,14 @@ def test_combined_reward_is_valid(capsys, user_files):
 
 
 def test_user_reward_raising_names_reward_and_error(capsys, user_files, monkeypatch):
-    (user_files / "myrewards.py").write_text(textwrap.dedent("""
+    (user_files / "bad_input_rewards.py").write_text(textwrap.dedent("""
         def lookup(images, **kw):
             return {"a": 1}["missing"]
     """))
     monkeypatch.syspath_prepend(str(user_files))
     before = snapshot(user_files)
-    code, _, err = run_cli(capsys, "align", "--reward", "myrewards:lookup", "--estimator", "reinforce", *TINY,
+    code, _, err = run_cli(capsys, "align", "--reward", "bad_input_rewards:lookup", "--estimator", "reinforce", *TINY,
                            "--out", "run")
     assert code == 2, err
-    assert_one_line_error(code, err, "myrewards:lookup", "KeyError", "missing")
+    assert_one_line_error(code, err, "bad_input_rewards:lookup", "KeyError", "missing")
     assert_nothing_lost(before, user_files)

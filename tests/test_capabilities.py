@@ -10,7 +10,14 @@ import torch
 
 import chaintune
 from chaintune.backends.base import Conditions
-from chaintune.testing import tiny_dit_model, tiny_flow_model, tiny_sd_model, tiny_unet_model
+from chaintune.testing import (
+    tiny_dit_model,
+    tiny_flow_model,
+    tiny_flux_model,
+    tiny_sd_model,
+    tiny_sdxl_model,
+    tiny_unet_model,
+)
 from chaintune.transfer import TransferConfig, transfer
 from chaintune.transfer.forgetting import analyze
 
@@ -21,6 +28,8 @@ BACKENDS = {
     "sd": (tiny_sd_model, False, True, None, True, (3, 16, 16), True),
     "dit": (lambda: tiny_dit_model(num_classes=4), True, False, 4, True, (3, 16, 16), False),
     "flow": (tiny_flow_model, False, True, None, True, (3, 16, 16), True),
+    "sdxl": (tiny_sdxl_model, False, True, None, True, (3, 16, 16), True),
+    "flux": (tiny_flux_model, False, True, None, True, (3, 16, 16), True),
 }
 
 

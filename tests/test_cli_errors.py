@@ -196,7 +196,7 @@ def test_chaintune_error_is_a_value_error():
 
 
 def test_error_in_a_users_reward_names_it_and_the_type(capsys, command, tmp_path, monkeypatch):
-    (tmp_path / "myrewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "cli_error_rewards.py").write_text(textwrap.dedent("""
         def score(images):
             return {}["missing"]
     """))
@@ -207,11 +207,11 @@ def test_error_in_a_users_reward_names_it_and_the_type(capsys, command, tmp_path
 
         from chaintune.rewards import get_reward
 
-        get_reward("myrewards:score")(torch.zeros(2, 1, 8, 8))
+        get_reward("cli_error_rewards:score")(torch.zeros(2, 1, 8, 8))
 
     command(boom)
     code, _, err = run_cli(capsys, "boom")
-    line = assert_input_error(code, err, "your reward 'myrewards:score'", "KeyError", "'missing'")
+    line = assert_input_error(code, err, "your reward 'cli_error_rewards:score'", "KeyError", "'missing'")
     assert line != "error: 'missing'"
 
 

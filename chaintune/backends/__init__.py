@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from chaintune.backends.base import Conditions, DiffusionModel
     from chaintune.backends.dit import DiTModel
     from chaintune.backends.flow import FlowModel
+    from chaintune.backends.flux import FluxModel
     from chaintune.backends.sd import StableDiffusionModel
+    from chaintune.backends.sdxl import SDXLModel
     from chaintune.backends.unet import UNetModel
+    from chaintune.backends.wan import WanModel
 
 # public name -> module that defines it
 _LAZY = {
@@ -38,6 +41,9 @@ _LAZY = {
     "StableDiffusionModel": "chaintune.backends.sd",
     "DiTModel": "chaintune.backends.dit",
     "FlowModel": "chaintune.backends.flow",
+    "SDXLModel": "chaintune.backends.sdxl",
+    "FluxModel": "chaintune.backends.flux",
+    "WanModel": "chaintune.backends.wan",
 }
 
 
@@ -56,6 +62,9 @@ __all__ = [
     "StableDiffusionModel",
     "DiTModel",
     "FlowModel",
+    "SDXLModel",
+    "FluxModel",
+    "WanModel",
     "load",
     "builtin_path",
     "BUILTIN_MODELS",
@@ -98,6 +107,9 @@ PIPELINE_LOADERS = {
     "StableDiffusionPipeline": "chaintune.backends.sd:load_sd",
     "StableDiffusion3Pipeline": "chaintune.backends.flow:load_flow",
     "DiTPipeline": "chaintune.backends.dit:load_dit",
+    "FluxPipeline": "chaintune.backends.flux:load_flux",
+    "WanPipeline": "chaintune.backends.wan:load_wan",
+    "StableDiffusionXLPipeline": "chaintune.backends.sdxl:load_sdxl",
 }
 
 

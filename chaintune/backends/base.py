@@ -154,7 +154,7 @@ class DiffusionModel:
 
     @property
     def produces_video(self) -> bool:
-        """Whether samples are videos (``[N, C, F, H, W]``) rather than images."""
+        """Whether samples are videos: latents ``[N, C, f, h, w]``, decoded ``[N, F, C, H, W]`` (what rewards get)."""
         return False
 
     @property

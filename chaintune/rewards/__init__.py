@@ -1,8 +1,9 @@
 """Rewards: one interface for differentiable and black-box rewards.
 
 A reward is a callable ``reward(images, prompts=None, labels=None, metadata=None) -> Tensor[n]`` on
-images [n, C, H, W] in [0, 1], with ``differentiable`` telling the estimators whether gradients may
-flow through it. Build one from a spec with :func:`get_reward`::
+images [n, C, H, W] in [0, 1] (video rewards, :mod:`chaintune.rewards.video`: videos [n, F, C, H, W]),
+with ``differentiable`` telling the estimators whether gradients may flow through it. Build one from a
+spec with :func:`get_reward`::
 
     from chaintune.rewards import get_reward
     r = get_reward("0.7*digit:3+0.3*jpeg-compressibility")
@@ -32,6 +33,13 @@ from chaintune.rewards.builtin import (
 from chaintune.rewards.evaluation import RewardEvaluation, heldout_spec, reward_evaluation
 from chaintune.rewards.registry import available_rewards, get_reward, register_reward, split_terms
 from chaintune.rewards.scale import AestheticReward, HPSv2Reward, ImageRewardReward, PickScoreReward
+from chaintune.rewards.video import (
+    FramesReward,
+    TemporalConsistencyReward,
+    VideoFunctionReward,
+    VideoReward,
+    is_video_reward,
+)
 
 __all__ = [
     "Reward", "FunctionReward", "NetworkReward", "WeightedSum", "validate_reward_output",
@@ -39,4 +47,5 @@ __all__ = [
     "AestheticReward", "PickScoreReward", "HPSv2Reward", "ImageRewardReward",
     "get_reward", "register_reward", "available_rewards", "split_terms",
     "RewardEvaluation", "reward_evaluation", "heldout_spec",
+    "VideoReward", "VideoFunctionReward", "FramesReward", "TemporalConsistencyReward", "is_video_reward",
 ]

@@ -141,6 +141,14 @@ def _register_builtins() -> None:
                     "HPSv2 x100 (needs hpsv2 + open-clip-torch), local checkpoint; needs prompts", True)
     register_reward("imagereward", scale.ImageRewardReward, "imagereward:ckpt=FILE,med_config=FILE",
                     "ImageReward (needs image-reward), local checkpoint; needs prompts", True)
+    from chaintune.rewards import video  # rewards on videos [n, F, C, H, W] (chaintune.rewards.video)
+
+    register_reward("frames", video.frames_reward, "frames:AGG[/K]:SPEC",
+                    "image reward SPEC on every (K-th) frame of a video, AGG = mean|min|max over frames; "
+                    "differentiable when SPEC is", True, heldout=video.frames_heldout, metrics=video.frames_metrics)
+    register_reward("temporal-consistency", _no_arg("temporal-consistency", video.TemporalConsistencyReward),
+                    description="-(mean squared difference of consecutive video frames); a still video scores 0",
+                    differentiable=True)
 
 
 _WEIGHT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

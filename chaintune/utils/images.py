@@ -35,10 +35,13 @@ def auto_upscale(h: int) -> int:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write a grid PNG atomically; tiny images are upscaled so the grid is readable."""
+    """Write a grid PNG atomically; tiny images are upscaled so the grid is readable. Videos
+    ``[n, F, C, H, W]`` become one strip of frames per row."""
     from chaintune.utils.io import atomic_file
 
     path = Path(path)
+    if images.dim() == 5:
+        nrow, images = images.shape[1], images.flatten(0, 1)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow)
     pil = to_pil(grid, upscale=auto_upscale(images.shape[-1]) // 2 or 1)
     with atomic_file(path, "wb") as f:
@@ -47,6 +50,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
 
 
 def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
+    """One PNG per image; a video ``[F, C, H, W]`` becomes an animated GIF (and its frames a PNG strip)."""
     from chaintune.utils.io import atomic_file
 
     directory = Path(directory)
@@ -54,6 +58,13 @@ def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "samp
     out = []
     for i, img in enumerate(images):
         p = directory / f"{prefix}_{i:04d}.png"
+        if img.dim() == 4:  # a video: the strip as PNG, the clip as GIF beside it
+            frames = [to_pil(f, upscale=auto_upscale(f.shape[-1])) for f in img]
+            gif = p.with_suffix(".gif")
+            with atomic_file(gif, "wb") as f:
+                frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
+            out.append(gif)
+            img = make_grid(img.detach().float().cpu(), nrow=len(img))
         with atomic_file(p, "wb") as f:
             to_pil(img).save(f, format="PNG")
         out.append(p)
