@@ -124,6 +124,7 @@ def test_broken_reward_output(capsys, bad_rewards, fn, needle):
     code, _, err = run_cli(capsys, "align", "--reward", f"badrewards:{fn}", "--estimator", "reinforce",
                            "--out", "run", *FAST)
     assert_one_line_error(code, err, needle)
+    assert not (bad_rewards / "run").exists()  # caught on a probe batch, before the run directory is made
 
 
 def test_existing_run_is_refused_and_kept(capsys, tmp_path, monkeypatch):

@@ -227,12 +227,22 @@ class AlignObjective(Objective):
 
             model = StagedModel(model, stages, steps=chain.sample_steps, scheduler=self.sched)
         self.model = model
-        self._conditions(1, torch.Generator().manual_seed(0))  # labels/prompts this model cannot take fail now
+        self._probe_reward()  # labels/prompts the model cannot take, a reward of the wrong shape or dtype: now
         self.bank = None
         if cfg.guards.retention_weight > 0:
             self.bank = sample(model, cfg.guards.retention_samples, steps=chain.sample_steps, eta=chain.eta,
                                generator=torch.Generator().manual_seed(cfg.run.seed + 99), scheduler=self.sched,
                                decode=False, progress="retention samples" if run.bars else None).x0
+
+    def _probe_reward(self) -> None:
+        """Score two decoded random latents before anything is written, so a reward that raises or returns the
+        wrong shape/dtype (the reward wrapper checks both) fails the command, not the run's first step."""
+        from chaintune.sampling import initial_noise
+
+        c = self._conditions(2, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            images = self.model.decode(initial_noise(self.model, 2, torch.Generator().manual_seed(0)))
+            self.reward(images, prompts=c.prompts, labels=c.labels)
 
     def _prompts(self) -> list[str] | None:
         """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt."""
