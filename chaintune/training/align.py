@@ -236,13 +236,15 @@ class AlignObjective(Objective):
 
     def _probe_reward(self) -> None:
         """Score two decoded random latents before anything is written, so a reward that raises or returns the
-        wrong shape/dtype (the reward wrapper checks both) fails the command, not the run's first step."""
+        wrong shape, dtype or NaN fails the command, not the run's first step."""
         from chaintune.sampling import initial_noise
 
         c = self._conditions(2, torch.Generator().manual_seed(0))
+        from chaintune.rewards import validate_reward_output
+
         with torch.no_grad():
             images = self.model.decode(initial_noise(self.model, 2, torch.Generator().manual_seed(0)))
-            self.reward(images, prompts=c.prompts, labels=c.labels)
+            validate_reward_output(self.reward(images, prompts=c.prompts, labels=c.labels), 2, self.reward.name)
 
     def _prompts(self) -> list[str] | None:
         """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt."""

@@ -9,11 +9,23 @@ both are measured with the allocator's peak; on CPU, B_h is the exact byte count
 for backward (``saved_tensors_hooks``) and B_z the bytes stored per step. The variance bound is
 applied only when variances are given (``benchmarks/estimators.py`` measures them); otherwise
 memory decides, as the paper notes it does in practice.
+
+:func:`measure_peak` is the one memory probe: the planner measures a tracked step with it and
+``benchmarks/scale.py`` a whole ``chaintune.estimate_gradient`` on the real SD/SDXL/FLUX/Wan/DiT
+denoisers, so a plan and the benchmark's table are the same kind of number.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import resource
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +55,8 @@ class MemoryPlan:
     fits: bool
     max_batch_h2: int
     checkpointing: bool
+    kind: str = ""
+    trainable: int = 0
 
 
 def _fmt(b: float) -> str:
@@ -53,40 +67,145 @@ def _fmt(b: float) -> str:
     return f"{b:.1f} TB"
 
 
-def measure_step(model, batch_size: int, checkpoint: bool) -> tuple[int, int]:
-    """(B_h, B_z) in bytes for one chain step of ``batch_size`` samples."""
+def _rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1]) * 1024
+    return 0
+
+
+def _measure_cuda(fn: Callable[[], dict | None]) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    try:
+        out = fn() or {}
+    except torch.cuda.OutOfMemoryError as e:
+        return {"error": f"OutOfMemoryError: {str(e).splitlines()[0]}", "oom": True}
+    torch.cuda.synchronize()
+    res = {"seconds": time.perf_counter() - t0, **out}
+    res["peak_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+    return res
+
+
+def _child(fn: Callable[[], dict | None], wfd: int) -> None:
+    """Forked child: reset the RSS high-water mark, run ``fn``, report ``ru_maxrss - RSS before``."""
+    import gc
+
+    res: dict = {}
+    try:
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            res["hwm_reset"] = True
+        except OSError:
+            res["hwm_reset"] = False
+        before = _rss_bytes()
+        t0 = time.perf_counter()
+        out = fn() or {}
+        res["seconds"] = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res.update(out)
+        res["rss_before_bytes"] = before
+        res["peak_bytes"] = int(peak - before)
+    except BaseException as e:  # noqa: BLE001 - anything goes back to the parent as a record
+        res = {"error": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()[-2000:]}
+    with os.fdopen(wfd, "w") as f:
+        f.write(json.dumps(res, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    os._exit(0)
+
+
+def measure_peak(fn: Callable[[], dict | None], device: str | torch.device = "cpu", timeout: float | None = None,
+                 max_bytes: int | None = None) -> dict:
+    """Peak extra memory (``peak_bytes``) and wall time (``seconds``) of one call of ``fn``, plus ``fn``'s dict.
+
+    CUDA: the allocator's peak above what was allocated before, in this process. CPU: ``fn`` runs in a
+    forked child (it shares the loaded model, so only what ``fn`` adds counts) that resets its RSS
+    high-water mark (``/proc/self/clear_refs``) and reports ``ru_maxrss`` minus its RSS before: graph
+    activations, saved tensors, gradients, parameter copies; a fresh child per call keeps measurements
+    independent. The parent kills a child that runs past ``timeout`` seconds or whose RSS grows more than
+    ``max_bytes`` (``{"error": ..., "timed_out"/"over_memory": True}``): a configuration that does not fit
+    is recorded, not allowed to push the machine into swap or the OOM killer. Errors come back as
+    ``{"error": ...}``.
+    """
+    if torch.device(device).type == "cuda":
+        return _measure_cuda(fn)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        os.close(rfd)
+        _child(fn, wfd)
+    os.close(wfd)
+    t0, base, chunks, killed = time.monotonic(), None, [], {}
+    while True:
+        ready, _, _ = select.select([rfd], [], [], 0.25)
+        if ready:
+            data = os.read(rfd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+            continue
+        try:
+            rss = _rss_bytes(pid)
+        except OSError:
+            rss = 0
+        base = rss if base is None else base
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            killed = {"error": f"timed out after {timeout:.0f} s", "timed_out": True}
+        elif max_bytes is not None and rss - base > max_bytes:
+            killed = {"error": f"over the memory cap ({_fmt(max_bytes)} above the model)", "over_memory": True}
+        if killed:
+            os.kill(pid, signal.SIGKILL)
+            break
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    if killed:
+        return {**killed, "seconds": time.monotonic() - t0}
+    if not chunks:
+        return {"error": f"child died without a result (wait status {status}; killed for memory?)"}
+    return json.loads(b"".join(chunks))
+
+
+def measure_step(model, batch_size: int, checkpoint: bool, timeout: float | None = None) -> tuple[int, int]:
+    """(B_h, B_z) in bytes for one chain step of ``batch_size`` samples.
+
+    B_h is what a tracked step holds until backward: the larger of its saved-tensor bytes (exact, via
+    ``saved_tensors_hooks``) and the peak :func:`measure_peak` sees (which adds the step's transient
+    activations), plus the latents a step keeps. B_z: latents, mean and noise kept per step.
+    """
     from chaintune.sampling import initial_noise
 
     cond = model.default_conditions(batch_size)
-    x = initial_noise(model, batch_size).requires_grad_(True)
+    x = initial_noise(model, batch_size)
     t = torch.tensor(int(model.scheduler.config.num_train_timesteps) // 2, device=x.device)
     fn = model.denoise_fn(cond)
     latent_bytes = x.numel() * x.element_size()
     b_z = 3 * latent_bytes  # latents, mean and noise kept per step
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        if checkpoint:
-            out = torch.utils.checkpoint.checkpoint(fn, x, t, use_reentrant=False)
-        else:
-            out = fn(x, t)
-        b_h = torch.cuda.memory_allocated() - base
-        del out
-        return max(b_h, b_z + 1), b_z
-    saved = [0]
 
-    def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
-        return tensor
+    def tracked_step() -> dict:
+        saved = [0]
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tt: tt):
-        if checkpoint:
-            out = torch.utils.checkpoint.checkpoint(fn, x, t, use_reentrant=False)
-        else:
-            out = fn(x, t)
-    b_h = saved[0] + out.numel() * out.element_size() + b_z
-    return b_h, b_z
+        def pack(tensor):
+            saved[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        xx = x.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tt: tt):
+            if checkpoint:
+                out = torch.utils.checkpoint.checkpoint(fn, xx, t, use_reentrant=False)
+            else:
+                out = fn(xx, t)
+        return {"saved_bytes": saved[0] + out.numel() * out.element_size()}
+
+    res = measure_peak(tracked_step, x.device, timeout=timeout)
+    if "error" in res:
+        raise ChaintuneError(f"could not measure one tracked step of {model.source or model.kind}: {res['error']}")
+    b_h = max(int(res["peak_bytes"]), int(res["saved_bytes"])) + b_z
+    return max(b_h, b_z + 1), b_z
 
 
 def h_star(budget_left: int, b_h: int, b_z: int, steps: int, v_h: float | None = None,
@@ -114,22 +233,31 @@ def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_
     if left <= 0:
         raise ChaintuneError(f"memory budget {_fmt(budget_b)} is below the model's fixed cost {_fmt(fixed)} "
                              f"(weights + optimizer state); use --peft lora or a larger budget")
+    # without checkpointing first (faster); with it when that is what makes h = 2 (or the batch) fit
     ckpt = False
     b_h, b_z = measure_step(model, batch_size, checkpoint=False)
     h = h_star(left, b_h, b_z, sample_steps, v_h, v_z)
-    if h < 1:
-        ckpt = True
-        b_h, b_z = measure_step(model, batch_size, checkpoint=True)
-        h = h_star(left, b_h, b_z, sample_steps, v_h, v_z)
-    # largest batch for which h = 2 fits (memory scales linearly with the batch)
-    per_sample = (2 * b_h + (sample_steps - 1) * b_z) / batch_size
-    max_batch = int(left // per_sample) if per_sample > 0 else 0
+    if h < min(2, sample_steps - 1) or max_batch(left, b_h, b_z, sample_steps, batch_size) < batch_size:
+        cb_h, cb_z = measure_step(model, batch_size, checkpoint=True)
+        ch = h_star(left, cb_h, cb_z, sample_steps, v_h, v_z)
+        if ch > h:
+            ckpt, b_h, b_z, h = True, cb_h, cb_z, ch
     return MemoryPlan(device=dev, budget=budget_b, fixed=fixed, b_h=b_h, b_z=b_z, steps=sample_steps,
-                      batch_size=batch_size, h_star=h, fits=h >= 1, max_batch_h2=max_batch, checkpointing=ckpt)
+                      batch_size=batch_size, h_star=h, fits=h >= 1,
+                      max_batch_h2=max_batch(left, b_h, b_z, sample_steps, batch_size),
+                      checkpointing=ckpt, kind=getattr(model, "kind", ""), trainable=trainable)
+
+
+def max_batch(left: int, b_h: int, b_z: int, steps: int, batch_size: int, h: int = 2) -> int:
+    """Largest batch whose RLR chain (h tracked steps, the rest zeroth-order) fits in ``left`` bytes;
+    B_h and B_z were measured at ``batch_size`` and scale linearly with it."""
+    per_sample = (min(h, steps) * b_h + max(0, steps - h) * b_z) / batch_size
+    return int(left // per_sample) if per_sample > 0 else 0
 
 
 def format_plan(p: MemoryPlan) -> str:
     lines = [
+        f"model                {p.kind or '?'}   trainable {_fmt(p.trainable)}",
         f"device               {p.device}",
         f"budget               {_fmt(p.budget)}",
         f"fixed (weights+opt)  {_fmt(p.fixed)}",
