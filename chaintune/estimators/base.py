@@ -23,6 +23,7 @@ from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, run_chain
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.baselines import PerPromptStatTracker, group_keys, group_normalized
+from chaintune.training.distributed import comm_device, is_sharded, local_shard, shard_group
 
 
 @dataclass
@@ -225,6 +226,12 @@ class Perturbation:
     ``u_i`` is never stored: it is regenerated from ``(seed, i)`` when perturbing and again when
     forming the estimate, so memory stays flat in the number of steps. On exit the parameters
     are restored bit-exactly from a copy of the trainable subset.
+
+    Sharded parameters (FSDP2 DTensors, :mod:`chaintune.training.distributed`): a forward all-gathers
+    every process's shard, so all processes must perturb with the same ``u_i`` at the same steps. The
+    seed is therefore taken from the first process; each process draws the full-shape ``u_i`` (the same
+    numbers as unsharded) and perturbs only its shard. The estimate's scale is averaged over processes in
+    :meth:`accumulate`, because a process holds only its shard of every process's ``-scale * u_i``.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], sigma: float, seed: int, shared: bool = False):
@@ -232,10 +239,15 @@ class Perturbation:
         self.sigma = sigma
         self.seed = seed
         self.shared = shared
+        self._group = shard_group(params)
+        if self._group is not None:
+            seed_t = torch.tensor([seed], dtype=torch.long, device=comm_device(self._group))
+            torch.distributed.broadcast(seed_t, group=self._group, group_src=0)
+            self.seed = int(seed_t)
 
     def direction(self, i: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + (0 if self.shared else i + 1))
-        return [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in self.params]
+        return [local_shard(torch.randn(p.shape, generator=g), p) for p in self.params]
 
     @contextlib.contextmanager
     def apply(self, i: int, sign: float):
@@ -251,12 +263,27 @@ class Perturbation:
                     p.copy_(s)
 
     def accumulate(self, steps: list[int], scale: float) -> None:
-        """Add ``-scale * u_i`` for each perturbed step to ``.grad`` (minimisation convention)."""
+        """Add ``-scale * u_i`` for each perturbed step to ``.grad`` (minimisation convention).
+
+        Sharded parameters get the mean over processes of ``scale`` (their ``u_i`` are shared), so that
+        ``.grad`` holds the process average, as FSDP leaves the backpropagated part; unsharded parameters
+        get this process's ``scale`` (the trainer averages them).
+        """
+        mean_scale = scale
+        if self._group is not None:
+            seen: list = [None] * torch.distributed.get_world_size(self._group)
+            torch.distributed.all_gather_object(seen, (list(steps), float(scale)), group=self._group)
+            if any(s != list(steps) for s, _ in seen):
+                raise ChaintuneError(
+                    "sharded zeroth-order estimate: processes perturbed different chain steps "
+                    f"({[s for s, _ in seen]}); under FSDP every process must draw the same plan")
+            mean_scale = sum(c for _, c in seen) / len(seen)
         for i in steps:
-            for p, u in zip(self.params, self.direction(i), strict=True):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.add_(u, alpha=-scale)
+            with torch.no_grad():
+                for p, u in zip(self.params, self.direction(i), strict=True):
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.add_(u, alpha=-(mean_scale if is_sharded(p) else scale))
 
 
 def mirrored_zeroth_order(

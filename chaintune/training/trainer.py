@@ -101,13 +101,18 @@ def reduce_gradients(params: list[torch.nn.Parameter], acc: Any, n_micro: int) -
     """Average accumulated gradients over micro-batches and processes (explicit all-reduce).
 
     Every process contributes a gradient for every parameter (zeros where its estimator wrote
-    none), so the collective calls match across processes.
+    none), so the collective calls match across processes. Sharded parameters (FSDP2 DTensors, see
+    :mod:`chaintune.training.distributed`) already hold the process average of their shard: FSDP
+    reduce-scatters (averages) backpropagated gradients and ``Perturbation.accumulate`` averages its
+    zeroth-order terms, so they are only divided by ``n_micro`` (an all-reduce would sum different shards).
     """
+    from chaintune.training.distributed import is_sharded
+
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad.div_(n_micro)
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and not is_sharded(p):
             p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
 
 
