@@ -144,3 +144,10 @@ def test_transfer_merge_pools_seeds_and_pairs_them(tmp_path, capsys):
         with pytest.raises(SystemExit, match=needle):
             bench.main(["--merge", *map(str, files), "--name", "x", "--out", str(tmp_path)])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_controlnet_quick(tmp_path):
+    res = _run("controlnet", tmp_path)
+    assert {"settings", "metric", "runs", "summary"} <= set(res)
+    assert {r["method"] for r in res["runs"]} == {"diff-tuning", "plain"}
+    assert all(len(r["condition_iou"]) == len(r["steps"]) for r in res["runs"])

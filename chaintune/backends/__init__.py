@@ -76,6 +76,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODELS = {
     "digits": "DDPM on scikit-learn's 8x8 handwritten digits (unconditional UNet2DModel)",
     "glyphs": "DDPM on digits rendered from matplotlib's DejaVu fonts (transfer source domain)",
+    "digits-cond": "class-conditional pixel UNet2DConditionModel on 16x16 digits (ControlNet base)",
 }
 
 
@@ -110,6 +111,7 @@ PIPELINE_LOADERS = {
     "FluxPipeline": "chaintune.backends.flux:load_flux",
     "WanPipeline": "chaintune.backends.wan:load_wan",
     "StableDiffusionXLPipeline": "chaintune.backends.sdxl:load_sdxl",
+    "ChaintunePixelCondPipeline": "chaintune.controlnet.pixel:load_pixel_cond",
 }
 
 

@@ -32,6 +32,12 @@ def register(app: typer.Typer) -> None:
         = False,
         overwrite: Annotated[bool, typer.Option(
             help="Replace existing sample PNGs and grid.png in --out (other files there are kept).")] = False,
+        controlnet: Annotated[str | None, typer.Option(
+            help="A `chaintune controlnet` run (or its model/, or a bare ControlNetModel dir over --model) that "
+            "steers the samples; needs --condition.")] = None,
+        condition: Annotated[Path | None, typer.Option(
+            help="With --controlnet: an image (grey, RGB, RGBA or 16-bit) whose edges/silhouette, the kind the "
+            "ControlNet was trained on, every sample follows.")] = None,
     ):
         """Sample images from a model and write PNGs plus a grid."""
         import torch
@@ -44,6 +50,13 @@ def register(app: typer.Typer) -> None:
                               guidance_scale=guidance_scale)
         _check_sample_outputs(out, num, overwrite)  # before the model loads: cheap errors first
         dev = _device(device)
+        if controlnet is not None or condition is not None:
+            from chaintune.controlnet.sample import sample_command
+
+            sample_command(controlnet, condition, model=model, num=num, out=out, steps=steps, eta=eta,
+                           scheduler=scheduler, seed=seed, label=label, prompt=prompt, guidance_scale=guidance_scale,
+                           batch_size=batch_size, device=dev, allow_pickle=allow_pickle)
+            return
         m = chaintune.load(model, device=dev, allow_pickle=allow_pickle)
         apply_thread_policy(m)  # 1 thread for small models, the free cores for big ones (benchmarks/threads.py)
         _check_conditions(m, label=label, prompt=prompt, steps=steps)

@@ -41,7 +41,7 @@ def _register() -> None:
     from chaintune.cli import basic
 
     basic.register(app)
-    for mod in ("pretrain", "align", "transfer", "report"):
+    for mod in ("pretrain", "align", "transfer", "controlnet", "report"):
         try:
             module = __import__(f"chaintune.cli.{mod}", fromlist=["register"])
         except ModuleNotFoundError as e:
