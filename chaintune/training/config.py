@@ -101,7 +101,7 @@ class EstimatorConfig:
 
     name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | grpo | zeroth-order | "
                        "full-backprop | truncated-backprop | alignprop | refl. rlr with h = 1, spans = 1 and no ZO "
-                       "(its defaults) computes the same gradient as rlr-released at its defaults, bit for bit.",
+                       "computes the same gradient as rlr-released at its defaults, bit for bit.",
                        key="estimator")
     h: int = option(1, "rlr / half-order: span length (steps of backprop inside the likelihood-ratio span).", min=1)
     j: str = option("uniform", "rlr: span placement: uniform | grad-norm | a,b (paper steps; diffusive chain of "
@@ -112,7 +112,9 @@ class EstimatorConfig:
     zo: bool = option(False, "rlr: zeroth-order on all remaining steps (the paper's unbiased eq. 6; high variance "
                       "at large d).")
     ho: bool = option(True, "rlr: the half-order span (--no-ho = the paper's 'without HO' ablation).")
-    spans: int = option(1, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
+    # benchmarks/defaults.py: with lr 2e-4, cosine, 100 steps, KL 0.01, spans 4 (j uniform) ended at 83-95% of the
+    # target on digit:1,4,7,9 (seed 0; worst 62%, digit:1 seed 1); spans 1 hacked digit:1/4/7 (nn-distance 1.4x)
+    spans: int = option(4, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
                         min=1)
     shared_perturbation: bool = option(False, "rlr / zeroth-order: one perturbation direction for all ZO steps.")
     k: int = option(1, "truncated-backprop / alignprop: number of final steps to backpropagate through.", min=1)
@@ -143,7 +145,9 @@ class EstimatorConfig:
 class GuardConfig:
     """Reward-hacking guards: stay near the base model."""
 
-    kl_weight: float = option(0.0, "Weight of the closed-form KL to the base model's transitions.", min=0)
+    # benchmarks/defaults.py: 0 hacked (nn-distance 1.26-1.32x the base's on digit:4/7 even at lr 1e-4 + cosine);
+    # 0.03 held digit:4 at 80%; 0.01 (with spans 4) kept nn-distance <= 1.26x the base's in every run
+    kl_weight: float = option(0.01, "Weight of the closed-form KL to the base model's transitions.", min=0)
     kl_samples: int = option(4, "Samples per KL estimate.", min=1)
     retention_weight: float = option(0.0, "Weight of a denoising loss on base-model samples.", min=0)
     retention_samples: int = option(64, "Base-model samples generated for the retention loss.", min=1)
@@ -177,7 +181,9 @@ class AlignConfig:
                          "module:function (imports and RUNS that Python code).")
     chain: ChainConfig = section(ChainConfig)
     estimator: EstimatorConfig = section(EstimatorConfig)
-    optim: OptimConfig = section(OptimConfig)
+    # benchmarks/defaults.py: the old 3e-4, constant, 100 steps hacked every target (nn-distance 3.1-3.5x the base's,
+    # 22% share); lr 2e-4 with cosine decay over 100 steps: 83-95% on digit:1,4,7,9 (seed 0), nn-distance <= 1.26x
+    optim: OptimConfig = section(OptimConfig, lr=2e-4, lr_schedule="cosine", steps=100)
     guards: GuardConfig = section(GuardConfig)
     eval: AlignEvalConfig = section(AlignEvalConfig, final_model="best")
     run: RunConfig = section(RunConfig, out="runs/align")

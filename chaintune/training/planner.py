@@ -91,12 +91,39 @@ def _measure_cuda(fn: Callable[[], dict | None]) -> dict:
     return res
 
 
+def _map_code_pages() -> None:
+    """Map the file-backed pages (shared libraries) into this forked child's page tables up front.
+
+    fork() does not copy page-table entries of file mappings, so the first run of any code path in a child
+    faults libtorch's pages in and its RSS grows by tens of MB that are shared page cache, not memory the
+    work needs. ``MADV_POPULATE_READ`` (Linux >= 5.14) maps them before the high-water mark is reset.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    for ln in maps:
+        parts = ln.split()
+        if len(parts) < 6 or not parts[5].startswith("/") or "r" not in parts[1]:
+            continue
+        lo, hi = (int(v, 16) for v in parts[0].split("-"))
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 22)  # MADV_POPULATE_READ; fails harmlessly
+
+
 def _child(fn: Callable[[], dict | None], wfd: int) -> None:
     """Forked child: reset the RSS high-water mark, run ``fn``, report ``ru_maxrss - RSS before``."""
     import gc
 
     res: dict = {}
     try:
+        # OpenMP's thread pool does not survive fork(): a parallel region in the child would wait forever on
+        # the parent's workers, so the child computes on one thread (its time is then a one-core time)
+        torch.set_num_threads(1)
+        _map_code_pages()
         gc.collect()
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -201,6 +228,7 @@ def measure_step(model, batch_size: int, checkpoint: bool, timeout: float | None
                 out = fn(xx, t)
         return {"saved_bytes": saved[0] + out.numel() * out.element_size()}
 
+    tracked_step()  # warm-up here, so the child measures the step and not lazy initialisation
     res = measure_peak(tracked_step, x.device, timeout=timeout)
     if "error" in res:
         raise ChaintuneError(f"could not measure one tracked step of {model.source or model.kind}: {res['error']}")
