@@ -112,8 +112,8 @@ class EstimatorConfig:
     zo: bool = option(False, "rlr: zeroth-order on all remaining steps (the paper's unbiased eq. 6; high variance "
                       "at large d).")
     ho: bool = option(True, "rlr: the half-order span (--no-ho = the paper's 'without HO' ablation).")
-    # benchmarks/defaults.py: with lr 2e-4, cosine, 100 steps, KL 0.01, spans 4 (j uniform) ended at 83-95% of the
-    # target on digit:1,4,7,9 (seed 0; worst 62%, digit:1 seed 1); spans 1 hacked digit:1/4/7 (nn-distance 1.4x)
+    # benchmarks/defaults.py: 4 spans (with j uniform, lr 1e-4, cosine, 150 steps, KL 0.01): 94-95% on digit:1,7;
+    # 1 span: nn-distance 1.4-1.6x the base's at step 25 on digit:4,7,9 (the hacking guard rolls such runs back)
     spans: int = option(4, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
                         min=1)
     shared_perturbation: bool = option(False, "rlr / zeroth-order: one perturbation direction for all ZO steps.")
@@ -145,8 +145,8 @@ class EstimatorConfig:
 class GuardConfig:
     """Reward-hacking guards: stay near the base model."""
 
-    # benchmarks/defaults.py: 0 hacked (nn-distance 1.26-1.32x the base's on digit:4/7 even at lr 1e-4 + cosine);
-    # 0.03 held digit:4 at 80%; 0.01 (with spans 4) kept nn-distance <= 1.26x the base's in every run
+    # benchmarks/defaults.py: 0 hacked (100% share at nn-distance 1.26-1.32x the base's on digit:4,7); 0.03 held
+    # digit:4 at 80%; 0.01 with 4 spans at lr 1e-4: 94-95% on digit:1,7 at nn-distance <= 1.27x throughout
     kl_weight: float = option(0.01, "Weight of the closed-form KL to the base model's transitions.", min=0)
     kl_samples: int = option(4, "Samples per KL estimate.", min=1)
     retention_weight: float = option(0.0, "Weight of a denoising loss on base-model samples.", min=0)
@@ -181,9 +181,10 @@ class AlignConfig:
                          "module:function (imports and RUNS that Python code).")
     chain: ChainConfig = section(ChainConfig)
     estimator: EstimatorConfig = section(EstimatorConfig)
-    # benchmarks/defaults.py: the old 3e-4, constant, 100 steps hacked every target (nn-distance 3.1-3.5x the base's,
-    # 22% share); lr 2e-4 with cosine decay over 100 steps: 83-95% on digit:1,4,7,9 (seed 0), nn-distance <= 1.26x
-    optim: OptimConfig = section(OptimConfig, lr=2e-4, lr_schedule="cosine", steps=100)
+    # benchmarks/defaults.py: the old 3e-4, constant, 100 steps hacked (22% share, nn-distance 3.1-3.5x the base's);
+    # lr 1e-4 with cosine decay over 150 steps: 94-95% on digit:1,7 with no hacking alarm on the way. lr 2e-4 over
+    # 100 steps ended at 83-95% (seed 0) but passed through nn-distance 1.4-1.6x at step 25 on 5 of 8 runs
+    optim: OptimConfig = section(OptimConfig, lr=1e-4, lr_schedule="cosine", steps=150)
     guards: GuardConfig = section(GuardConfig)
     eval: AlignEvalConfig = section(AlignEvalConfig, final_model="best")
     run: RunConfig = section(RunConfig, out="runs/align")

@@ -1,0 +1,72 @@
+"""``chaintune align``'s defaults align builtin:digits without hacking the reward, on targets the demo never used.
+
+The defaults were chosen by ``benchmarks/defaults.py`` (docs/results.md, "Defaults"). Each test runs the
+CLI with nothing that changes training (``--reward digit:K --out DIR``, plus no tensorboard and no
+progress bar) and judges the FINAL evaluation: at least 80% of the samples must be the target digit by
+the held-out classifier (a judge training never saw) and their distance to the nearest real digit must
+stay within 1.3x the base model's (reward hacking drives it towards noise's ~3.5x).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIN_SHARE, MAX_NN_RATIO = 0.8, 1.3
+
+
+def _env() -> dict:
+    return dict(os.environ, CHAINTUNE_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                MPLBACKEND="Agg")
+
+
+def _align_with_defaults(digit: int, out: Path) -> tuple[dict, dict]:
+    proc = subprocess.run([sys.executable, "-m", "chaintune.cli.main", "align", "--reward", f"digit:{digit}",
+                           "--out", str(out), "--no-tensorboard", "--no-progress"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval/class_share" in r]
+    assert evals[0]["step"] == 0 and len(evals) >= 2
+    return evals[0], evals[-1]
+
+
+def _check(digit: int, tmp_path: Path) -> None:
+    first, final = _align_with_defaults(digit, tmp_path / f"digit{digit}")
+    share, ratio = final["eval/class_share"], final["eval/nn_distance"] / first["eval/nn_distance"]
+    msg = (f"digit:{digit} with defaults: share {first['eval/class_share']:.0%} -> {share:.0%}, nn-distance "
+           f"{first['eval/nn_distance']:.3f} -> {final['eval/nn_distance']:.3f} (x{ratio:.2f})")
+    assert share >= MIN_SHARE, msg
+    assert ratio <= MAX_NN_RATIO, msg
+
+
+def test_defaults_align_digit_7(tmp_path):
+    """The one end-to-end default run CI pays for (as long as a default run: 2.5-3.5 min on one thread)."""
+    _check(7, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("digit", [1, 4, 7, pytest.param(9, marks=pytest.mark.xfail(
+    reason="benchmarks/defaults.py: digit:9 ended at 75% (nn-distance 1.11x) with the defaults", strict=False))])
+def test_defaults_align_other_digits(digit, tmp_path):
+    _check(digit, tmp_path)
+
+
+def test_defaults_benchmark_quick(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "defaults.py"), "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "defaults.json").read_text())
+    assert {"config", "machine", "base", "settings", "criteria", "stage1", "stage2", "winner", "seconds"} <= set(res)
+    rows = res["stage1"]["rows"]
+    assert {r["target"] for r in rows} == {"digit:4", "jpeg-compressibility"}
+    for r in rows:
+        assert {"setting", "target", "seed", "share", "nn_ratio", "diversity_ratio", "reward0", "reward"} <= set(r)
+        assert r["nn_ratio"] is not None  # the black-box run's nn-distance is measured on its final samples
+    assert (tmp_path / "defaults.png").stat().st_size > 1000
