@@ -213,11 +213,16 @@ def measure_step(model, batch_size: int, checkpoint: bool, timeout: float | None
     latent_bytes = x.numel() * x.element_size()
     b_z = 3 * latent_bytes  # latents, mean and noise kept per step
 
+    # weights are saved for backward too (a layer's input gradient needs them) but they are not memory a step adds
+    weights = {t.untyped_storage().data_ptr() for m in model.modules().values()
+               for t in (*m.parameters(), *m.buffers())}
+
     def tracked_step() -> dict:
         saved = [0]
 
         def pack(tensor):
-            saved[0] += tensor.numel() * tensor.element_size()
+            if tensor.untyped_storage().data_ptr() not in weights:
+                saved[0] += tensor.numel() * tensor.element_size()
             return tensor
 
         xx = x.detach().requires_grad_(True)
