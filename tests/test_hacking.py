@@ -12,7 +12,8 @@ from chaintune.training.config import AlignConfig
 from chaintune.training.trainer import format_summary
 
 # no KL guard, an LR that hacks digit:3 within ~10 steps at batch 8 (measured: nn-distance 0.126 -> 0.21)
-HACKING = {"reward": "digit:3", "estimator": "rlr", "lr": 1e-4, "steps": 60, "batch_size": 8, "sample_steps": 10,
+HACKING = {"reward": "digit:3", "estimator": "rlr", "lr": 1e-4, "kl_weight": 0.0, "spans": 1, "lr_schedule": "constant",
+           "steps": 60, "batch_size": 8, "sample_steps": 10,
            "eval_every": 5, "eval_samples": 32, "tensorboard": False, "progress": False, "report": True}
 
 

@@ -206,6 +206,11 @@ class DiffusionModel:
         """Write a directory that plain diffusers loads with ``from_pretrained`` (with ``self.denoiser``)."""
         raise NotImplementedError
 
+    def save_with_controlnet(self, path: str | Path, controlnet: nn.Module) -> bool:
+        """Write the diffusers ControlNet pipeline of this model with ``controlnet``; False where diffusers has none
+        that chaintune supports for this family."""
+        return False
+
     def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
         """A shallow copy that runs and saves ``denoiser`` instead (e.g. with adapters merged or folded)."""
         import copy

@@ -104,6 +104,16 @@ class StableDiffusionModel(PromptConditioned, VAELatents, DiffusionModel):
             pipe = type(pipe)(**{**pipe.components, "unet": self.denoiser})
         pipe.save_pretrained(str(path), safe_serialization=True)
 
+    def save_with_controlnet(self, path, controlnet) -> bool:
+        from diffusers import StableDiffusionControlNetPipeline
+
+        c = self.pipe.components
+        StableDiffusionControlNetPipeline(
+            vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=self.denoiser,
+            controlnet=controlnet, scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False).save_pretrained(str(path), safe_serialization=True)
+        return True
+
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``."""
         from diffusers.utils import convert_state_dict_to_diffusers

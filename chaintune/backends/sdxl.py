@@ -194,6 +194,17 @@ class SDXLModel(DiffusionModel):
                               force_zeros_for_empty_prompt=self.zeros_for_empty_prompt)
         pipe.save_pretrained(str(path), safe_serialization=True)
 
+    def save_with_controlnet(self, path, controlnet) -> bool:
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        c = self.pipe.components
+        StableDiffusionXLControlNetPipeline(
+            vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"],
+            tokenizer=c["tokenizer"], tokenizer_2=c["tokenizer_2"], unet=self.denoiser, controlnet=controlnet,
+            scheduler=c["scheduler"], force_zeros_for_empty_prompt=self.zeros_for_empty_prompt,
+            add_watermarker=False).save_pretrained(str(path), safe_serialization=True)
+        return True
+
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights`` (UNet
         layers in diffusers' naming, as diffusers' SDXL LoRA training script writes them)."""

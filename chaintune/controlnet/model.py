@@ -194,25 +194,9 @@ class ControlledModel(DiffusionModel):
             index = json.loads((path / "model_index.json").read_text())
             index["controlnet"] = ["diffusers", "ControlNetModel"]
             (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        elif base.kind == "sd":
-            from diffusers import StableDiffusionControlNetPipeline
-
-            c = base.pipe.components
-            StableDiffusionControlNetPipeline(
-                vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=base.denoiser,
-                controlnet=self.denoiser, scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False).save_pretrained(str(path), safe_serialization=True)
-        elif base.kind == "sdxl":
-            from diffusers import StableDiffusionXLControlNetPipeline
-
-            c = base.pipe.components
-            StableDiffusionXLControlNetPipeline(
-                vae=c["vae"], text_encoder=c["text_encoder"], text_encoder_2=c["text_encoder_2"],
-                tokenizer=c["tokenizer"], tokenizer_2=c["tokenizer_2"], unet=base.denoiser, controlnet=self.denoiser,
-                scheduler=c["scheduler"], force_zeros_for_empty_prompt=base.zeros_for_empty_prompt,
-                add_watermarker=False).save_pretrained(str(path), safe_serialization=True)
-        else:
-            raise ChaintuneError(f"saving a ControlNet over a {base.kind} model is not supported")
+        elif not base.save_with_controlnet(path, self.denoiser):
+            raise ChaintuneError(f"saving a ControlNet over a {type(base).__name__} is not supported (SD 1.x/2.x, SDXL "
+                                 "and the pixel base are)")
         (path / "controlnet" / META_FILE).write_text(json.dumps(
             {"condition": self.condition, "conditioning_scale": self.conditioning_scale}) + "\n")
 

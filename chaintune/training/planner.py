@@ -114,6 +114,17 @@ def _map_code_pages() -> None:
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 22)  # MADV_POPULATE_READ; fails harmlessly
 
 
+def _trim_heap() -> None:
+    """Return glibc's free heap pages to the OS (``malloc_trim(0)``); a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(fn: Callable[[], dict | None], wfd: int) -> None:
     """Forked child: reset the RSS high-water mark, run ``fn``, report ``ru_maxrss - RSS before``."""
     import gc
@@ -125,6 +136,7 @@ def _child(fn: Callable[[], dict | None], wfd: int) -> None:
         torch.set_num_threads(1)
         _map_code_pages()
         gc.collect()
+        _trim_heap()  # free heap pages inherited from the parent would otherwise be reused without raising RSS
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
