@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
 
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (the embedding of FLUX.1-dev)
 
@@ -81,7 +81,7 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
 
 
-class FluxModel(DiffusionModel):
+class FluxModel(PromptConditioned, VAELatents, DiffusionModel):
     kind = "flux"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 512,
@@ -129,24 +129,8 @@ class FluxModel(DiffusionModel):
         """Whether the transformer is guidance-distilled (guidance is an input, not CFG)."""
         return bool(self.denoiser.config.guidance_embeds)
 
-    @property
-    def conditional(self) -> bool:
-        return True
-
-    @property
-    def takes_prompts(self) -> bool:
-        return True
-
     def null_conditions(self, n: int) -> Conditions:
         return Conditions(prompts=[""] * n, guidance_scale=self._default_guidance())
-
-    @property
-    def decodes_latents(self) -> bool:
-        return True
-
-    @property
-    def pixel_shape(self):
-        return vae_pixel_shape(self.vae, self.latent_shape)
 
     def _default_guidance(self) -> float:
         return DEFAULT_GUIDANCE if self.guidance_embeds else 1.0

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-from chaintune.backends.base import Conditions, DiffusionModel, vae_pixel_shape
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
 from chaintune.chain import SUPPORTED, as_chain_scheduler
 
 
@@ -36,7 +36,7 @@ def _chain_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, **extra)
 
 
-class SDXLModel(DiffusionModel):
+class SDXLModel(PromptConditioned, VAELatents, DiffusionModel):
     kind = "sdxl"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, source: str = "", vae_chunk: int | None = None,
@@ -67,28 +67,6 @@ class SDXLModel(DiffusionModel):
         s = self.denoiser.config.sample_size
         s = (s, s) if isinstance(s, int) else tuple(s)
         return (self.denoiser.config.in_channels, *s)
-
-    @property
-    def conditional(self) -> bool:
-        return True
-
-    @property
-    def takes_prompts(self) -> bool:
-        return True
-
-    def null_conditions(self, n: int) -> Conditions:
-        return Conditions(prompts=[""] * n)
-
-    @property
-    def decodes_latents(self) -> bool:
-        return True
-
-    @property
-    def pixel_shape(self):
-        return vae_pixel_shape(self.vae, self.latent_shape)
-
-    def default_conditions(self, n, generator=None):
-        return Conditions(prompts=[""] * n, guidance_scale=1.0)
 
     # ------------------------------------------------------------------ conditioning
 

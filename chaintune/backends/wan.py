@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned
 from chaintune.errors import ChaintuneError
 
 VIDEO_SHAPE_FILE = "chaintune_video.json"
@@ -70,7 +70,7 @@ def parse_video_shape(text: str) -> tuple[int, int, int]:
     return f, h, w
 
 
-class WanModel(DiffusionModel):
+class WanModel(PromptConditioned, DiffusionModel):
     kind = "wan"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 512,
@@ -143,20 +143,6 @@ class WanModel(DiffusionModel):
 
     def modules(self):
         return {"denoiser": self.denoiser, "vae": self.vae, "text_encoder": self.text_encoder}
-
-    @property
-    def conditional(self) -> bool:
-        return True
-
-    @property
-    def takes_prompts(self) -> bool:
-        return True
-
-    def null_conditions(self, n: int) -> Conditions:
-        return Conditions(prompts=[""] * n)
-
-    def default_conditions(self, n, generator=None):
-        return Conditions(prompts=[""] * n, guidance_scale=1.0)
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
