@@ -144,9 +144,11 @@ class HackingGuard:
         import torch.nn.functional as F
 
         x = images.detach().float().cpu()
+        n = x.shape[0]
+        x = x.flatten(0, 1) if x.dim() == 5 else x  # videos [n, F, C, H, W]: every frame, then one vector a video
         if x.shape[-1] > 16:
             x = F.interpolate(x, size=(16, 16), mode="area")
-        return x.flatten(1)
+        return x.reshape(n, -1)
 
     def base_distance(self, images: torch.Tensor) -> float:
         """Mean distance to the nearest base-model sample (RMS per pixel); for the base itself, leave-one-out."""
