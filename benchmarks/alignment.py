@@ -24,6 +24,20 @@ needed to reach a reward level.
 
     python benchmarks/alignment.py            # 10 methods x 60 steps (about 14 min on 2 CPU cores)
     python benchmarks/alignment.py --quick    # 3 methods x 5 steps (CI smoke, < 90 s)
+    python benchmarks/alignment.py --ranking  # the ranking at the final defaults (see ``ranking_main``)
+    python benchmarks/alignment.py --ranking --quick   # its smoke run (2 methods x 1 LR x 1 seed x 3 steps)
+
+``--ranking``: the estimator ranking with AlignConfig's final defaults (cosine LR, KL 0.01, the hacking
+guard with rollback and best-evaluation final model, rlr spans 4), reward ``digit:5`` (not the demo's
+``digit:3``), judged by the held-out classifier's share of 5s and the nn-distance realism check.
+Stage 1 runs every method at 2 LRs (1 seed) and picks the LR with the highest final held-out share
+among runs whose final nn-distance is <= 1.3x the base model's (else the lowest nn-distance);
+stage 2 runs more seeds at the chosen LR (stage 1's seed is reused). Equal samples (same steps x
+batch) for all; reward at equal wall-clock interpolates each run's eval curve (eval/reward vs
+training seconds) at the slowest-common time (the shortest run's training clock). Runs go in
+``--workers`` parallel processes (one torch thread each). Only the differentiable reward is
+ranked: the registry has no black-box wrapper of ``digit:5`` (and jpeg-compressibility is flat at
+8x8), so the black-box-only comparison is not run here.
 """
 
 from __future__ import annotations
@@ -54,6 +68,19 @@ METHODS: dict[str, dict] = {  # every estimator option explicit: AlignConfig's d
 }
 QUICK = ["rlr h=2 no-ZO", "truncated k=1", "reinforce (DDPO)"]
 
+# The ranking (``--ranking``): estimator options only; everything else is AlignConfig's default.
+RANKING: dict[str, dict] = {
+    "rlr h=1": {"estimator": "rlr", "h": 1, "zo": False},
+    "rlr h=2": {"estimator": "rlr", "h": 2, "zo": False},
+    "rlr h=2 +ZO": {"estimator": "rlr", "h": 2, "zo": True},
+    "alignprop k=1": {"estimator": "alignprop", "k": 1},
+    "ddpo (reinforce)": {"estimator": "reinforce"},
+    "grpo (batch group)": {"estimator": "grpo"},
+    "full-backprop": {"estimator": "full-backprop"},
+    "refl": {"estimator": "refl"},
+}
+RANKING_QUICK = ["rlr h=1", "ddpo (reinforce)"]
+
 
 def parse_args(argv: list[str] | None = None):
     p = C.parser(__doc__)
@@ -63,8 +90,26 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of method labels")
+    p.add_argument("--methods", default=None, help="comma list of method labels")
+    p.add_argument("--ranking", action="store_true", help="the estimator ranking at the final defaults")
+    p.add_argument("--lrs", default="1e-4,3e-4", help="--ranking: LRs of the selection stage")
+    p.add_argument("--seeds", type=int, default=3, help="--ranking: seeds at the chosen LR")
+    p.add_argument("--workers", type=int, default=2, help="--ranking: parallel run processes")
+    p.add_argument("--reward", default="digit:5", help="--ranking: training reward")
+    p.add_argument("--partial", default=None, help="--ranking: write finished runs here as they come")
     a = p.parse_args(argv)
+    if a.ranking:
+        a.methods = a.methods or ",".join(RANKING)
+        if a.quick:
+            a.steps, a.batch, a.sample_steps, a.eval_every, a.eval_samples = 3, 8, 8, 3, 16
+            a.methods, a.lrs, a.seeds = ",".join(RANKING_QUICK), "1e-4", 1
+        a.method_list = [m for m in a.methods.split(",") if m]
+        a.lr_list = [float(x) for x in a.lrs.split(",") if x]
+        bad = [m for m in a.method_list if m not in RANKING]
+        if bad:
+            p.error(f"unknown methods {bad}; choose from {list(RANKING)}")
+        return a
+    a.methods = a.methods or ",".join(METHODS)
     if a.quick:
         a.steps, a.eval_every, a.eval_samples, a.methods = 5, 5, 32, ",".join(QUICK)
     a.method_list = [m for m in a.methods.split(",") if m]
@@ -148,6 +193,8 @@ def samples_to_reach(run: dict, level: float) -> int | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.ranking:
+        return ranking_main(args)
     C.setup_threads(1)
     import chaintune
     from chaintune.options import flat_values
@@ -260,6 +307,184 @@ def plot(result: dict, path) -> None:
     axes[1].set(xlabel="training seconds (eval excluded)", ylabel="eval reward", title="reward vs wall-clock")
     axes[2].set(xlabel="samples", ylabel="share of 3s (held-out classifier)", title="class share")
     axes[3].set(xlabel="samples", ylabel="held-out log p(3)", title="held-out reward")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the ranking at the final defaults
+
+
+def ranking_config(args, label: str, lr: float, seed: int, out: Path):
+    from chaintune.training.align import AlignConfig
+
+    opts = dict(model="builtin:digits", reward=args.reward, steps=args.steps, batch_size=args.batch,
+                sample_steps=args.sample_steps, lr=lr, eval_every=args.eval_every, eval_samples=args.eval_samples,
+                save_every=0, tensorboard=False, progress=False, report=False, seed=seed, out=str(out),
+                device="cpu")
+    opts.update(RANKING[label])
+    return AlignConfig.from_dict(opts)
+
+
+def _ranking_run(job: tuple) -> dict:
+    """One alignment run (in a worker process): its eval curve on the training clock."""
+    args, label, lr, seed, out = job
+    C.setup_threads(1)
+    from chaintune.options import flat_values
+    from chaintune.training.align import align, read_metrics
+
+    cfg = ranking_config(args, label, lr, seed, Path(out))
+    t0 = time.time()
+    try:
+        run_dir = align(cfg, overwrite=True)
+    except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
+        return {"method": label, "lr": lr, "seed": seed, "error": f"{type(e).__name__}: {e}"}
+    wall = time.time() - t0
+    metrics = read_metrics(run_dir)
+    med, clock = step_seconds(metrics)
+    evals = []
+    for m in metrics:
+        if "eval/reward" in m:
+            e = {k: v for k, v in m.items() if k.startswith("eval/") or k == "step"}
+            e["samples"] = e["step"] * cfg.optim.batch_size * cfg.optim.grad_accum
+            e["train_seconds"] = clock[min(e["step"], len(clock) - 1)]
+            evals.append(e)
+    events = [{k: v for k, v in m.items() if "hack" in k or "rollback" in k or k == "step"}
+              for m in metrics if any("hack" in k or "rollback" in k for k in m)]
+    v = flat_values(cfg)
+    return {"method": label, "lr": lr, "seed": seed, "evals": evals, "sec_per_step": med, "wall_seconds": wall,
+            "guard_events": events[-5:], "config": {k: v[k] for k in (
+                "estimator", "h", "zo", "spans", "k", "lr", "lr_schedule", "kl_weight", "on_hacking",
+                "final_model", "steps", "batch_size", "sample_steps")}}
+
+
+def _final(run: dict, key: str) -> float:
+    return run["evals"][-1].get(key, float("nan")) if run.get("evals") else float("nan")
+
+
+def _interp(run: dict, t: float, key: str = "eval/reward") -> float:
+    pts = [(e["train_seconds"], e.get(key, float("nan"))) for e in run.get("evals", [])]
+    if not pts:
+        return float("nan")
+    if t <= pts[0][0]:
+        return pts[0][1]
+    for (t0, y0), (t1, y1) in zip(pts, pts[1:], strict=False):
+        if t0 <= t <= t1:
+            return y0 if t1 == t0 else y0 + (y1 - y0) * (t - t0) / (t1 - t0)
+    return pts[-1][1]
+
+
+def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
+    import multiprocessing as mp
+
+    if args.workers <= 1:
+        return [_ranking_run(j) for j in jobs]
+    with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
+        out = []
+        for r in pool.imap_unordered(_ranking_run, jobs):
+            C.log(f"  {r['method']:20s} lr {r['lr']:g} seed {r['seed']}: "
+                  + (r["error"] if "error" in r else
+                     f"share {_final(r, 'eval/class_share'):.0%}  nn {_final(r, 'eval/nn_distance'):.3f}  "
+                     f"{r['wall_seconds']:.0f}s"))
+            out.append(r)
+            if getattr(args, "partial", None):
+                C.write_json(Path(args.partial), out)
+    return out
+
+
+def ranking_main(args) -> dict:
+    t_start = time.time()
+    tol = 1.3
+    with tempfile.TemporaryDirectory(prefix="chaintune-ranking-") as tmp:
+        def job(label, lr, seed):
+            return (args, label, lr, seed, str(Path(tmp) / f"{label.replace(' ', '_')}-{lr:g}-{seed}"))
+
+        C.log(f"stage 1: LR selection ({len(args.method_list)} methods x {len(args.lr_list)} LRs, seed {args.seed})")
+        stage1 = _run_parallel(args, [job(m, lr, args.seed) for m in args.method_list for lr in args.lr_list])
+        ok = [r for r in stage1 if r.get("evals")]
+        base_nn = statistics.median(r["evals"][0]["eval/nn_distance"] for r in ok
+                                    if "eval/nn_distance" in r["evals"][0]) if ok else float("nan")
+        chosen: dict[str, float] = {}
+        for m in args.method_list:
+            cands = [r for r in ok if r["method"] == m]
+            if not cands:
+                continue
+            real = [r for r in cands if _final(r, "eval/nn_distance") <= tol * base_nn]
+            pick = (max(real, key=lambda r: (_final(r, "eval/class_share"), _final(r, "eval/reward"))) if real
+                    else min(cands, key=lambda r: _final(r, "eval/nn_distance")))
+            chosen[m] = pick["lr"]
+        C.log(f"chosen LRs: {chosen}")
+        seeds = [args.seed + i for i in range(1, args.seeds)]
+        stage2 = _run_parallel(args, [job(m, chosen[m], s) for m in chosen for s in seeds]) if seeds else []
+    final_runs = {m: [r for r in stage1 + stage2 if r["method"] == m and r["lr"] == chosen[m] and r.get("evals")]
+                  for m in chosen}
+    t_common = min((r["evals"][-1]["train_seconds"] for rs in final_runs.values() for r in rs), default=float("nan"))
+    base_share = (statistics.mean(r["evals"][0].get("eval/class_share", float("nan")) for r in ok) if ok
+                  else float("nan"))
+    rows = []
+    for m, rs in final_runs.items():
+        def ms(xs):
+            xs = [x for x in xs if x == x]
+            return (statistics.mean(xs) if xs else float("nan"),
+                    statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+        share = ms([_final(r, "eval/class_share") for r in rs])
+        nn = ms([_final(r, "eval/nn_distance") / base_nn for r in rs])
+        rew = ms([_final(r, "eval/reward") for r in rs])
+        rew_t = ms([_interp(r, t_common) for r in rs])
+        share_t = ms([_interp(r, t_common, "eval/class_share") for r in rs])
+        rows.append({"method": m, "lr": chosen[m], "seeds": len(rs), "share": share[0], "share_std": share[1],
+                     "nn_ratio": nn[0], "reward": rew[0], "reward_std": rew[1], "reward_at_t": rew_t[0],
+                     "reward_at_t_std": rew_t[1], "share_at_t": share_t[0],
+                     "sec_per_step": statistics.median(r["sec_per_step"] for r in rs)})
+    rows.sort(key=lambda r: -r["share"] if r["share"] == r["share"] else 1.0)
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "machine": C.machine(),
+              "base": {"nn_distance": base_nn, "class_share": base_share}, "nn_tolerance": tol, "chosen_lr": chosen,
+              "common_seconds": t_common, "table": rows, "stage1": stage1, "stage2": stage2,
+              "failed": [r for r in stage1 + stage2 if "error" in r], "seconds": round(time.time() - t_start, 1)}
+    out = C.out_dir(args)
+    C.write_json(out / "ranking.json", result)
+    plot_ranking(result, final_runs, out / "ranking.png")
+    print_ranking(result)
+    return result
+
+
+def print_ranking(result: dict) -> None:
+    cfg = result["config"]
+    cols = [("method", "method", "s"), ("lr", "LR", "g"), ("seeds", "seeds", "d"), ("share", "share", ".1%"),
+            ("share_std", "±std", ".1%"), ("nn_ratio", "nn/base", ".2f"), ("reward", "reward@end", ".3f"),
+            ("reward_at_t", f"reward@{result['common_seconds']:.0f}s", ".3f"), ("share_at_t", "share@t", ".1%"),
+            ("sec_per_step", "s/step", ".2f")]
+    print()
+    print(C.table(result["table"], cols, title=(
+        f"ranking on {cfg['reward']} at the final defaults — {cfg['steps']} steps x batch {cfg['batch']}, "
+        f"{cfg['sample_steps']} DDIM steps; held-out share of the class (base {result['base']['class_share']:.1%}), "
+        f"nn-distance / base {result['base']['nn_distance']:.3f}")))
+    if result["failed"]:
+        print("failed runs:", [(r["method"], r["lr"], r["seed"], r["error"]) for r in result["failed"]])
+    print(f"\ntotal {result['seconds']:.0f}s")
+
+
+def plot_ranking(result: dict, final_runs: dict, path) -> None:
+    plt = C.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (m, rs) in enumerate(final_runs.items()):
+        c = colors[i % len(colors)]
+        for j, r in enumerate(rs):
+            e = r["evals"]
+            lab = m if j == 0 else None
+            axes[0].plot([x["samples"] for x in e], [x["eval/reward"] for x in e], color=c, alpha=.7, label=lab)
+            axes[1].plot([x["train_seconds"] for x in e], [x["eval/reward"] for x in e], color=c, alpha=.7)
+            axes[2].plot([x["samples"] for x in e], [x.get("eval/class_share", float("nan")) for x in e], color=c,
+                         alpha=.7)
+    t = result["common_seconds"]
+    if t == t:
+        axes[1].axvline(t, color="k", ls=":", lw=1)
+    axes[0].set(xlabel="samples", ylabel="eval reward (training classifier)", title="reward vs samples")
+    axes[1].set(xlabel="training seconds (eval excluded)", ylabel="eval reward", title="reward vs wall-clock")
+    axes[2].set(xlabel="samples", ylabel="held-out class share", title="held-out class share")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
