@@ -243,3 +243,29 @@ class VAELatents:
     def pixel_shape(self) -> tuple[int, int, int]:
         return vae_pixel_shape(self.vae, self.latent_shape)
 
+
+class PooledPromptCFG:
+    """Mixin for backends whose denoiser takes sequence and pooled prompt embeddings (SD3, SDXL): the training
+    output and the guided chain closure, given ``_call(x, t, emb, pooled)`` and ``encode_conditions`` with keys
+    ``cond``/``pooled`` (and ``uncond``/``uncond_pooled`` under guidance). Both branches run in one batch,
+    unconditional first, as the diffusers pipelines do."""
+
+    def model_output(self, x, t, cond, encoded=None):
+        enc = encoded or self.encode_conditions(cond)
+        return self._call(x, t, enc["cond"], enc["pooled"])
+
+    def denoise_fn(self, cond, encoded=None):
+        enc = encoded or self.encode_conditions(cond)
+        g = cond.guidance_scale
+        if g == 1.0:
+            return lambda x, t: self._call(x, t, enc["cond"], enc["pooled"])
+        emb = torch.cat([enc["uncond"], enc["cond"]])
+        pooled = torch.cat([enc["uncond_pooled"], enc["pooled"]])
+
+        def fn(x, t):
+            tt = t if t.dim() == 0 else torch.cat([t, t])
+            u, c = self._call(torch.cat([x, x]), tt, emb, pooled).chunk(2)
+            return u + g * (c - u)
+
+        return fn
+

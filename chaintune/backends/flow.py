@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
+from chaintune.backends.base import Conditions, DiffusionModel, PooledPromptCFG, PromptConditioned, VAELatents
 
 
-class FlowModel(PromptConditioned, VAELatents, DiffusionModel):
+class FlowModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
     kind = "flow"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 256):
@@ -79,25 +79,6 @@ class FlowModel(PromptConditioned, VAELatents, DiffusionModel):
             emb, pooled = emb.expand(x.shape[0], -1, -1), pooled.expand(x.shape[0], -1)
         return self.denoiser(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
                              timestep=t.to(x.device, x.dtype), return_dict=False)[0]
-
-    def model_output(self, x, t, cond, encoded=None):
-        enc = encoded or self.encode_conditions(cond)
-        return self._call(x, t, enc["cond"], enc["pooled"])
-
-    def denoise_fn(self, cond, encoded=None):
-        enc = encoded or self.encode_conditions(cond)
-        g = cond.guidance_scale
-        if g == 1.0:
-            return lambda x, t: self._call(x, t, enc["cond"], enc["pooled"])
-        emb = torch.cat([enc["uncond"], enc["cond"]])
-        pooled = torch.cat([enc["uncond_pooled"], enc["pooled"]])
-
-        def fn(x, t):
-            tt = t if t.dim() == 0 else torch.cat([t, t])
-            u, c = self._call(torch.cat([x, x]), tt, emb, pooled).chunk(2)
-            return u + g * (c - u)
-
-        return fn
 
     def decode(self, latents):
         cfg = self.vae.config

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
+from chaintune.backends.base import Conditions, DiffusionModel, PooledPromptCFG, PromptConditioned, VAELatents
 from chaintune.chain import SUPPORTED, as_chain_scheduler
 
 
@@ -36,7 +36,7 @@ def _chain_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, **extra)
 
 
-class SDXLModel(PromptConditioned, VAELatents, DiffusionModel):
+class SDXLModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
     kind = "sdxl"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, source: str = "", vae_chunk: int | None = None,
@@ -107,25 +107,6 @@ class SDXLModel(PromptConditioned, VAELatents, DiffusionModel):
         added = {"text_embeds": pooled, "time_ids": self.time_ids(x.shape[0])}
         return self.denoiser(x, t.to(x.device), encoder_hidden_states=emb, added_cond_kwargs=added,
                              return_dict=False)[0]
-
-    def model_output(self, x, t, cond, encoded=None):
-        enc = encoded or self.encode_conditions(cond)
-        return self._call(x, t, enc["cond"], enc["pooled"])
-
-    def denoise_fn(self, cond, encoded=None):
-        enc = encoded or self.encode_conditions(cond)
-        g = cond.guidance_scale
-        if g == 1.0:
-            return lambda x, t: self._call(x, t, enc["cond"], enc["pooled"])
-        emb = torch.cat([enc["uncond"], enc["cond"]])
-        pooled = torch.cat([enc["uncond_pooled"], enc["pooled"]])
-
-        def fn(x, t):
-            tt = t if t.dim() == 0 else torch.cat([t, t])
-            u, c = self._call(torch.cat([x, x]), tt, emb, pooled).chunk(2)
-            return u + g * (c - u)
-
-        return fn
 
     # ------------------------------------------------------------------ VAE
 
