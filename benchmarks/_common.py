@@ -14,10 +14,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
-import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,51 +107,17 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]], title: 
     return "\n".join(out)
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for ln in f:
-            if ln.startswith("VmRSS:"):
-                return int(ln.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def measure_in_child(fn: Callable[[], dict | None]) -> dict:
     """Run ``fn`` in a forked child; return its result dict plus ``peak_mib`` (see module docstring)
-    and ``seconds``. Errors come back as ``{"error": ...}``."""
-    import gc
+    and ``seconds``. Errors come back as ``{"error": ...}``. One probe for every benchmark and
+    ``chaintune plan``: :func:`chaintune.training.planner.measure_peak`."""
+    from chaintune.training.planner import measure_peak
 
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(rfd)
-        res: dict = {}
-        try:
-            gc.collect()
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                res["hwm_reset"] = True
-            except OSError:
-                res["hwm_reset"] = False
-            before = _rss_kib()
-            t0 = time.perf_counter()
-            out = fn() or {}
-            res["seconds"] = time.perf_counter() - t0
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            res.update(out)
-            res["rss_before_mib"] = before / 1024
-            res["peak_mib"] = (peak - before) / 1024
-        except BaseException as e:  # noqa: BLE001 - report anything back to the parent
-            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        with os.fdopen(wfd, "w") as f:
-            f.write(json.dumps(res, default=_jsonable))
-        os._exit(0)
-    os.close(wfd)
-    with os.fdopen(rfd) as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data) if data else {"error": "child returned nothing"}
-
+    res = measure_peak(fn)
+    if "peak_bytes" in res:
+        res["peak_mib"] = res.pop("peak_bytes") / 2**20
+        res["rss_before_mib"] = res.pop("rss_before_bytes") / 2**20
+    return res
 
 def log(msg: str) -> None:
     print(msg, flush=True)
