@@ -420,8 +420,8 @@ def ranking_main(args) -> dict:
     final_runs = {m: [r for r in stage1 + stage2 if r["method"] == m and r["lr"] == chosen[m] and r.get("evals")]
                   for m in chosen}
     t_common = min((r["evals"][-1]["train_seconds"] for rs in final_runs.values() for r in rs), default=float("nan"))
-    base_share = (statistics.mean(r["evals"][0].get("eval/class_share", float("nan")) for r in ok) if ok
-                  else float("nan"))
+    firsts = [r["evals"][0] for rs in final_runs.values() for r in rs]  # step 0: the base model, every seed
+    base_share = statistics.mean(e.get("eval/class_share", float("nan")) for e in firsts) if firsts else float("nan")
     rows = []
     for m, rs in final_runs.items():
         def ms(xs):

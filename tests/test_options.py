@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -117,3 +118,18 @@ def test_estimator_reads_only_its_own_options():
         estimator_from_config(AlignConfig.from_dict({"estimator": "reinforce"}))
     with pytest.raises(ChaintuneError, match="j must be"):
         estimator_from_config(AlignConfig.from_dict({"j": "20,10"}))
+
+
+def test_refl_default_range_follows_the_chain_length(tiny_unet_model):
+    """ReFL's default stop range is the last quarter of *this* chain (it assumed 50 steps before)."""
+    import chaintune
+    from chaintune.rewards import FunctionReward
+    from chaintune.training.adapters import apply_lora
+    from chaintune.training.align import estimator_from_config
+
+    est = estimator_from_config(AlignConfig.from_dict({"estimator": "refl"}))
+    m = __import__("copy").deepcopy(tiny_unet_model)
+    apply_lora(m.denoiser, rank=2)
+    bright = FunctionReward(lambda images: images.mean(dim=(1, 2, 3)), differentiable=True, name="bright")
+    grads = chaintune.estimate_gradient(m, bright, est, n=2, steps=8, generator=torch.Generator().manual_seed(0))
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())

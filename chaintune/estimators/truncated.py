@@ -19,7 +19,7 @@ class TruncatedBackprop(Estimator):
     name = "truncated-backprop"
     needs_differentiable_reward = True
 
-    def __init__(self, k: int = 1, random_k: bool = False, stop_range: tuple[int, int] | None = None):
+    def __init__(self, k: int = 1, random_k: bool = False, stop_range: tuple[int, int] | str | None = None):
         if k < 1:
             raise ChaintuneError(f"k must be >= 1, got {k}")
         self.k = k
@@ -40,7 +40,8 @@ class TruncatedBackprop(Estimator):
         self.check(ctx)
         stop_at = None
         if self.stop_range is not None:
-            a, b = self.stop_range
+            # "late": ReFL's last quarter of this chain, final step excluded (the chain length is the run's)
+            a, b = (int(ctx.steps * 0.75), ctx.steps - 2) if self.stop_range == "late" else self.stop_range
             if not 0 <= a <= b < ctx.steps:
                 raise ChaintuneError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
             stop_at = int(torch.randint(a, b + 1, (1,), generator=ctx.generator))
@@ -53,9 +54,7 @@ class TruncatedBackprop(Estimator):
                     extra={"k": sum(m == StepGrad.PATHWISE for m in modes)})
 
 
-def ReFL(stop_range: tuple[int, int] | None = None, steps: int = 50) -> TruncatedBackprop:  # noqa: N802
+def ReFL(stop_range: tuple[int, int] | None = None) -> TruncatedBackprop:  # noqa: N802
     """ReFL (Xu et al. 2023): no-grad sampling to a random late step, then one pathwise step scored on
-    its x_0 prediction. Default range: the last 25% of the chain excluding the final step."""
-    if stop_range is None:
-        stop_range = (int(steps * 0.75), steps - 2)
-    return TruncatedBackprop(k=1, stop_range=stop_range)
+    its x_0 prediction. Default range: the last 25% of whatever chain it runs on, final step excluded."""
+    return TruncatedBackprop(k=1, stop_range=stop_range or "late")
