@@ -243,6 +243,19 @@ class VAELatents:
     def pixel_shape(self) -> tuple[int, int, int]:
         return vae_pixel_shape(self.vae, self.latent_shape)
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """x = vae.decode(z / scaling + shift) in chunks of ``vae_chunk`` (peak memory of reward backprop)."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+        chunk = self.vae_chunk or z.shape[0]
+        parts = [self.vae.decode(z[i: i + chunk].to(self.vae.dtype)).sample for i in range(0, z.shape[0], chunk)]
+        return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.sample()
+        return (z - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+
 
 class PooledPromptCFG:
     """Mixin for backends whose denoiser takes sequence and pooled prompt embeddings (SD3, SDXL): the training

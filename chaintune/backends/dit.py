@@ -75,16 +75,6 @@ class DiTModel(VAELatents, DiffusionModel):
 
         return fn
 
-    def decode(self, latents):
-        z = latents / self.vae.config.scaling_factor
-        chunk = self.vae_chunk or z.shape[0]
-        parts = [self.vae.decode(z[i : i + chunk].to(self.vae.dtype)).sample for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
-
-    def encode_images(self, images):
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return dist.sample() * self.vae.config.scaling_factor
-
     def save(self, path):
         DiTPipeline(transformer=self.denoiser, vae=self.vae, scheduler=self.scheduler,
                     id2label=self.id2label).save_pretrained(str(path), safe_serialization=True)

@@ -80,18 +80,6 @@ class FlowModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
         return self.denoiser(hidden_states=x, encoder_hidden_states=emb, pooled_projections=pooled,
                              timestep=t.to(x.device, x.dtype), return_dict=False)[0]
 
-    def decode(self, latents):
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        chunk = self.vae_chunk or z.shape[0]
-        parts = [self.vae.decode(z[i: i + chunk].to(self.vae.dtype)).sample for i in range(0, z.shape[0], chunk)]
-        return (torch.cat(parts).float() / 2 + 0.5).clamp(0, 1)
-
-    def encode_images(self, images):
-        cfg = self.vae.config
-        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.sample()
-        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
-
     def save(self, path):
         """Save the pipeline with ``self.denoiser`` as its transformer (trainers swap in merged copies)."""
         pipe = self.pipe
