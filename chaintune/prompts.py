@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from chaintune.backends.base import Conditions
+from chaintune.data.moving import all_prompts
 from chaintune.errors import ChaintuneError, InputFileNotFoundError, user_code_error
 
 __all__ = ["BUILTIN_PROMPTS", "PromptSource", "load_prompts", "StagePrompts", "StagedModel", "STAGES"]
@@ -32,6 +33,7 @@ _ACTIVITIES = ["riding a bike", "playing chess", "washing dishes", "reading a bo
 BUILTIN_PROMPTS: dict[str, list[str]] = {
     "animals": _ANIMALS,  # DDPO's simple_animals
     "animal-activities": [f"a {a} {act}" for a in _ANIMALS[:10] for act in _ACTIVITIES],
+    "moving-digits": all_prompts(),  # what builtin:moving-digits was trained on
     "hands": ["a photo of a person waving", "a close-up of two hands holding a cup", "a pianist's hands on the keys",
               "a person giving a thumbs up", "a hand holding a pencil"],
 }

@@ -225,8 +225,12 @@ def _samples_section(grids: list[Path]) -> str:
     for p in grids:
         step = _step_of(p)
         caption = f"step {step}" if step >= 0 else p.stem
-        figs.append(f"<figure><img alt='{_esc(p.name)}' src='{_data_uri(p.read_bytes())}'>"
-                    f"<figcaption>{_esc(caption)} — {_esc(p.name)}</figcaption></figure>")
+        clip = p.with_suffix(".gif")  # a video run's animated grid beside its strip of frames
+        anim = (f"<img alt='{_esc(clip.name)}' src='{_data_uri(clip.read_bytes(), 'image/gif')}'>"
+                if clip.is_file() else "")
+        names = _esc(p.name) + (f" + {_esc(clip.name)} (animated)" if anim else "")
+        figs.append(f"<figure>{anim}<img alt='{_esc(p.name)}' src='{_data_uri(p.read_bytes())}'>"
+                    f"<figcaption>{_esc(caption)} — {names}</figcaption></figure>")
     return f"<h2>Samples</h2><div class='grids'>{''.join(figs)}</div>"
 
 

@@ -210,14 +210,10 @@ def tiny_sdxl_model(seed: int = 0):
 
 
 def tiny_t5_tokenizer(max_length: int = 16):
-    """A T5 (Unigram, tokenizers-backed) tokenizer over printable ASCII, built offline: "▁" + one character
-    per word start, one character after, plus <pad>=0 and </s>=1 like T5/UMT5."""
-    from transformers import T5Tokenizer
+    """A T5 (Unigram) tokenizer over printable ASCII, one token per character, built offline."""
+    from chaintune.training.pretrain import char_tokenizer
 
-    chars = [chr(i) for i in range(33, 127)]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
-    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    return char_tokenizer(max_length)
 
 
 def tiny_wan_pipeline(seed: int = 0):

@@ -4,7 +4,8 @@ zeroth-order and RLR with zeroth-order terms (gradients and the AdamW step after
 gather and scatter the sharded model and optimizer.
 
 Every run draws its sampling noise from one pre-drawn pool (as tests/dist_helpers.py) and its plan (RLR's
-span, the perturbation seed) from the same generator seed, so the union and the halves see the same samples.
+span, the perturbation seed) from the same generator seed, so the union and the halves see the same samples;
+with a generator per process, the plan is rank 0's (``chaintune.training.distributed.shared_plan``).
 """
 
 from __future__ import annotations
@@ -161,13 +162,20 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     assert acc.num_processes == world
     mesh = init_device_mesh("cpu", (world,))
     results = {name: _step(name, rank, world, acc, mesh, round_trip=name == "rlr") for name in CASES}
-    # per-process generators (as the trainer's): the perturbation seed is taken from rank 0 ...
+    # per-process generators (as the trainer's): the perturbation seed and RLR's span (drawn j = 3 on rank 0, 2 on
+    # rank 1) are taken from rank 0 ...
     results["zeroth-order/own-generators"] = _step("zeroth-order", rank, world, acc, mesh, gen_seed=7 + 2 * rank)
-    try:  # ... but RLR's span is drawn per process (j = 3 on rank 0, 2 on rank 1): refused, not averaged wrongly
+    results["rlr/own-generators"] = _step("rlr", rank, world, acc, mesh, gen_seed=7 + 2 * rank)
+    import chaintune.estimators.rlr as rlr
+
+    shared, rlr.shared_plan = rlr.shared_plan, lambda values, params: list(values)
+    try:  # ... and without that, processes perturbing different steps are refused, not averaged wrongly
         _step("rlr", rank, world, acc, mesh, gen_seed=7 + 2 * rank)
-        results["rlr/own-generators"] = "no error"
+        results["rlr/unshared-span"] = "no error"
     except ChaintuneError as e:
-        results["rlr/own-generators"] = str(e)
+        results["rlr/unshared-span"] = str(e)
+    finally:
+        rlr.shared_plan = shared
     if rank == 0:
         torch.save(results, out)
     acc.wait_for_everyone()
@@ -246,16 +254,19 @@ def test_full_state_dict_gathers_and_loads_the_sharded_model(results):
     assert opt["param_groups"][0]["lr"] == opt2["param_groups"][0]["lr"]
 
 
-def test_zeroth_order_perturbation_seed_is_shared_across_processes(results):
+@pytest.mark.parametrize("name", ["zeroth-order", "rlr"])
+def test_random_plan_is_shared_across_processes(results, name):
     """With a generator per process (the trainer seeds one per rank) every shard is still perturbed along
-    rank 0's direction, so the sharded estimate equals the unsharded one with rank 0's seed."""
-    got, same = results["sharded"]["zeroth-order/own-generators"], results["sharded"]["zeroth-order"]
-    for k, g in same["grads"].items():  # the run where both processes drew rank 0's seed (checked above)
+    rank 0's direction, at rank 0's steps (RLR's span: rank 0's), so the sharded estimate equals the one where
+    every process drew rank 0's plan, itself equal to the unsharded one (checked above)."""
+    got, same = results["sharded"][f"{name}/own-generators"], results["sharded"][name]
+    for k, g in same["grads"].items():
         torch.testing.assert_close(got["grads"][k], g, rtol=0, atol=0, msg=k)
 
 
 def test_processes_perturbing_different_steps_are_refused(results):
-    assert "processes perturbed different chain steps" in results["sharded"]["rlr/own-generators"]
+    """The safety net behind the shared plan: if processes did perturb different steps, the estimate refuses."""
+    assert "processes perturbed different chain steps" in results["sharded"]["rlr/unshared-span"]
 
 
 def test_non_finite_gradient_on_one_shard_is_seen_by_every_process(results):

@@ -272,3 +272,18 @@ def test_forgetting_inception_refused_before_loading(capsys, scripted, tmp_path,
     code, _, err = run_cli(capsys, *FORGET, "--samples", "2", "--feature", f"inception:{scripted}")
     assert code == 2
     assert_one_line_error(code, err, "--allow-pickle")
+
+
+def test_a_run_whose_model_is_pickled_loads_with_the_allow_pickle_argument(sd_dir, tmp_path):
+    """``load(run, allow_pickle=True)`` reaches the run's model/ (it used to load it with the default, False)."""
+    import chaintune
+    from chaintune.backends import RUN_MARKER
+
+    run = tmp_path / "run"
+    run.mkdir()
+    d = _copy(sd_dir, run / "model")
+    _pickle_the_unet(d)
+    (run / RUN_MARKER).write_text('{"command": "align", "status": "done"}')
+    with pytest.raises(ChaintuneError, match=r"pickled"):
+        chaintune.load(run)
+    assert chaintune.load(run, allow_pickle=True).takes_prompts

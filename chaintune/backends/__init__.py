@@ -77,6 +77,8 @@ BUILTIN_MODELS = {
     "digits": "DDPM on scikit-learn's 8x8 handwritten digits (unconditional UNet2DModel)",
     "glyphs": "DDPM on digits rendered from matplotlib's DejaVu fonts (transfer source domain)",
     "digits-cond": "class-conditional pixel UNet2DConditionModel on 16x16 digits (ControlNet base)",
+    "moving-digits": "text-to-video pixel-space Wan transformer: 8-frame 16x16 clips of a digit moving as the prompt "
+                     "says ('a 7 moving left slowly')",
 }
 
 
@@ -168,11 +170,12 @@ def check_safe_weights(path: Path, allow_pickle: bool = False) -> None:
 
 
 def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False,
-         vae_chunk: int | None = None) -> DiffusionModel:
+         vae_chunk: int | None = None, video_shape: str | None = None) -> DiffusionModel:
     """Load a model id (see module docstring) as a :class:`DiffusionModel`.
 
     ``vae_chunk`` decodes latents through the VAE ``vae_chunk`` samples at a time (latent backends),
     trading speed for peak memory when a differentiable reward backpropagates through the decoder.
+    ``video_shape`` (``"FRAMESxHEIGHTxWIDTH"``) sets the size a video model samples at.
 
     Weights are read from safetensors; a directory with only pickled weights is refused unless
     ``allow_pickle`` (pickles can execute code when loaded).
@@ -183,7 +186,7 @@ def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: b
     else:
         path = Path(model_id).expanduser()
         if path.is_dir() and is_run_dir(path):
-            model = load_run(path, load)
+            model = load_run(path, lambda mid: load(mid, allow_pickle=allow_pickle))  # the run's model/ or base
         elif path.is_dir():
             check_safe_weights(path, allow_pickle)
             model = _load_dir(path, model_id)
@@ -198,6 +201,12 @@ def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: b
             raise ValueError(f"vae_chunk must be >= 1, got {vae_chunk}")
         if hasattr(model, "vae_chunk"):
             model.vae_chunk = int(vae_chunk)
+    if video_shape:
+        if not model.produces_video:
+            raise ChaintuneError(f"--video-shape is for video models; {model_id} makes images")
+        from chaintune.backends.base import parse_video_shape
+
+        model.set_video_shape(*parse_video_shape(video_shape))
     for m in model.modules().values():
         m.eval()
     return model

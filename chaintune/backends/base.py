@@ -130,6 +130,10 @@ class DiffusionModel:
         """Whether the model takes text prompts (``Conditions.prompts``)."""
         return False
 
+    default_prompts: str | None = None
+    """A prompt source (:func:`chaintune.prompts.load_prompts`) the model ships for runs given none, e.g.
+    ``builtin:moving-digits`` — the prompts it was trained on."""
+
     @property
     def null_label(self) -> int | None:
         """The class id of the unconditional branch, if the model has one (classifier-free guidance)."""
@@ -282,3 +286,13 @@ class PooledPromptCFG:
 
         return fn
 
+
+def parse_video_shape(text: str) -> tuple[int, int, int]:
+    """``'33x480x832'`` -> (frames, height, width)."""
+    try:
+        f, h, w = (int(p) for p in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        from chaintune.errors import ChaintuneError
+
+        raise ChaintuneError(f"a video shape is FRAMESxHEIGHTxWIDTH, e.g. 33x480x832, got {text!r}") from None
+    return f, h, w

@@ -16,6 +16,11 @@ shift map, so the model sees the noise levels it was trained on; trajectories di
 by the solver. At eta = 0 ``chaintune.sample`` equals ``WanPipeline`` run with that Euler scheduler
 (``WanModel.euler_pipeline()``), not with UniPC. Saving keeps the pipeline's own scheduler.
 
+**Pixel space.** A pipeline saved without a VAE (``vae`` null in ``model_index.json``) denoises pixels in
+[-1, 1] directly: latents are ``[n, C, F, H, W]`` frames and decode is a rescale. ``builtin:moving-digits``
+is such a Wan pipeline (16x16 px clips are too small for Wan's 8x spatial VAE); everything else — the
+transformer, UMT5 prompts, the flow chain — is the code path of a real Wan model.
+
 **Video size.** The transformer has no native size; a model samples ``num_frames`` x ``height`` x ``width``
 pixels (pipeline defaults 81 x 480 x 832). Set them with :meth:`WanModel.set_video_shape`, the
 ``load_wan`` arguments, or ``CHAINTUNE_VIDEO_SHAPE=FxHxW`` (what the CLI uses); :meth:`WanModel.save`
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned
+from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, parse_video_shape
 from chaintune.errors import ChaintuneError
 
 VIDEO_SHAPE_FILE = "chaintune_video.json"
@@ -61,20 +66,12 @@ def flow_chain_scheduler(scheduler):
                          "(prediction_type='flow_prediction'); chaintune needs one to build its chain")
 
 
-def parse_video_shape(text: str) -> tuple[int, int, int]:
-    """``'33x480x832'`` -> (frames, height, width)."""
-    try:
-        f, h, w = (int(p) for p in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise ChaintuneError(f"a video shape is FRAMESxHEIGHTxWIDTH, e.g. 33x480x832, got {text!r}") from None
-    return f, h, w
-
-
 class WanModel(PromptConditioned, DiffusionModel):
     kind = "wan"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 512,
-                 num_frames: int = 81, height: int = 480, width: int = 832, negative_prompt: str = ""):
+                 num_frames: int = 81, height: int = 480, width: int = 832, negative_prompt: str = "",
+                 default_prompts: str | None = None):
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
             raise ChaintuneError("two-transformer Wan pipelines (Wan 2.2 A14B) are not supported; use a Wan 2.1 "
                                  "pipeline (one transformer)")
@@ -89,19 +86,26 @@ class WanModel(PromptConditioned, DiffusionModel):
         self.vae_chunk = vae_chunk
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
+        self.default_prompts = default_prompts
         self.set_video_shape(num_frames, height, width)
         for m in (self.vae, self.text_encoder):
-            m.requires_grad_(False)
+            if m is not None:
+                m.requires_grad_(False)
 
     # ------------------------------------------------------------------ shapes
 
     @property
+    def pixel_space(self) -> bool:
+        """No VAE: the transformer denoises pixels in [-1, 1] (``builtin:moving-digits``)."""
+        return self.vae is None
+
+    @property
     def temporal_scale(self) -> int:
-        return int(self.vae.config.get("scale_factor_temporal") or 4)
+        return 1 if self.pixel_space else int(self.vae.config.get("scale_factor_temporal") or 4)
 
     @property
     def spatial_scale(self) -> int:
-        return int(self.vae.config.get("scale_factor_spatial") or 8)
+        return 1 if self.pixel_space else int(self.vae.config.get("scale_factor_spatial") or 8)
 
     def set_video_shape(self, num_frames: int, height: int, width: int) -> WanModel:
         """Sample ``num_frames`` frames of ``height`` x ``width`` pixels (frames = 4k + 1, sizes multiples of
@@ -124,7 +128,8 @@ class WanModel(PromptConditioned, DiffusionModel):
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one frame."""
-        return int(self.vae.config.out_channels), self.height, self.width
+        channels = self.denoiser.config.out_channels if self.pixel_space else self.vae.config.out_channels
+        return int(channels), self.height, self.width
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:
@@ -142,7 +147,8 @@ class WanModel(PromptConditioned, DiffusionModel):
     # ------------------------------------------------------------------ conditions
 
     def modules(self):
-        return {"denoiser": self.denoiser, "vae": self.vae, "text_encoder": self.text_encoder}
+        mods = {"denoiser": self.denoiser, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {k: m for k, m in mods.items() if m is not None}
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
@@ -202,6 +208,8 @@ class WanModel(PromptConditioned, DiffusionModel):
         """Latents [n, C, f, h, w] -> videos [n, F, C, H, W] in [0, 1] (differentiable)."""
         if latents.dim() != 5:
             raise ChaintuneError(f"Wan latents are [n, C, frames, h, w], got {tuple(latents.shape)}")
+        if self.pixel_space:
+            return (latents.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
         z = latents.to(self.vae.dtype)
         mean, inv_std = self._latent_stats(z)
         z = z / inv_std + mean  # the pipeline's un-normalisation, same float ops
@@ -216,7 +224,10 @@ class WanModel(PromptConditioned, DiffusionModel):
         if images.dim() != 5:
             raise ChaintuneError(f"Wan encodes videos [n, frames, C, H, W] in [0, 1], got {tuple(images.shape)}; "
                                  "a batch of images is a video of one frame: images[:, None]")
-        x = (images.permute(0, 2, 1, 3, 4) * 2 - 1).to(self.vae.dtype)
+        x = images.permute(0, 2, 1, 3, 4) * 2 - 1
+        if self.pixel_space:
+            return x.to(self.dtype)
+        x = x.to(self.vae.dtype)
         chunk = self.vae_chunk or x.shape[0]
         z = torch.cat([self.vae.encode(x[i: i + chunk]).latent_dist.sample() for i in range(0, x.shape[0], chunk)])
         mean, inv_std = self._latent_stats(z)
@@ -237,6 +248,8 @@ class WanModel(PromptConditioned, DiffusionModel):
         pipe.save_pretrained(str(path), safe_serialization=True)
         shape = {"num_frames": self.num_frames, "height": self.height, "width": self.width,
                  "max_sequence_length": self.max_sequence_length}
+        if self.default_prompts:
+            shape["default_prompts"] = self.default_prompts
         (Path(path) / VIDEO_SHAPE_FILE).write_text(json.dumps(shape, indent=1) + "\n")
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
@@ -256,14 +269,14 @@ def load_wan(path: str | Path, source: str = "", **kw) -> WanModel:
     opts: dict = {}
     saved = path / VIDEO_SHAPE_FILE
     if saved.exists():
-        known = ("num_frames", "height", "width", "max_sequence_length")
+        known = ("num_frames", "height", "width", "max_sequence_length", "default_prompts")
         opts.update({k: v for k, v in json.loads(saved.read_text()).items() if k in known})
     if os.environ.get(VIDEO_SHAPE_ENV):
         opts["num_frames"], opts["height"], opts["width"] = parse_video_shape(os.environ[VIDEO_SHAPE_ENV])
     model_kw = {k: kw.pop(k) for k in ("num_frames", "height", "width", "max_sequence_length", "negative_prompt",
-                                       "vae_chunk") if k in kw}
+                                       "vae_chunk", "default_prompts") if k in kw}
     index = json.loads((path / "model_index.json").read_text())
-    for name in ("transformer_2",):  # a component saved as null must be passed as None explicitly
+    for name in ("transformer_2", "vae"):  # a component saved as null must be passed as None explicitly
         if name not in kw and (index.get(name) is None or index.get(name) == [None, None]):
             kw[name] = None
     pipe = WanPipeline.from_pretrained(str(path), **kw)

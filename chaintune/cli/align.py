@@ -25,17 +25,27 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        out: Annotated[Path, typer.Option(help="Directory for the demo's runs and grids.")] = Path("runs/demo"),
-        steps: Annotated[int, typer.Option(help="RLR optimizer steps (the comparison runs get a third).")] = 150,
+        out: Annotated[Path | None, typer.Option(help="Directory for the demo's runs and grids [default: runs/demo, "
+                                                 "runs/demo-video with --video].")] = None,
+        steps: Annotated[int | None, typer.Option(help="RLR optimizer steps (the comparison runs get a third) "
+                                                  "[default: 150; 30 for each method with --video].")] = None,
         digit: Annotated[int, typer.Option(help="Digit the reward asks for.")] = 3,
         baseline: Annotated[str, typer.Option(help="Baseline estimator run briefly beside RLR ('' to skip).")]
         = "reinforce",
         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        video: Annotated[bool, typer.Option("--video", help="The text-to-video demo instead: builtin:moving-digits "
+                                            "aligned to prompt fidelity with RLR and full backprop (--steps default "
+                                            "30 then); before/after clips as GIFs.")] = False,
     ):
         """Align builtin:digits to 'digit:K' with RLR and a baseline; print a before/after table."""
+        if video:
+            from chaintune.training.demo import run_video_demo
+
+            run_video_demo(out or Path("runs/demo-video"), steps=steps or 30, seed=seed)
+            return
         from chaintune.training.demo import run_demo
 
-        run_demo(out, steps=steps, digit=digit, baseline=baseline or None, seed=seed)
+        run_demo(out or Path("runs/demo"), steps=steps or 150, digit=digit, baseline=baseline or None, seed=seed)
 
     @app.command()
     def plan(

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         = False,
         overwrite: Annotated[bool, typer.Option(
             help="Replace existing sample PNGs and grid.png in --out (other files there are kept).")] = False,
+        video_shape: Annotated[str | None, typer.Option(
+            help="Video models: sample FRAMESxHEIGHTxWIDTH pixels (default: the size the model was saved at).")]
+        = None,
         controlnet: Annotated[str | None, typer.Option(
             help="A `chaintune controlnet` run (or its model/, or a bare ControlNetModel dir over --model) that "
             "steers the samples; needs --condition.")] = None,
@@ -57,7 +60,7 @@ def register(app: typer.Typer) -> None:
                            scheduler=scheduler, seed=seed, label=label, prompt=prompt, guidance_scale=guidance_scale,
                            batch_size=batch_size, device=dev, allow_pickle=allow_pickle)
             return
-        m = chaintune.load(model, device=dev, allow_pickle=allow_pickle)
+        m = chaintune.load(model, device=dev, allow_pickle=allow_pickle, video_shape=video_shape)
         apply_thread_policy(m)  # 1 thread for small models, the free cores for big ones (benchmarks/threads.py)
         _check_conditions(m, label=label, prompt=prompt, steps=steps)
         t0 = time.time()

@@ -9,14 +9,15 @@ from chaintune.training.config import PretrainConfig
 
 
 def _pretrain(cfg: PretrainConfig, *, resume: bool, overwrite: bool) -> None:
-    from chaintune.training.pretrain import PretrainObjective
+    from chaintune.training.pretrain import OBJECTIVES
     from chaintune.training.trainer import Trainer, format_summary
 
-    res = Trainer(cfg, PretrainObjective(cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
+    res = Trainer(cfg, OBJECTIVES[cfg.arch.denoiser](cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
                   thread_policy=True).fit()
     typer.echo(format_summary(res))
 
 
 def register(app: typer.Typer) -> None:
     config_command(app, "pretrain", PretrainConfig, _pretrain,
-                   help="Train a small pixel DDPM from scratch (how builtin:digits and builtin:glyphs are made).")
+                   help="Train a small pixel diffusion model from scratch (how builtin:digits, builtin:glyphs and "
+                        "builtin:moving-digits are made).")

@@ -25,6 +25,7 @@ from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
+from chaintune.training.distributed import shared_plan
 
 
 class Reinforce(Estimator):
@@ -80,7 +81,8 @@ class Reinforce(Estimator):
             chosen = positions
             if self.step_fraction < 1.0:
                 k = max(1, round(self.step_fraction * len(positions)))
-                perm = torch.randperm(len(positions), generator=ctx.generator)[:k]
+                perm = torch.randperm(len(positions), generator=ctx.generator)[:k].tolist()
+                perm = shared_plan(perm, [p for _, p in ctx.params])  # sharded: the first process's subset
                 chosen = [positions[int(j)] for j in perm]
             scale = len(positions) / len(chosen)  # the chosen positions stand for all of them
             clipped = ppo = approx_kl = penalty_sum = 0.0

@@ -47,6 +47,7 @@ from chaintune.estimators.base import (
     rollout,
 )
 from chaintune.estimators.ppo import ppo_objective
+from chaintune.training.distributed import shared_plan
 
 
 class RLR(Estimator):
@@ -129,10 +130,10 @@ class RLR(Estimator):
             return
         self.check(ctx)
         differentiable = bool(getattr(ctx.reward, "differentiable", False))
-        j = self.sample_j(ctx.steps, ctx.generator)
+        params = [p for _, p in ctx.params]
+        j = shared_plan([self.sample_j(ctx.steps, ctx.generator)], params)[0]  # sharded: the first process's
         modes = self.plan(ctx.steps, j=j, differentiable=differentiable)
         lr_pos = [i for i, m in enumerate(modes) if m == StepGrad.LIKELIHOOD]
-        params = [p for _, p in ctx.params]
         ho_norm: list[float] = []
 
         def surrogate(traj, images, r, cond):
@@ -180,7 +181,7 @@ class RLR(Estimator):
         self.check(ctx)
         differentiable = bool(getattr(ctx.reward, "differentiable", False))
         T, m = ctx.steps, self.spans
-        js = [self.sample_j(T, ctx.generator) for _ in range(m)]
+        js = shared_plan([self.sample_j(T, ctx.generator) for _ in range(m)], [p for _, p in ctx.params])
         counts = Counter(js)
         spans = {j: (T - j - self.h + 1, T - j) for j in counts}  # chain positions s..e of paper steps j..j+h-1
         covered: Counter[int] = Counter()  # how many of the m draws cover each chain position
@@ -291,7 +292,7 @@ class RLRReleased(RLR):
     def updates(self, ctx: EstimationContext):
         self.check(ctx)
         T = ctx.steps
-        js = [self.sample_j(T, ctx.generator) for _ in range(self.chain_len)]
+        js = shared_plan([self.sample_j(T, ctx.generator) for _ in range(self.chain_len)], [p for _, p in ctx.params])
         counts = Counter(T - j for j in js)  # chain position -> number of draws
         modes = self.plan(T, j=js)
         separate = self.final_eta is not None and self.final_eta != ctx.eta

@@ -13,6 +13,7 @@ import torch
 from chaintune.chain import StepGrad
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+from chaintune.training.distributed import shared_plan
 
 
 class TruncatedBackprop(Estimator):
@@ -31,9 +32,9 @@ class TruncatedBackprop(Estimator):
             return int(torch.randint(1, self.k + 1, (1,), generator=generator))
         return self.k
 
-    def plan(self, num_steps, generator=None, stop_at: int | None = None):
+    def plan(self, num_steps, generator=None, stop_at: int | None = None, k: int | None = None):
         last = num_steps - 1 if stop_at is None else stop_at
-        k = min(self._k(generator), last + 1)
+        k = min(self._k(generator) if k is None else k, last + 1)
         return [StepGrad.PATHWISE if last - k < i <= last else StepGrad.NONE for i in range(num_steps)]
 
     def updates(self, ctx: EstimationContext):
@@ -46,7 +47,11 @@ class TruncatedBackprop(Estimator):
                 raise ChaintuneError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
             stop_at = int(torch.randint(a, b + 1, (1,), generator=ctx.generator))
         x_T, noises = draw_noise(ctx, ctx.n)
-        modes = self.plan(ctx.steps, ctx.generator, stop_at)
+        k = self._k(ctx.generator)
+        # sharded (FSDP): every process runs the first process's plan (the same number of forwards)
+        stop, k = shared_plan([-1 if stop_at is None else stop_at, k], [p for _, p in ctx.params])
+        stop_at = None if stop < 0 else stop
+        modes = self.plan(ctx.steps, stop_at=stop_at, k=k)
         traj, images, r = rollout(ctx, modes, x_T=x_T, noises=noises, cond=ctx.conditions, grad_reward=True,
                                   stop_at=stop_at)
         (-r.sum() / ctx.n).backward()

@@ -149,6 +149,45 @@ def _register_builtins() -> None:
     register_reward("temporal-consistency", _no_arg("temporal-consistency", video.TemporalConsistencyReward),
                     description="-(mean squared difference of consecutive video frames); a still video scores 0",
                     differentiable=True)
+    from chaintune.rewards import moving  # moving-digit videos (builtin:moving-digits), chaintune.rewards.moving
+
+    def fixed(name: str):
+        return lambda arg: name
+
+    def digit_arg(name: str):
+        return lambda a: _int_arg(name, a, required=False)
+
+    def direction_arg(a: str | None) -> str | None:
+        return None if a is None or a == "" else a.strip().lower()
+
+    register_reward("moving-digit", lambda a: moving.MovingDigitReward(digit_arg("moving-digit")(a)),
+                    "moving-digit[:K]", "mean over frames of log p(K | 8x8 crop at the ink centroid), digit CNN; "
+                    "without K the prompt's digit", True, heldout=_twin("moving-digit-heldout"),
+                    metrics=moving.metrics)
+    register_reward("moving-digit-heldout",
+                    lambda a: moving.MovingDigitReward(digit_arg("moving-digit-heldout")(a), "digits-mlp",
+                                                       "moving-digit-heldout"),
+                    "moving-digit-heldout[:K]", "moving-digit judged by the held-out digit MLP", True,
+                    heldout=_twin("moving-digit"), metrics=moving.metrics)
+    register_reward("motion", lambda a: moving.MotionReward(direction_arg(a)), "motion[:DIR]",
+                    "ink-centroid velocity along DIR (left|right|up|down; without DIR the prompt's), px/frame",
+                    True, heldout=_twin("motion-heldout"), metrics=moving.metrics)
+    register_reward("motion-heldout", lambda a: moving.MotionReward(direction_arg(a), heldout=True),
+                    "motion-heldout[:DIR]", "displacement by frame cross-correlation along DIR, px/frame",
+                    heldout=_twin("motion"), metrics=moving.metrics)
+    register_reward("smoothness", _no_arg("smoothness", moving.SmoothnessReward), "smoothness",
+                    "-(mean squared acceleration of the ink centroid), px/frame^2", True,
+                    heldout=fixed("smoothness-heldout"), metrics=moving.metrics)
+    register_reward("smoothness-heldout", _no_arg("smoothness-heldout", lambda: moving.SmoothnessReward(True)),
+                    "smoothness-heldout", "-(mean squared acceleration of the cross-correlation track)",
+                    heldout=fixed("smoothness"), metrics=moving.metrics)
+    register_reward("video-compressibility", _no_arg("video-compressibility", moving.VideoCompressibilityReward),
+                    "video-compressibility", "-(animated GIF size in kB); black-box",
+                    heldout=fixed("video-compressibility-heldout"), metrics=moving.metrics)
+    register_reward("video-compressibility-heldout",
+                    _no_arg("video-compressibility-heldout", lambda: moving.VideoCompressibilityReward(True)),
+                    "video-compressibility-heldout", "-(LZMA size of the raw clip in kB); black-box",
+                    heldout=fixed("video-compressibility"), metrics=moving.metrics)
 
 
 _WEIGHT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from chaintune.backends.base import Conditions
+from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values
 from chaintune.training.config import AlignConfig, ChainConfig, EstimatorConfig
@@ -216,8 +216,9 @@ class AlignObjective(Objective):
         self.evaluation = reward_evaluation(cfg.reward, heldout)  # every name resolved before anything is written
         self.reward = self.evaluation.reward
         self.estimator = estimator_from_config(cfg)
-        self.prompts = self._prompts()
-        model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk)
+        model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk,
+                               video_shape=chain.video_shape)
+        self.prompts = self._prompts(model)
         self.frozen = None
         needs_reference = cfg.guards.kl_weight > 0 or (cfg.estimator.name == "grpo" and cfg.estimator.kl_coef > 0)
         if needs_reference and cfg.optim.peft == "none":  # LoRA needs no copy: the base is the adapters switched off
@@ -248,14 +249,18 @@ class AlignObjective(Objective):
             images = self.model.decode(initial_noise(self.model, 2, torch.Generator().manual_seed(0)))
             validate_reward_output(self.reward(images, prompts=c.prompts, labels=c.labels), 2, self.reward.name)
 
-    def _prompts(self) -> list[str] | None:
-        """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt."""
+    def _prompts(self, model: DiffusionModel) -> list[str] | None:
+        """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt;
+        without either, the prompts a prompt model ships (``default_prompts``), if any."""
         chain = self.cfg.chain
-        if chain.prompt_file:
+        source = chain.prompt_file
+        if source is None and chain.prompts is None and model.takes_prompts:
+            source = model.default_prompts
+        if source:
             from chaintune.prompts import load_prompts
 
             try:
-                return load_prompts(chain.prompt_file).prompts
+                return load_prompts(source).prompts
             except (FileNotFoundError, ValueError) as e:
                 raise ChaintuneError(str(e)) from e
         return chain.prompts
@@ -270,12 +275,18 @@ class AlignObjective(Objective):
         return StagePrompts(coarse=chain.coarse_prompt, mid=chain.mid_prompt, fine=chain.fine_prompt,
                             boundaries=(b1, b2))
 
-    def _conditions(self, n: int, gen: torch.Generator) -> Conditions:
+    def _conditions(self, n: int, gen: torch.Generator, group: int = 1) -> Conditions:
+        """``n`` conditions: prompts/labels drawn at random, each repeated ``group`` times in a row (GRPO groups)."""
         from chaintune.sampling import make_conditions
 
         labels, prompts = self.cfg.chain.labels, self.prompts
-        p = None if prompts is None else [prompts[int(i)] for i in torch.randint(0, len(prompts), (n,), generator=gen)]
-        lab = None if labels is None else [labels[int(i)] for i in torch.randint(0, len(labels), (n,), generator=gen)]
+
+        def draw(pool):
+            picks = torch.randint(0, len(pool), (-(-n // group),), generator=gen).repeat_interleave(group)
+            return [pool[int(i)] for i in picks[:n]]
+
+        p = None if prompts is None else draw(prompts)
+        lab = None if labels is None else draw(labels)
         try:
             return make_conditions(self.model, n, labels=lab, prompts=p, guidance_scale=self.cfg.chain.guidance_scale,
                                    generator=gen)
@@ -292,7 +303,7 @@ class AlignObjective(Objective):
         cfg, chain, guards, gen = self.cfg, self.cfg.chain, self.cfg.guards, run.generator
         ctxs = [EstimationContext(model=self.model, reward=self.reward, n=cfg.optim.batch_size,
                                   steps=chain.sample_steps, eta=chain.eta, scheduler=self.sched, generator=gen,
-                                  conditions=self._conditions(cfg.optim.batch_size, gen),
+                                  conditions=self._conditions(cfg.optim.batch_size, gen, cfg.group_size),
                                   checkpoint=cfg.optim.gradient_checkpointing, baseline=cfg.estimator.baseline,
                                   autocast=run.autocast, reference=self._reference)
                 for _ in range(cfg.optim.grad_accum)]

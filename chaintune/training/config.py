@@ -67,6 +67,9 @@ class RunConfig:
     tensorboard: bool = option(True, "Write tensorboard logs under OUT/tb (when tensorboard is installed).")
     progress: bool = option(True, "Show a progress bar with ETA and the current loss/reward.")
     report: bool = option(True, "Write OUT/report.html at the end (config, metric curves, sample grids).")
+    fsdp: bool = option(False, "Full fine-tuning sharded over the processes of `accelerate launch` (FSDP2): each "
+                        "of N processes holds 1/N of the weights, gradients and AdamW state; only with --peft none "
+                        "(one process: no sharding).")
 
 
 # ------------------------------------------------------------------------------------ align
@@ -85,8 +88,15 @@ class ChainConfig:
     prompts: list[str] | None = option(None, "A prompt to train on (repeatable; text models).", key="prompt")
     prompt_file: str | None = option(None, "Prompt file: .txt (one a line, # comments), .json list, or "
                                      "builtin:NAME (text models).")
+    group_size: int | None = option(None, "Samples drawn per prompt (or label) in a training batch, consecutive: "
+                                    "GRPO's group (batch_size must be a multiple). Default: 4 for --estimator grpo "
+                                    "or --baseline group (a sample alone in its group gets advantage 0, so one per "
+                                    "prompt trains nothing; 4 leaves 4-8 groups in a 16-32 batch), else 1 "
+                                    "(independent draws).", min=1)
     labels: list[int] | None = option(None, "A class label to train on (repeatable; class-conditional models).",
                                       key="label")
+    video_shape: str | None = option(None, "Video models: sample FRAMESxHEIGHTxWIDTH pixels (e.g. 33x480x832); "
+                                     "default: the size the model was saved at.")
     vae_chunk: int | None = option(None, "Decode latents through the VAE N samples at a time (less peak memory).",
                                    min=1)
     coarse_prompt: str | None = option(None, "Diffusive chain of thought: prompt for the first (coarse) stage.")
@@ -195,6 +205,13 @@ class AlignConfig:
 
         return from_dict(cls, values, "align option")
 
+    @property
+    def group_size(self) -> int:
+        """Samples per prompt/label in a training batch (``chain.group_size``, or its estimator-dependent default)."""
+        if self.chain.group_size is not None:
+            return self.chain.group_size
+        return 4 if self.estimator.name == "grpo" or self.estimator.baseline == "group" else 1
+
     def validate(self) -> None:
         """Cross-field rules (each option's own type and range are checked by chaintune.options.check)."""
         from chaintune.errors import ChaintuneError
@@ -214,6 +231,9 @@ class AlignConfig:
                                      f"steps; step 1 is the first-order step), got {e.j!r}")
         if self.optim.peft not in ("none", "lora"):
             raise ChaintuneError("align trains full weights (peft none) or LoRA (peft lora)")
+        if self.chain.group_size is not None and self.optim.batch_size % self.chain.group_size:
+            raise ChaintuneError(f"batch_size={self.optim.batch_size} must be a multiple of group_size="
+                                 f"{self.group_size} (samples per prompt)")
         try:
             b1, b2 = (float(v) for v in self.chain.stage_boundaries.split(","))
         except ValueError:
@@ -228,9 +248,22 @@ class AlignConfig:
 
 @dataclass
 class ArchConfig:
-    """The pixel-space UNet2DModel and its noise schedule (how the built-in models are made)."""
+    """The pixel-space denoiser and its noise schedule (how the built-in models are made): a UNet2DModel DDPM
+    on images, or a Wan transformer (flow matching) on text-to-video clips."""
 
-    resolution: int = option(8, "Image size in pixels.", min=4)
+    denoiser: str = option("unet", "Architecture: unet (UNet2DModel DDPM on images) | wan (pixel-space "
+                           "WanTransformer3DModel with a UMT5 prompt encoder, flow matching, on video clips).",
+                           choices=("unet", "wan"))
+    resolution: int = option(8, "Image (frame) size in pixels.", min=4)
+    frames: int = option(8, "wan: frames per clip.", min=1)
+    num_layers: int = option(4, "wan: transformer blocks.", min=1)
+    num_attention_heads: int = option(4, "wan: attention heads.", min=1)
+    attention_head_dim: int = option(16, "wan: width of one head (a multiple of 6: 3D RoPE splits it in three).",
+                                     min=6)
+    ffn_dim: int = option(128, "wan: feed-forward width.", min=1)
+    patch_size: int = option(2, "wan: spatial patch size (patches are 1 frame x P x P pixels).", min=1)
+    text_dim: int = option(32, "wan: width of the (frozen, randomly initialised) UMT5 prompt encoder.", min=2)
+    flow_shift: float = option(1.0, "wan: flow_shift of the saved UniPC scheduler (the chain's Euler shift).", gt=0)
     block_out_channels: list[int] = option(factory=lambda: [32, 64, 64], help="Channels per UNet level.")
     layers_per_block: int = option(1, "ResNet layers per UNet block.", min=1)
     attention: bool = option(True, "Self-attention in the second level.")
@@ -247,9 +280,10 @@ class ArchConfig:
 class PretrainConfig:
     """Every option of ``chaintune pretrain``: a small pixel DDPM from scratch."""
 
-    dataset: str = option("digits:train", "Dataset id: digits:train, glyphs, digits-fewshot:K, or a folder.")
-    label_dropout: float = option(0.1, "Share of labels replaced by the null class (classifier-free guidance).",
-                                  min=0, max=1)
+    dataset: str = option("digits:train", "Dataset id: digits:train, glyphs, digits-fewshot:K, or a folder; "
+                          "moving-digits:train (procedural clips with prompts) for --denoiser wan.")
+    label_dropout: float = option(0.1, "Share of labels (prompts) replaced by the null class (the empty prompt) for "
+                                  "classifier-free guidance.", min=0, max=1)
     arch: ArchConfig = section(ArchConfig)
     optim: OptimConfig = section(OptimConfig, steps=4000, batch_size=128, lr=3e-4, warmup_steps=200,
                                  lr_schedule="cosine", ema_decay=0.999, gradient_checkpointing=False)
@@ -269,3 +303,8 @@ class PretrainConfig:
         check(self)
         if self.optim.peft != "none":
             raise ChaintuneError("pretrain trains every weight from scratch (peft none)")
+        video = self.dataset.partition(":")[0] == "moving-digits"
+        if video != (self.arch.denoiser == "wan"):
+            raise ChaintuneError("--denoiser wan trains on video clips (--dataset moving-digits:train) and "
+                                 f"moving-digits needs --denoiser wan; got --denoiser {self.arch.denoiser} "
+                                 f"--dataset {self.dataset}")

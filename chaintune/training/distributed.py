@@ -15,11 +15,20 @@ process, and the final gradient must still be the mean over processes of each pr
 
 Every process must run the same sequence of forwards and backwards through the sharded modules (FSDP's
 collectives pair up across processes) and, for zeroth-order terms, perturb the same chain steps; the
-estimators' random plans (RLR's span, the perturbation seed) must therefore agree across processes.
+estimators' random plans (RLR's span, the perturbation seed, truncated backprop's stop, DDPO's subset of
+positions) must therefore agree across processes. Each process draws its plan from its own generator (the
+one its samples come from) and :func:`shared_plan` replaces it by the first process's, so the samples
+still differ per process while the plan is one.
+
+:class:`chaintune.training.trainer.Trainer` does all of this under ``--fsdp`` (``RunConfig.fsdp``):
+shards ``model.denoiser`` after the objective's ``prepare``, builds AdamW over the shards, checkpoints
+full (gathered) tensors in the unsharded format, and exports a plain diffusers model through an
+unsharded twin (:func:`meta_copy`, :func:`unsharded_copy`).
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -178,3 +187,52 @@ def _containers_copied(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_containers_copied(v) for v in obj)
     return obj
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without a process group."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shared_plan(values: list[int], params: list[torch.Tensor]) -> list[int]:
+    """The first process's ``values`` on every process when ``params`` are sharded (a broadcast), else ``values``.
+
+    For an estimator's random plan (RLR's span, the chain positions a step trains): each process draws it from
+    its own generator, and under FSDP all must run the same one. Every process must call this with as many
+    values (the same plan shape) at the same point.
+    """
+    values = [int(v) for v in values]
+    group = shard_group(params)
+    if group is None or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=comm_device(group))
+    torch.distributed.broadcast(t, group=group, group_src=0)
+    return [int(v) for v in t.tolist()]
+
+
+def gather_full(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a shard (an all-gather: call it on every process, in the same order); ``t`` itself if
+    it is not sharded."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters live on the meta device (no memory; buffers are copied).
+
+    Taken before :func:`shard_model`, it keeps the unsharded class and structure, so that
+    :func:`unsharded_copy` can later build the plain module a checkpoint or ``save_pretrained`` needs.
+    """
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def unsharded_copy(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded) module: a copy of :func:`meta_copy`'s ``skeleton`` holding ``state``
+    (:func:`full_state_dict`'s output on rank 0) without copying its tensors."""
+    twin = copy.deepcopy(skeleton)
+    twin.load_state_dict(state, strict=True, assign=True)
+    return twin

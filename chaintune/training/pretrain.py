@@ -1,8 +1,11 @@
-"""Train a small pixel-space DDPM from scratch (how the built-in models are made).
+"""Train a small pixel-space diffusion model from scratch (how the built-in models are made).
 
-Plain epsilon/v-prediction denoising loss with uniform timesteps, AdamW with warm-up and cosine
-decay, and an EMA of the weights (the EMA weights are what is saved) — an objective over the
-shared run skeleton, so a pretrain run has the same run directory, checkpoints and report as any.
+Two architectures (``--denoiser``): a UNet2DModel DDPM on images (epsilon/v-prediction loss, uniform
+timesteps), and a Wan text-to-video pipeline without a VAE (a WanTransformer3DModel on pixel clips with a
+frozen, randomly initialised UMT5 prompt encoder; flow-matching velocity loss, uniform noise levels) — the
+``builtin:moving-digits`` model. AdamW with warm-up and cosine decay and an EMA of the weights (the EMA
+weights are what is saved); each is an objective over the shared run skeleton, so a pretrain run has the
+same run directory, checkpoints and report as any.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import torch.nn.functional as F
 
 from chaintune.backends.unet import UNetModel
 from chaintune.chain import add_noise, training_target
+from chaintune.errors import ChaintuneError
 from chaintune.training.config import ArchConfig, PretrainConfig
 from chaintune.training.trainer import Evaluation, Objective, Trainer
 
-__all__ = ["PretrainConfig", "build_unet", "pretrain"]
+__all__ = ["PretrainConfig", "build_unet", "build_wan_video", "char_tokenizer", "pretrain"]
 
 
 def build_unet(arch: ArchConfig):
@@ -39,6 +43,40 @@ def build_unet(arch: ArchConfig):
         norm_num_groups=arch.norm_num_groups,
         num_class_embeds=(arch.num_classes + 1) if arch.num_classes else None,
     )
+
+
+def char_tokenizer(max_length: int = 24):
+    """A T5 (Unigram) tokenizer over printable ASCII built offline, one token per character ("▁" + the first
+    character of a word, like SentencePiece), with <pad>=0 and </s>=1 as T5/UMT5 have them. Short prompts over
+    a small vocabulary need nothing bigger, and it keeps a shipped model a few MB."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_wan_video(arch: ArchConfig, seed: int = 0):
+    """A ``WanPipeline`` without a VAE (pixels are the latents): char tokenizer, a 2-layer UMT5 encoder with
+    seeded random weights (frozen: a fixed injective text embedding the transformer learns to read), a
+    WanTransformer3DModel on 1-channel frames, and Wan's UniPC flow scheduler."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    text = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=arch.text_dim, d_kv=arch.text_dim // 2, d_ff=2 * arch.text_dim, num_layers=2,
+        num_heads=2, relative_attention_num_buckets=16, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, arch.patch_size, arch.patch_size), num_attention_heads=arch.num_attention_heads,
+        attention_head_dim=arch.attention_head_dim, in_channels=1, out_channels=1, text_dim=arch.text_dim,
+        freq_dim=64, ffn_dim=arch.ffn_dim, num_layers=arch.num_layers, rope_max_seq_len=64)
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=arch.flow_shift, num_train_timesteps=arch.num_train_timesteps)
+    return WanPipeline(tokenizer=tok, text_encoder=text, vae=None, scheduler=sched, transformer=transformer)
 
 
 class PretrainObjective(Objective):
@@ -89,9 +127,67 @@ class PretrainObjective(Objective):
         return Evaluation({}, tr.images)
 
 
+class VideoPretrainObjective(Objective):
+    """The flow-matching loss of a pixel-space Wan text-to-video model on procedural clips (moving digits)."""
+
+    command = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+
+    def prepare(self, run: Trainer) -> None:
+        from chaintune.backends.wan import WanModel
+        from chaintune.data.moving import all_prompts
+
+        cfg, arch = self.cfg, self.cfg.arch
+        self.split = cfg.dataset.partition(":")[2] or "train"
+        if self.split not in ("train", "test", "all"):
+            raise ChaintuneError(f"moving-digits splits are train, test, all; got {cfg.dataset!r}")
+        pipe = build_wan_video(arch, seed=cfg.run.seed)
+        self.model = WanModel(pipe, source="pretrain", max_sequence_length=24, num_frames=arch.frames,
+                              height=arch.resolution, width=arch.resolution,
+                              default_prompts="builtin:moving-digits").to(run.device)
+        # the text encoder is frozen: embed every training prompt (and the empty one, for guidance) once
+        self.prompts = all_prompts()
+        self.table = self.model._embed(self.prompts + [""])
+
+    def updates(self, run: Trainer, step: int):
+        from chaintune.data.moving import moving_digits
+
+        cfg, g, arch = self.cfg, run.generator, self.cfg.arch
+        n, total = cfg.optim.batch_size, 0.0
+        for _ in range(cfg.optim.grad_accum):
+            clips, prompts = moving_digits(n, self.split, arch.frames, arch.resolution, generator=g)
+            x0 = (clips * 2 - 1).permute(0, 2, 1, 3, 4).to(run.device)  # [n, C, F, H, W] in [-1, 1]
+            rows = torch.tensor([self.prompts.index(p) for p in prompts])
+            rows[torch.rand(n, generator=g) < cfg.label_dropout] = len(self.prompts)  # the empty prompt
+            noise = torch.randn(x0.shape, generator=g).to(x0)
+            t = (torch.rand(n, generator=g) * arch.num_train_timesteps).to(x0.device)
+            xt = add_noise(self.model.scheduler, x0, noise, t)
+            with run.autocast():
+                out = self.model._call(xt, t, self.table[rows.to(self.table.device)])
+            loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
+            loss.backward()
+            total += float(loss.detach()) / cfg.optim.grad_accum
+        yield cfg.optim.grad_accum, {"loss": total}
+
+    def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
+        from chaintune.sampling import sample
+
+        n = self.cfg.eval.eval_samples
+        g = torch.Generator().manual_seed(10_000 + self.cfg.run.seed)
+        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,), generator=g).tolist()]
+        tr = sample(self.model, n, steps=20, eta=0.0, prompts=prompts, guidance_scale=1.0, generator=g)
+        return Evaluation({}, tr.images)
+
+
+OBJECTIVES = {"unet": PretrainObjective, "wan": VideoPretrainObjective}
+"""``--denoiser`` -> the pretraining objective that builds and trains it."""
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path | None = None, show_progress: bool = True, *,
-             overwrite: bool = False, resume: bool = False, **trainer) -> UNetModel:
-    """Train a UNet2DModel DDPM on ``cfg.dataset``; with ``out``, write a run directory (a model id)."""
-    obj = PretrainObjective(cfg)
+             overwrite: bool = False, resume: bool = False, **trainer):
+    """Train ``cfg.arch.denoiser`` from scratch on ``cfg.dataset``; with ``out``, write a run directory (a model id)."""
+    obj = OBJECTIVES[cfg.arch.denoiser](cfg)
     Trainer(cfg, obj, out=out, overwrite=overwrite, resume=resume, show_progress=show_progress, **trainer).fit()
     return obj.model

@@ -13,6 +13,14 @@ optimizer update, and evaluates on held-out seeds in ``evaluate``.
 Multi-process: the model is *not* wrapped in DDP (zeroth-order estimators write gradients that
 DDP's hooks would not see); gradients are all-reduced explicitly after accumulation, so every
 estimator is exact under ``accelerate launch``. Each process draws its own samples.
+
+Sharded (``--fsdp``, ``RunConfig.fsdp``, full fine-tuning only): after the objective's ``prepare`` the
+denoiser is sharded with FSDP2 (:func:`chaintune.training.distributed.shard_model`), so each of N
+processes holds 1/N of the weights, gradients, AdamW moments, EMA and best-evaluation weights. The
+estimators stay exact (their plans are the first process's, the samples each process's own); the
+non-finite check and gradient clipping see the whole gradient; checkpoints and ``best/`` hold full
+tensors in the unsharded format and ``model/`` is a plain diffusers model (written from an unsharded
+twin on the main process).
 """
 
 from __future__ import annotations
@@ -148,6 +156,8 @@ class Trainer:
         self.thread_policy = thread_policy
         self.state: dict = {"bad_steps": 0}
         self._status_base: dict = {}
+        self.sharded = False  # FSDP2: the denoiser's parameters are DTensors (see _fsdp)
+        self._skeleton: torch.nn.Module | None = None  # the unsharded denoiser on the meta device, for export
 
     # ------------------------------------------------------------------------------ helpers for objectives
     def autocast(self):
@@ -178,6 +188,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed + 1_000_003 * self.acc.process_index)
         try:
+            self.sharded = self._fsdp()  # an impossible --fsdp fails before the model loads
             if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
                 from chaintune.training.runs import RunLock, check_run_dir
 
@@ -239,6 +250,12 @@ class Trainer:
         opt_cfg = cfg.optim
         den = obj.model.denoiser
         self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
+        if self.sharded:  # after adapters, before the optimizer and EMA (they hold the shards)
+            from chaintune.training import distributed
+
+            self._skeleton = distributed.meta_copy(den)
+            distributed.shard_model(den, distributed.default_mesh(self.device),
+                                    min_params=distributed.DEFAULT_MIN_PARAMS)
         self.params = params = [p for p in den.parameters() if p.requires_grad]
         self.optimizer = opt = make_optimizer(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
                                               eight_bit=opt_cfg.eight_bit_adam)
@@ -312,10 +329,10 @@ class Trainer:
                 log({"step": done, **row, **({"final": True} if last else {})})
             if out is not None and cfg.run.save_every and (done % cfg.run.save_every == 0 or last):
                 self.acc.wait_for_everyone()
-                if main:
-                    ckpt.save(out, done, den, opt, lr_sched, self.generator,
-                              {**self.state, "objective": obj.state_dict()}, keep=cfg.run.keep_checkpoints,
-                              ema=self.ema)
+                # every process: it gathers RNG streams (and, sharded, full tensors) for the main one to write
+                ckpt.save(out, done, den, opt, lr_sched, self.generator,
+                          {**self.state, "objective": obj.state_dict()}, keep=cfg.run.keep_checkpoints,
+                          ema=self.ema, write=main)
         bar.close()
         self.acc.wait_for_everyone()
         if self.ema is not None:
@@ -334,10 +351,11 @@ class Trainer:
                         for e in self.state.get("hacking", [])]
         if final_model != "last":
             result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
+        exported = self._export() if out is not None else None  # sharded: gathered by every process
         if out is not None and main:
             from chaintune.training.runs import save_tuned_model
 
-            save_tuned_model(out, obj.export(), opt_cfg.peft, opt_cfg.lora_rank)
+            save_tuned_model(out, exported, opt_cfg.peft, opt_cfg.lora_rank)
             final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
             self._status("finished", final=final)
             logger.close()
@@ -351,7 +369,9 @@ class Trainer:
         """Average, check, clip and apply one update; a non-finite gradient is skipped (and counted)."""
         params, opt, cfg = self.params, self.optimizer, self.cfg
         reduce_gradients(params, self.acc, n_micro)
-        if not all(torch.isfinite(p.grad).all() for p in params):
+        from chaintune.training.distributed import grads_finite
+
+        if not grads_finite(params):  # sharded: every process checks its shard and all agree
             self.state["bad_steps"] += 1
             opt.zero_grad(set_to_none=True)
             limit = cfg.run.max_bad_steps
@@ -364,7 +384,7 @@ class Trainer:
             return {"skipped_updates": self.state["bad_steps"]}
         self.state["bad_steps"] = 0
         clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))  # sharded: the norm of the whole gradient
         opt.step()
         self.lr_scheduler.step()
         if self.ema is not None:
@@ -372,28 +392,88 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return {"grad_norm": gnorm}
 
+    def _fsdp(self) -> bool:
+        """Whether to shard the denoiser (``--fsdp`` on several processes); what sharding cannot do is refused
+        here, before a model loads."""
+        cfg = self.cfg
+        if not getattr(cfg.run, "fsdp", False):
+            return False
+        if cfg.optim.peft != "none":
+            raise ChaintuneError(f"--fsdp shards full fine-tuning (--peft none); --peft {cfg.optim.peft} trains few "
+                                 "enough weights for plain data parallelism under accelerate launch: drop --fsdp")
+        if cfg.optim.eight_bit_adam:
+            raise ChaintuneError("--fsdp shards AdamW's states, which bitsandbytes' 8-bit AdamW cannot hold: drop "
+                                 "--eight-bit-adam")
+        guards = getattr(cfg, "guards", None)
+        if guards is not None and getattr(guards, "kl_weight", 0) > 0:
+            raise ChaintuneError("--fsdp: the KL guard draws its chain position on each process, and sharded "
+                                 "processes must run the same forwards; use --kl-weight 0 (the hacking guard "
+                                 "still runs)")
+        est = getattr(cfg, "estimator", None)
+        if est is not None and getattr(est, "name", None) == "rlr" and getattr(est, "j", None) == "grad-norm":
+            raise ChaintuneError("--fsdp: --j grad-norm measures each span's gradient with torch.autograd.grad, "
+                                 "which does not reach sharded parameters; use --j uniform or a,b")
+        if self.acc.num_processes == 1:
+            self.log_line("warning: --fsdp with one process: nothing to shard, the run is unsharded (start it "
+                          "with accelerate launch --num_processes N to shard it over N processes)")
+            return False
+        return True
+
+    def _export(self):
+        """The objective's model to save, on the main process (None elsewhere). Sharded: every process takes
+        part in gathering the full weights, and the main process gets an unsharded twin of the denoiser."""
+        obj = self.objective
+        if not self.sharded:
+            return obj.export() if self.main else None
+        from chaintune.training.distributed import full_state_dict, unsharded_copy
+
+        den = obj.model.denoiser
+        state = full_state_dict(den)  # rank 0 (the main process) only
+        if not self.main:
+            return None
+        model = obj.export()
+        if model.denoiser is not den:
+            raise ChaintuneError(f"--fsdp: {obj.command} exports a transformed denoiser, which a sharded run "
+                                 "cannot write")
+        return model.with_denoiser(unsharded_copy(self._skeleton, state))
+
     def _load_params(self, values: list[torch.Tensor]) -> None:
+        """Load weights kept by :meth:`_keep_best` (each process's shard when sharded)."""
+        from chaintune.training.distributed import is_sharded
+
         with torch.no_grad():
             for p, v in zip(self.params, values, strict=True):
-                p.copy_(v.to(p.device, p.dtype))
+                target = p.to_local() if is_sharded(p) else p
+                target.copy_(v.to(target.device, target.dtype))
 
     def _keep_best(self, step: int, ev: Evaluation) -> None:
         """Remember the best evaluation's weights (they are what was evaluated: the EMA's when there is one) and
-        write them as OUT/best, a model id."""
+        write them as OUT/best, a model id. Sharded: each process keeps its shard; every process takes part in
+        gathering the full weights the main process writes."""
+        from chaintune.training.distributed import is_sharded
+
         self.best = {"step": step, "score": ev.score, "metrics": dict(ev.metrics),
-                     "params": [p.detach().to("cpu", copy=True) for p in self.params]}
+                     "params": [(p.to_local() if is_sharded(p) else p).detach().to("cpu", copy=True)
+                                for p in self.params]}
         self.state["best"] = {"step": step, "score": ev.score}
-        if self.out is None or not self.main:
+        if self.out is None:
+            return
+        exported = self._export()  # sharded: gathered by every process
+        if not self.main:
             return
         from safetensors.torch import save_file
 
         from chaintune.training.runs import save_tuned_model, write_run_info
         from chaintune.utils.io import atomic_dir
 
+        names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
+        full = self.best["params"]
+        if self.sharded:  # the full weights: the unsharded twin's (already gathered)
+            twin = dict(exported.denoiser.named_parameters())
+            full = [twin[n].detach() for n in names]
         with atomic_dir(self.out / "best") as tmp:
-            save_tuned_model(tmp, self.objective.export(), self.cfg.optim.peft, self.cfg.optim.lora_rank)
-            names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
-            save_file({n: t.contiguous() for n, t in zip(names, self.best["params"], strict=True)},
+            save_tuned_model(tmp, exported, self.cfg.optim.peft, self.cfg.optim.lora_rank)
+            save_file({n: t.contiguous() for n, t in zip(names, full, strict=True)},
                       str(tmp / "trainable.safetensors"))  # what a resumed run rolls back to
             write_run_info(tmp, {"command": self.objective.command, "status": f"best evaluation (step {step})",
                                  "step": step, "score": ev.score, **self.objective.info(),
@@ -403,13 +483,15 @@ class Trainer:
         """The best evaluation kept in OUT/best, for a resumed run (None if unreadable: it is then re-found)."""
         from safetensors.torch import load_file
 
+        from chaintune.training.distributed import is_sharded, local_shard
         from chaintune.training.runs import read_run_info
 
         try:
             weights, info = load_file(str(path / "trainable.safetensors")), read_run_info(path)
-            names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
+            named = [(n, p) for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
             return {"step": info["step"], "score": info["score"], "metrics": info.get("metrics", {}),
-                    "params": [weights[n] for n in names]}
+                    "params": [local_shard(weights[n], p).to_local().cpu() if is_sharded(p) else weights[n]
+                               for n, p in named]}  # sharded: this process's shard, as _keep_best keeps it
         except (ChaintuneError, OSError, KeyError):
             return None
 
@@ -440,6 +522,16 @@ class Trainer:
         if self.ema is None:
             yield
             return
+        if self.sharded:  # the shards stay where they are (EMAModel.store would move DTensors to the CPU)
+            saved = [p.detach().clone() for p in self.params]
+            self.ema.copy_to(self.params)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, v in zip(self.params, saved, strict=True):
+                        p.copy_(v)
+            return
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
         try:
@@ -447,12 +539,22 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+    def _agreed(self, ev: Evaluation | None) -> Evaluation | None:
+        """With several processes, every one acts on the main process's verdict (score, alarm): keeping the best
+        weights (a collective when sharded) and the hacking policy must not hinge on rounding differences."""
+        if ev is None or self.acc.num_processes == 1:
+            return ev
+        box = [(ev.score, ev.alarm)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        ev.score, ev.alarm = box[0]
+        return ev
+
     def _evaluate(self, step: int) -> dict:
         den = self.objective.model.denoiser
         with self._ema_weights():
             den.eval()
             try:
-                ev = self.objective.evaluate(self, step)
+                ev = self._agreed(self.objective.evaluate(self, step))
                 self._last_evaluation = ev
                 if ev is not None and ev.alarm is None and ev.score is not None and (
                         self.best is None or ev.score > self.best["score"]):
@@ -472,7 +574,7 @@ class Trainer:
 # the resumed run a different experiment than the checkpoint's, so it is refused
 RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "eval_samples", "grid_samples", "log_every", "save_every",
                                "keep_checkpoints", "max_bad_steps", "tensorboard", "progress", "report", "device",
-                               "out"})
+                               "out", "fsdp"})  # fsdp: checkpoints hold full tensors either way
 
 
 def check_resume_config(cfg: Any, out: Path) -> None:

@@ -34,13 +34,27 @@ def auto_upscale(h: int) -> int:
     return max(1, 64 // h) if h < 64 else 1
 
 
+def save_video_grid(videos: torch.Tensor, path: str | Path, nrow: int | None = None, duration: int = 125) -> Path:
+    """Write videos ``[n, F, C, H, W]`` as one animated GIF (frame f shows every clip's frame f in a grid)."""
+    from chaintune.utils.io import atomic_file
+
+    path = Path(path)
+    v = videos.detach().float().cpu()
+    up = auto_upscale(v.shape[-1])
+    frames = [to_pil(make_grid(v[:, f], nrow=nrow), upscale=up) for f in range(v.shape[1])]
+    with atomic_file(path, "wb") as fh:
+        frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0)
+    return path
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write a grid PNG atomically; tiny images are upscaled so the grid is readable. Videos
-    ``[n, F, C, H, W]`` become one strip of frames per row."""
+    ``[n, F, C, H, W]`` become one strip of frames per row, and an animated grid beside it (same name, .gif)."""
     from chaintune.utils.io import atomic_file
 
     path = Path(path)
     if images.dim() == 5:
+        save_video_grid(images, path.with_suffix(".gif"))
         nrow, images = images.shape[1], images.flatten(0, 1)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow)
     pil = to_pil(grid, upscale=auto_upscale(images.shape[-1]) // 2 or 1)
