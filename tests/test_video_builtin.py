@@ -149,3 +149,40 @@ def test_a_video_run_shows_strips_and_an_animated_preview_in_its_report(pixel_wa
     assert strip.width > 1.5 * strip.height  # 2 clips: 2 rows of 4 frames side by side
     html = render_report(tmp_path / "rep")
     assert html.count("data:image/gif;base64,") == len(gifs)
+
+
+# ------------------------------------------------------------------------------------- the shipped model
+
+def test_builtin_moving_digits_makes_moving_digits_that_follow_the_prompt():
+    """Every one of the 80 prompts once, at the sampler settings of the demo (10 Euler steps, eta 0, the model's
+    guidance 3), judged by the held-out judge (digit MLP on the centroid crops, ink-centroid motion). For scale:
+    real clips of the same prompts score identity 0.89 / direction 1.0 (the crop costs the MLP some accuracy); an
+    untrained model ~0.1 / ~0.25. The shipped model measured identity 0.64, direction 1.0, follows_prompt 0.69
+    (mean of seeds 0 and 1); the bars leave room for noise across torch builds."""
+    from chaintune.rewards.moving import judge_summary
+
+    model = chaintune.load("builtin:moving-digits")
+    assert model.pixel_space and model.video_shape == (8, 1, 16, 16)
+    prompts = all_prompts()
+    tr = chaintune.sample(model, len(prompts), steps=10, eta=0.0, prompts=prompts,
+                          generator=torch.Generator().manual_seed(0))
+    j = judge_summary(tr.images, prompts)
+    assert j["identity"] >= 0.5 and j["direction"] >= 0.95 and j["follows_prompt"] >= 0.5, j
+    assert j["speed_error"] < 0.15, j  # px/frame; the asked speeds are 0.5 and 1
+    assert 0.5 < j["ink"] < 1.5, j  # digits, not blank or washed-out frames
+
+
+def test_aligning_the_video_model_to_faster_motion_raises_the_heldout_motion_judge(tmp_path):
+    """A target the demo does not use (``motion``: move faster the way the prompt says), full backprop, 6 steps of
+    8 clips: the held-out twin (displacement by cross-correlation of the frames, never trained on) rises. Measured,
+    seeds 0/1/2: reward +0.23/+0.25/+0.30 px/frame, held-out +0.076/+0.065/+0.075. Speed is bought with digit
+    shape (identity 0.66-0.77 -> 0.45-0.48; the guard flagged nn-distance 1.34x the base in one seed)."""
+    from chaintune.training.align import AlignConfig, align, read_metrics
+
+    cfg = AlignConfig.from_dict(dict(model="builtin:moving-digits", reward="motion", estimator="full-backprop", lr=3e-4,
+                                     steps=6, batch_size=8, sample_steps=10, eval_every=6, eval_samples=16,
+                                     final_model="last", tensorboard=False, report=False, out=str(tmp_path / "run")))
+    rows = [m for m in read_metrics(align(cfg, show_progress=False)) if "eval/heldout_reward" in m]
+    before, after = rows[0], rows[-1]
+    assert after["eval/reward"] > before["eval/reward"] + 0.05
+    assert after["eval/heldout_reward"] > before["eval/heldout_reward"] + 0.02

@@ -71,7 +71,7 @@ class WanModel(PromptConditioned, DiffusionModel):
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 512,
                  num_frames: int = 81, height: int = 480, width: int = 832, negative_prompt: str = "",
-                 default_prompts: str | None = None):
+                 default_prompts: str | None = None, guidance_scale: float = 1.0):
         if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("boundary_ratio") is not None:
             raise ChaintuneError("two-transformer Wan pipelines (Wan 2.2 A14B) are not supported; use a Wan 2.1 "
                                  "pipeline (one transformer)")
@@ -87,6 +87,7 @@ class WanModel(PromptConditioned, DiffusionModel):
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
         self.default_prompts = default_prompts
+        self.guidance_scale = float(guidance_scale)  # the CFG scale sampling and training use when given none
         self.set_video_shape(num_frames, height, width)
         for m in (self.vae, self.text_encoder):
             if m is not None:
@@ -145,6 +146,10 @@ class WanModel(PromptConditioned, DiffusionModel):
         return True
 
     # ------------------------------------------------------------------ conditions
+
+    def default_conditions(self, n: int, generator: torch.Generator | None = None) -> Conditions:
+        """The empty prompt at the model's own guidance scale (``chaintune_video.json``'s ``guidance_scale``)."""
+        return Conditions(prompts=[""] * n, guidance_scale=self.guidance_scale)
 
     def modules(self):
         mods = {"denoiser": self.denoiser, "vae": self.vae, "text_encoder": self.text_encoder}
@@ -250,6 +255,8 @@ class WanModel(PromptConditioned, DiffusionModel):
                  "max_sequence_length": self.max_sequence_length}
         if self.default_prompts:
             shape["default_prompts"] = self.default_prompts
+        if self.guidance_scale != 1.0:
+            shape["guidance_scale"] = self.guidance_scale
         (Path(path) / VIDEO_SHAPE_FILE).write_text(json.dumps(shape, indent=1) + "\n")
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
@@ -269,12 +276,12 @@ def load_wan(path: str | Path, source: str = "", **kw) -> WanModel:
     opts: dict = {}
     saved = path / VIDEO_SHAPE_FILE
     if saved.exists():
-        known = ("num_frames", "height", "width", "max_sequence_length", "default_prompts")
+        known = ("num_frames", "height", "width", "max_sequence_length", "default_prompts", "guidance_scale")
         opts.update({k: v for k, v in json.loads(saved.read_text()).items() if k in known})
     if os.environ.get(VIDEO_SHAPE_ENV):
         opts["num_frames"], opts["height"], opts["width"] = parse_video_shape(os.environ[VIDEO_SHAPE_ENV])
     model_kw = {k: kw.pop(k) for k in ("num_frames", "height", "width", "max_sequence_length", "negative_prompt",
-                                       "vae_chunk", "default_prompts") if k in kw}
+                                       "vae_chunk", "default_prompts", "guidance_scale") if k in kw}
     index = json.loads((path / "model_index.json").read_text())
     for name in ("transformer_2", "vae"):  # a component saved as null must be passed as None explicitly
         if name not in kw and (index.get(name) is None or index.get(name) == [None, None]):

@@ -3,8 +3,9 @@
 A clip is one digit (the fixed train or test split of :func:`chaintune.data.digits.digits_split`) moving
 in a straight line across a ``canvas`` x ``canvas`` black canvas over ``frames`` frames, with a prompt
 that says which digit, which way and how fast: ``"a 7 moving left"``, ``"a 3 moving up slowly"``. Speeds
-are :data:`SPEEDS` pixels per frame; the start is uniform over the positions that keep the whole 8x8
-digit on the canvas for the whole clip, and sub-pixel positions are rendered bilinearly. This is the
+are :data:`SPEEDS` pixels per frame; the path is centred on the canvas (the digit passes the centre
+mid-clip) and shifted by up to :data:`JITTER` px along and across it, keeping the whole 8x8 digit on the
+canvas; sub-pixel positions are rendered bilinearly. This is the
 training data of ``builtin:moving-digits`` and the reference the video judge (:mod:`chaintune.rewards.moving`)
 is checked against: generated clips must be judged as their prompts say.
 
@@ -26,6 +27,8 @@ DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up"
 SPEEDS: dict[str, float] = {"": 1.0, "slowly": 0.5}
 """Speed word of the prompt -> pixels per frame ("" is the normal speed)."""
 DIGIT_SIZE = 8
+JITTER = 1.0
+"""Largest shift (px) of a clip's path from the canvas-centred one, along and across the motion."""
 PROMPT_RE = re.compile(r"^a (\d) moving (left|right|up|down)(?: (slowly))?$")
 
 
@@ -62,7 +65,7 @@ def all_prompts() -> list[str]:
 
 
 def render(digits: torch.Tensor, motions: list[Motion], frames: int = 8, canvas: int = 16,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, jitter: float = JITTER) -> torch.Tensor:
     """Clips [n, F, 1, canvas, canvas] of each 8x8 digit image moving as its :class:`Motion` says."""
     n = digits.shape[0]
     if len(motions) != n:
@@ -73,10 +76,13 @@ def render(digits: torch.Tensor, motions: list[Motion], frames: int = 8, canvas:
     if float(travel.max()) > room:
         raise ChaintuneError(f"a {frames}-frame clip at {float(travel.max() / (frames - 1))} px/frame leaves a "
                              f"{canvas}px canvas; use a larger canvas or fewer frames")
-    u = torch.rand(n, 2, generator=generator)
-    # start: along the motion, anywhere that leaves room to travel; across it, anywhere on the canvas
-    along = u * (room - travel)[:, None]
-    start = torch.where(unit != 0, torch.where(unit > 0, along, room - along), u * room)
+    u = torch.rand(n, 2, generator=generator) * 2 - 1  # [-1, 1)
+    # the path is centred on the canvas (the digit passes the centre mid-clip), shifted by up to ``jitter`` px
+    # along and across it, as far as the canvas allows: where a digit is follows from its prompt, so the
+    # prompt carries most of a clip's layout (with uniform starts the model hardly learnt to read prompts)
+    slack_along = ((room - travel) / 2).clamp(max=jitter)[:, None]
+    centre = room / 2 - unit * travel[:, None] / 2
+    start = centre + torch.where(unit != 0, slack_along, torch.full_like(u, min(jitter, room / 2))) * u
     t = torch.arange(frames, dtype=torch.float32)
     pos = start[:, None] + unit[:, None] * torch.tensor([m.speed for m in motions])[:, None, None] * t[None, :, None]
     # paste each digit at the canvas centre, then translate every frame by (pos - centre) with bilinear sampling

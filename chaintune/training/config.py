@@ -263,6 +263,8 @@ class ArchConfig:
     ffn_dim: int = option(128, "wan: feed-forward width.", min=1)
     patch_size: int = option(2, "wan: spatial patch size (patches are 1 frame x P x P pixels).", min=1)
     text_dim: int = option(32, "wan: width of the (frozen, randomly initialised) UMT5 prompt encoder.", min=2)
+    text_layers: int = option(2, "wan: transformer layers of the prompt encoder (0: each token's embedding as is).",
+                              min=0)
     flow_shift: float = option(1.0, "wan: flow_shift of the saved UniPC scheduler (the chain's Euler shift).", gt=0)
     block_out_channels: list[int] = option(factory=lambda: [32, 64, 64], help="Channels per UNet level.")
     layers_per_block: int = option(1, "ResNet layers per UNet block.", min=1)

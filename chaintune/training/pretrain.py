@@ -58,7 +58,7 @@ def char_tokenizer(max_length: int = 24):
 
 
 def build_wan_video(arch: ArchConfig, seed: int = 0):
-    """A ``WanPipeline`` without a VAE (pixels are the latents): char tokenizer, a 2-layer UMT5 encoder with
+    """A ``WanPipeline`` without a VAE (pixels are the latents): char tokenizer, a small UMT5 encoder with
     seeded random weights (frozen: a fixed injective text embedding the transformer learns to read), a
     WanTransformer3DModel on 1-channel frames, and Wan's UniPC flow scheduler."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -67,9 +67,9 @@ def build_wan_video(arch: ArchConfig, seed: int = 0):
     tok = char_tokenizer()
     torch.manual_seed(seed)
     text = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tok), d_model=arch.text_dim, d_kv=arch.text_dim // 2, d_ff=2 * arch.text_dim, num_layers=2,
-        num_heads=2, relative_attention_num_buckets=16, dropout_rate=0.0, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)).eval()
+        vocab_size=len(tok), d_model=arch.text_dim, d_kv=arch.text_dim // 2, d_ff=2 * arch.text_dim,
+        num_layers=arch.text_layers, num_heads=2, relative_attention_num_buckets=16, dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)).eval()
     transformer = WanTransformer3DModel(
         patch_size=(1, arch.patch_size, arch.patch_size), num_attention_heads=arch.num_attention_heads,
         attention_head_dim=arch.attention_head_dim, in_channels=1, out_channels=1, text_dim=arch.text_dim,
