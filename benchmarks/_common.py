@@ -122,3 +122,11 @@ def measure_in_child(fn: Callable[[], dict | None]) -> dict:
 def log(msg: str) -> None:
     print(msg, flush=True)
     sys.stdout.flush()
+
+
+def memory_row(label: str, r: dict) -> str:
+    """One measured configuration as a log line: ``label``, method, T, peak MiB, seconds, time ratio, skip reason."""
+    return (f"  {label} {r['method']:20s} T={r['T']:<3d} "
+            f"peak {r.get('peak_mib', float('nan')):9.1f} MiB  {r.get('seconds', float('nan')):7.2f} s"
+            + (f"  x{r['time_ratio']:.1f}" if "time_ratio" in r else "")
+            + (f"  SKIPPED: {r['skipped']}" if r.get("skipped") else ""))

@@ -481,10 +481,7 @@ def _clean(res: dict) -> dict:
 
 
 def _report(r: dict) -> None:
-    C.log(f"  {r['family']:5s} {r['peft']:4s} {r['method']:20s} T={r['T']:<3d} "
-          f"peak {r.get('peak_mib', float('nan')):9.1f} MiB  {r.get('seconds', float('nan')):7.2f} s"
-          + (f"  x{r['time_ratio']:.1f}" if "time_ratio" in r else "")
-          + (f"  SKIPPED: {r['skipped']}" if r.get("skipped") else ""))
+    C.log(C.memory_row(f"{r['family']:5s} {r['peft']:4s}", r))
 
 
 def print_table(result: dict) -> None:

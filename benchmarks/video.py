@@ -273,10 +273,7 @@ def growth(rows: list[dict]) -> dict:
 
 
 def _report(r: dict) -> None:
-    C.log(f"  {r['peft']:4s} F={r['frames']:<3d} {r['method']:20s} T={r['T']:<3d} "
-          f"peak {r.get('peak_mib', float('nan')):9.1f} MiB  {r.get('seconds', float('nan')):7.2f} s"
-          + (f"  x{r['time_ratio']:.1f}" if "time_ratio" in r else "")
-          + (f"  SKIPPED: {r['skipped']}" if r.get("skipped") else ""))
+    C.log(C.memory_row(f"{r['peft']:4s} F={r['frames']:<3d}", r))
 
 
 def print_memory(result: dict) -> None:

@@ -67,20 +67,27 @@ def one_step(model, params, acc, n_micro: int, lr: float = 1e-2) -> dict:
     return {"grads": grads, "params": [p.detach().clone() for p in params]}
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: the plain step (one micro-batch of its slice) and the accumulated step (its slice in
-    two micro-batches), each from a fresh copy of the same model."""
+def join_ranks(rank: int, world: int, port: int) -> None:
+    """Make a forked child rank ``rank`` of ``world`` (environment of torch.distributed / accelerate, one thread).
+
+    A forked child inherits the parent's accelerate singletons (one process, if it made an Accelerator
+    earlier); they are dropped so that this process sees the distributed environment."""
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "HF_HUB_OFFLINE": "1"})
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    # a forked child inherits the parent's accelerate singletons (one process, if it made an
-    # Accelerator earlier); drop them so this process sees the distributed environment above
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: the plain step (one micro-batch of its slice) and the accumulated step (its slice in
+    two micro-batches), each from a fresh copy of the same model."""
+    from accelerate import Accelerator
+
+    join_ranks(rank, world, port)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world, f"accelerate sees {acc.num_processes} processes, expected {world}"
     per = N // world

@@ -11,12 +11,12 @@ with a generator per process, the plan is rank 0's (``chaintune.training.distrib
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
+from dist_helpers import join_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
@@ -146,18 +146,12 @@ def _checkpoint_round_trip(model, opt, mesh, rank: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "HF_HUB_OFFLINE": "1"})
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from torch.distributed.device_mesh import init_device_mesh
 
     from chaintune.errors import ChaintuneError
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: drop the parent's singletons
-    GradientState._reset_state()
+    join_ranks(rank, world, port)
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world
     mesh = init_device_mesh("cpu", (world,))

@@ -11,12 +11,12 @@ process's, which draws them as the one process does.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import join_ranks
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(
@@ -94,18 +94,12 @@ def _pooled_noise():
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, report: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "HF_HUB_OFFLINE": "1"})
-    from accelerate.state import AcceleratorState, GradientState
     from torch.distributed.fsdp import FSDPModule
 
     from chaintune.training import distributed
     from chaintune.training.align import align_run
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: drop the parent's singletons
-    GradientState._reset_state()
+    join_ranks(rank, world, port)
     distributed.DEFAULT_MIN_PARAMS = MIN_PARAMS
     seen = []
     with _pooled_noise():

@@ -127,13 +127,8 @@ class PretrainObjective(Objective):
         return Evaluation({}, tr.images)
 
 
-class VideoPretrainObjective(Objective):
+class VideoPretrainObjective(PretrainObjective):
     """The flow-matching loss of a pixel-space Wan text-to-video model on procedural clips (moving digits)."""
-
-    command = "pretrain"
-
-    def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
 
     def prepare(self, run: Trainer) -> None:
         from chaintune.backends.wan import WanModel
