@@ -11,6 +11,7 @@ also repeats the step with its slice split into two micro-batches (gradient accu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,19 @@ def one_step(model, params, acc, n_micro: int, lr: float = 1e-2) -> dict:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     opt.step()
     return {"grads": grads, "params": [p.detach().clone() for p in params]}
+
+
+@contextlib.contextmanager
+def noise_from(draw, modules):
+    """Within the block, every estimator module in ``modules`` draws its noise with ``draw(ctx, n)``."""
+    saved = [m.draw_noise for m in modules]
+    for m in modules:
+        m.draw_noise = draw
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved, strict=True):
+            m.draw_noise = f
 
 
 def join_ranks(rank: int, world: int, port: int) -> None:

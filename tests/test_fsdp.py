@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dist_helpers import join_ranks
+from dist_helpers import join_ranks, noise_from
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
@@ -68,15 +68,8 @@ def _pool_noise(pool, offset: list[int]):
         assert s.stop <= N
         return pool[0][s].clone(), [z[s].clone() for z in pool[1]]
 
-    mods = (base, full, reinforce, rlr)
-    saved = [m.draw_noise for m in mods]
-    for m in mods:
-        m.draw_noise = draw
-    try:
+    with noise_from(draw, (base, full, reinforce, rlr)):
         yield
-    finally:
-        for m, f in zip(mods, saved, strict=True):
-            m.draw_noise = f
 
 
 def _step(name: str, rank: int, world: int, acc, mesh=None, gen_seed: int = 7, round_trip: bool = False) -> dict:

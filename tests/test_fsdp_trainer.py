@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import join_ranks
+from dist_helpers import join_ranks, noise_from
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(
@@ -82,15 +82,8 @@ def _pooled_noise():
             zs.append([torch.randn(shape, generator=g) for _ in range(ctx.steps)])
         return torch.cat(xs), [torch.cat([z[s] for z in zs]) for s in range(ctx.steps)]
 
-    mods = (base, full, reinforce, rlr, truncated)
-    saved = [m.draw_noise for m in mods]
-    for m in mods:
-        m.draw_noise = draw
-    try:
+    with noise_from(draw, (base, full, reinforce, rlr, truncated)):
         yield
-    finally:
-        for m, f in zip(mods, saved, strict=True):
-            m.draw_noise = f
 
 
 def _worker(rank: int, world: int, port: int, jobs: list, report: str) -> None:

@@ -111,13 +111,22 @@ class PretrainObjective(Objective):
             if arch.num_classes:
                 labels = self.labels[idx].clone()
                 labels[torch.rand(n, generator=g) < cfg.label_dropout] = arch.num_classes  # the null class
-            xt = add_noise(self.model.scheduler, x0, noise, t)
-            with run.autocast():
-                out = self.model.denoiser(xt, t, class_labels=None if labels is None else labels.to(x0.device)).sample
-            loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
-            loss.backward()
-            total += float(loss.detach()) / cfg.optim.grad_accum
+            cl = None if labels is None else labels.to(x0.device)
+
+            def denoise(x, s, cl=cl):
+                return self.model.denoiser(x, s, class_labels=cl).sample
+
+            total += self.denoising_loss(run, x0, noise, t, denoise) / cfg.optim.grad_accum
         yield cfg.optim.grad_accum, {"loss": total}
+
+    def denoising_loss(self, run: Trainer, x0, noise, t, denoise) -> float:
+        """Backpropagate the denoising loss of ``denoise(x_t, t)`` (the scheduler's target) on one micro-batch."""
+        xt = add_noise(self.model.scheduler, x0, noise, t)
+        with run.autocast():
+            out = denoise(xt, t)
+        loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
+        loss.backward()
+        return float(loss.detach())
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
         from chaintune.sampling import sample
@@ -158,12 +167,9 @@ class VideoPretrainObjective(PretrainObjective):
             rows[torch.rand(n, generator=g) < cfg.label_dropout] = len(self.prompts)  # the empty prompt
             noise = torch.randn(x0.shape, generator=g).to(x0)
             t = (torch.rand(n, generator=g) * arch.num_train_timesteps).to(x0.device)
-            xt = add_noise(self.model.scheduler, x0, noise, t)
-            with run.autocast():
-                out = self.model._call(xt, t, self.table[rows.to(self.table.device)])
-            loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
-            loss.backward()
-            total += float(loss.detach()) / cfg.optim.grad_accum
+            emb = self.table[rows.to(self.table.device)]
+            total += self.denoising_loss(run, x0, noise, t, lambda x, s, emb=emb: self.model._call(x, s, emb)) \
+                / cfg.optim.grad_accum
         yield cfg.optim.grad_accum, {"loss": total}
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
