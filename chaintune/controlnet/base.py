@@ -14,11 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from chaintune.backends.base import Conditions
-from chaintune.chain import add_noise, training_target
 from chaintune.training.config import PretrainConfig
 from chaintune.training.pretrain import PretrainObjective
 from chaintune.training.trainer import Trainer
@@ -29,36 +25,17 @@ __all__ = ["CondPretrainObjective", "pretrain_digits_cond"]
 class CondPretrainObjective(PretrainObjective):
     """``pretrain`` with a class-token ``UNet2DConditionModel`` (what a ControlNet can be built from)."""
 
-    def prepare(self, run: Trainer) -> None:
-        from diffusers import DDPMScheduler
-
+    def build_model(self, arch, scheduler):
         from chaintune.controlnet.pixel import PixelCondModel, build_cond_unet
-        from chaintune.data import load_dataset
 
-        cfg, arch = self.cfg, self.cfg.arch
-        images, self.labels = load_dataset(cfg.dataset, size=arch.resolution)
-        self.x_all = (images * 2 - 1).to(run.device)
-        sched = DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
-                              prediction_type=arch.prediction_type)
-        self.model = PixelCondModel(build_cond_unet(arch).to(run.device), sched, source="pretrain")
+        return PixelCondModel(build_cond_unet(arch), scheduler, source="pretrain")
 
-    def updates(self, run: Trainer, step: int):
-        cfg, g, arch = self.cfg, run.generator, self.cfg.arch
-        n, total = cfg.optim.batch_size, 0.0
-        for _ in range(cfg.optim.grad_accum):
-            idx = torch.randint(0, len(self.x_all), (n,), generator=g)
-            x0 = self.x_all[idx.to(self.x_all.device)]
-            noise = torch.randn(x0.shape, generator=g).to(x0)
-            t = torch.randint(0, arch.num_train_timesteps, (n,), generator=g).to(x0.device)
-            labels = self.labels[idx].clone()
-            labels[torch.rand(n, generator=g) < cfg.label_dropout] = self.model.null_label
-            xt = add_noise(self.model.scheduler, x0, noise, t)
-            with run.autocast():
-                out = self.model.model_output(xt, t, Conditions(labels=labels))
-            loss = F.mse_loss(out.float(), training_target(self.model.scheduler, x0, noise, t).float())
-            loss.backward()
-            total += float(loss.detach()) / cfg.optim.grad_accum
-        yield cfg.optim.grad_accum, {"loss": total}
+    @property
+    def null_label(self) -> int:
+        return self.model.null_label
+
+    def denoise_with(self, labels):
+        return lambda x, t: self.model.model_output(x, t, Conditions(labels=labels))
 
 
 def pretrain_digits_cond(cfg: PretrainConfig, out: str | Path | None = None, **trainer):

@@ -97,7 +97,20 @@ class PretrainObjective(Objective):
         self.x_all = (images * 2 - 1).to(run.device)
         sched = DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
                               prediction_type=arch.prediction_type)
-        self.model = UNetModel(build_unet(arch).to(run.device), sched, source="pretrain")
+        self.model = self.build_model(arch, sched).to(run.device)
+
+    def build_model(self, arch: ArchConfig, scheduler):
+        """The model to train from scratch (a subclass swaps the architecture, e.g. a class-token UNet)."""
+        return UNetModel(build_unet(arch), scheduler, source="pretrain")
+
+    @property
+    def null_label(self) -> int:
+        """The label that stands for "no class" (classifier-free guidance dropout)."""
+        return self.cfg.arch.num_classes
+
+    def denoise_with(self, labels: torch.Tensor | None):
+        """``(x_t, t) -> prediction`` of the trained denoiser for these labels."""
+        return lambda x, t: self.model.denoiser(x, t, class_labels=labels).sample
 
     def updates(self, run: Trainer, step: int):
         cfg, g, arch = self.cfg, run.generator, self.cfg.arch
@@ -110,12 +123,8 @@ class PretrainObjective(Objective):
             labels = None
             if arch.num_classes:
                 labels = self.labels[idx].clone()
-                labels[torch.rand(n, generator=g) < cfg.label_dropout] = arch.num_classes  # the null class
-            cl = None if labels is None else labels.to(x0.device)
-
-            def denoise(x, s, cl=cl):
-                return self.model.denoiser(x, s, class_labels=cl).sample
-
+                labels[torch.rand(n, generator=g) < cfg.label_dropout] = self.null_label
+            denoise = self.denoise_with(None if labels is None else labels.to(x0.device))
             total += self.denoising_loss(run, x0, noise, t, denoise) / cfg.optim.grad_accum
         yield cfg.optim.grad_accum, {"loss": total}
 
