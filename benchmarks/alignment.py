@@ -78,8 +78,12 @@ RANKING: dict[str, dict] = {
     "grpo (batch group)": {"estimator": "grpo"},
     "full-backprop": {"estimator": "full-backprop"},
     "refl": {"estimator": "refl"},
+    "zeroth-order": {"estimator": "zeroth-order"},
 }
 RANKING_QUICK = ["rlr h=1", "ddpo (reinforce)"]
+# Relative cost of a step (measured s/step in the 30-step ranking): the costliest runs start first, so the
+# worker pool does not end on one long run.
+_COST = {"rlr h=2 +ZO": 5, "ddpo (reinforce)": 3, "grpo (batch group)": 2, "full-backprop": 2, "rlr h=2": 1.5}
 
 
 def parse_args(argv: list[str] | None = None):
@@ -97,6 +101,13 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--workers", type=int, default=2, help="--ranking: parallel run processes")
     p.add_argument("--reward", default="digit:5", help="--ranking: training reward")
     p.add_argument("--partial", default=None, help="--ranking: write finished runs here as they come")
+    p.add_argument("--chosen-lrs", default="{}",
+                   help='--ranking: JSON {"method": lr} of LRs chosen by an earlier selection stage; those methods '
+                        "skip stage 1 and run --seeds seeds from --seed at that LR")
+    p.add_argument("--reuse", type=Path, action="append", default=[],
+                   help="--ranking: a --partial file of an earlier, interrupted ranking with the same settings; its "
+                        "runs (method, LR, seed) are taken instead of run again")
+    p.add_argument("--name", default="ranking", help="--ranking: result file stem (NAME.json, NAME.png)")
     a = p.parse_args(argv)
     if a.ranking:
         a.methods = a.methods or ",".join(RANKING)
@@ -105,6 +116,9 @@ def parse_args(argv: list[str] | None = None):
             a.methods, a.lrs, a.seeds = ",".join(RANKING_QUICK), "1e-4", 1
         a.method_list = [m for m in a.methods.split(",") if m]
         a.lr_list = [float(x) for x in a.lrs.split(",") if x]
+        import json
+
+        a.chosen_lr_map = {m: float(v) for m, v in json.loads(a.chosen_lrs).items() if m in a.method_list}
         bad = [m for m in a.method_list if m not in RANKING]
         if bad:
             p.error(f"unknown methods {bad}; choose from {list(RANKING)}")
@@ -363,6 +377,19 @@ def _final(run: dict, key: str) -> float:
     return run["evals"][-1].get(key, float("nan")) if run.get("evals") else float("nan")
 
 
+def _delivered(run: dict) -> dict:
+    """The evaluation whose weights the run saves as its model: the best held-out reward (``final_model best``,
+    the default; with ``last`` the final one)."""
+    evals = [e for e in run.get("evals", []) if "eval/heldout_reward" in e]
+    if not evals or run.get("config", {}).get("final_model") == "last":
+        return run["evals"][-1] if run.get("evals") else {}
+    return max(evals, key=lambda e: e["eval/heldout_reward"])
+
+
+def _by_cost(jobs: list[tuple]) -> list[tuple]:
+    return sorted(jobs, key=lambda j: -_COST.get(j[1], 1))
+
+
 def _interp(run: dict, t: float, key: str = "eval/reward") -> float:
     pts = [(e["train_seconds"], e.get(key, float("nan"))) for e in run.get("evals", [])]
     if not pts:
@@ -376,20 +403,30 @@ def _interp(run: dict, t: float, key: str = "eval/reward") -> float:
 
 
 def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
+    import json
     import multiprocessing as mp
 
+    done = {(r["method"], r["lr"], r["seed"]): r for f in getattr(args, "reuse", []) for r in json.loads(f.read_text())
+            if r.get("evals")}
+    reused = [done[(j[1], j[2], j[3])] for j in jobs if (j[1], j[2], j[3]) in done]
+    jobs = [j for j in jobs if (j[1], j[2], j[3]) not in done]
+    if reused:
+        C.log(f"  reused {len(reused)} finished runs, {len(jobs)} to run")
+    if not jobs:
+        return reused
     if args.workers <= 1:
-        return [_ranking_run(j) for j in jobs]
+        return reused + [_ranking_run(j) for j in jobs]
     with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
-        out = []
+        out = list(reused)
         for r in pool.imap_unordered(_ranking_run, jobs):
             C.log(f"  {r['method']:20s} lr {r['lr']:g} seed {r['seed']}: "
                   + (r["error"] if "error" in r else
                      f"share {_final(r, 'eval/class_share'):.0%}  nn {_final(r, 'eval/nn_distance'):.3f}  "
                      f"{r['wall_seconds']:.0f}s"))
             out.append(r)
-            if getattr(args, "partial", None):
-                C.write_json(Path(args.partial), out)
+            if getattr(args, "partial", None):  # every finished run of this ranking so far, every stage
+                args.finished = [*getattr(args, "finished", []), r]
+                C.write_json(Path(args.partial), [*done.values(), *args.finished])
     return out
 
 
@@ -400,23 +437,28 @@ def ranking_main(args) -> dict:
         def job(label, lr, seed):
             return (args, label, lr, seed, str(Path(tmp) / f"{label.replace(' ', '_')}-{lr:g}-{seed}"))
 
-        C.log(f"stage 1: LR selection ({len(args.method_list)} methods x {len(args.lr_list)} LRs, seed {args.seed})")
-        stage1 = _run_parallel(args, [job(m, lr, args.seed) for m in args.method_list for lr in args.lr_list])
+        select = [m for m in args.method_list if m not in args.chosen_lr_map]
+        C.log(f"stage 1: LR selection ({len(select)} methods x {len(args.lr_list)} LRs, seed {args.seed}); "
+              f"LRs given: {args.chosen_lr_map}")
+        stage1 = _run_parallel(args, _by_cost([job(m, lr, args.seed) for m in select for lr in args.lr_list]))
         ok = [r for r in stage1 if r.get("evals")]
-        base_nn = statistics.median(r["evals"][0]["eval/nn_distance"] for r in ok
-                                    if "eval/nn_distance" in r["evals"][0]) if ok else float("nan")
-        chosen: dict[str, float] = {}
-        for m in args.method_list:
+        chosen: dict[str, float] = dict(args.chosen_lr_map)
+        for m in select:
             cands = [r for r in ok if r["method"] == m]
             if not cands:
                 continue
-            real = [r for r in cands if _final(r, "eval/nn_distance") <= tol * base_nn]
+            base = cands[0]["evals"][0].get("eval/nn_distance", float("nan"))  # step 0: the base model
+            real = [r for r in cands if _final(r, "eval/nn_distance") <= tol * base]
             pick = (max(real, key=lambda r: (_final(r, "eval/class_share"), _final(r, "eval/reward"))) if real
                     else min(cands, key=lambda r: _final(r, "eval/nn_distance")))
             chosen[m] = pick["lr"]
         C.log(f"chosen LRs: {chosen}")
-        seeds = [args.seed + i for i in range(1, args.seeds)]
-        stage2 = _run_parallel(args, [job(m, chosen[m], s) for m in chosen for s in seeds]) if seeds else []
+        jobs = [job(m, chosen[m], args.seed + i) for m in chosen for i in range(args.seeds)
+                if m in args.chosen_lr_map or i > 0]  # stage 1 already ran the first seed of the selected ones
+        stage2 = _run_parallel(args, _by_cost(jobs)) if jobs else []
+    done = [r for r in stage1 + stage2 if r.get("evals")]
+    base_nn = statistics.median(r["evals"][0]["eval/nn_distance"] for r in done
+                                if "eval/nn_distance" in r["evals"][0]) if done else float("nan")
     final_runs = {m: [r for r in stage1 + stage2 if r["method"] == m and r["lr"] == chosen[m] and r.get("evals")]
                   for m in chosen}
     t_common = min((r["evals"][-1]["train_seconds"] for rs in final_runs.values() for r in rs), default=float("nan"))
@@ -434,9 +476,14 @@ def ranking_main(args) -> dict:
         rew = ms([_final(r, "eval/reward") for r in rs])
         rew_t = ms([_interp(r, t_common) for r in rs])
         share_t = ms([_interp(r, t_common, "eval/class_share") for r in rs])
+        kept = ms([_delivered(r).get("eval/class_share", float("nan")) for r in rs])
+        kept_nn = ms([_delivered(r).get("eval/nn_distance", float("nan")) / base_nn for r in rs])
         rows.append({"method": m, "lr": chosen[m], "seeds": len(rs), "share": share[0], "share_std": share[1],
                      "nn_ratio": nn[0], "reward": rew[0], "reward_std": rew[1], "reward_at_t": rew_t[0],
                      "reward_at_t_std": rew_t[1], "share_at_t": share_t[0],
+                     "delivered_share": kept[0], "delivered_share_std": kept[1], "delivered_nn_ratio": kept_nn[0],
+                     "per_seed_share": [_final(r, "eval/class_share") for r in rs],
+                     "per_seed_delivered": [_delivered(r).get("eval/class_share") for r in rs],
                      "sec_per_step": statistics.median(r["sec_per_step"] for r in rs)})
     rows.sort(key=lambda r: -r["share"] if r["share"] == r["share"] else 1.0)
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "machine": C.machine(),
@@ -444,8 +491,8 @@ def ranking_main(args) -> dict:
               "common_seconds": t_common, "table": rows, "stage1": stage1, "stage2": stage2,
               "failed": [r for r in stage1 + stage2 if "error" in r], "seconds": round(time.time() - t_start, 1)}
     out = C.out_dir(args)
-    C.write_json(out / "ranking.json", result)
-    plot_ranking(result, final_runs, out / "ranking.png")
+    C.write_json(out / f"{args.name}.json", result)
+    plot_ranking(result, final_runs, out / f"{args.name}.png")
     print_ranking(result)
     return result
 
@@ -455,6 +502,7 @@ def print_ranking(result: dict) -> None:
     cols = [("method", "method", "s"), ("lr", "LR", "g"), ("seeds", "seeds", "d"), ("share", "share", ".1%"),
             ("share_std", "±std", ".1%"), ("nn_ratio", "nn/base", ".2f"), ("reward", "reward@end", ".3f"),
             ("reward_at_t", f"reward@{result['common_seconds']:.0f}s", ".3f"), ("share_at_t", "share@t", ".1%"),
+            ("delivered_share", "kept", ".1%"), ("delivered_nn_ratio", "kept nn", ".2f"),
             ("sec_per_step", "s/step", ".2f")]
     print()
     print(C.table(result["table"], cols, title=(

@@ -105,7 +105,11 @@ FAMILIES: dict[str, dict] = {
                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
                    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)},
         "cond": {"text": (512, 4096), "pooled": 768}, "latent": (16, 128), "cpu_latent": 8, "scheduler": "flow",
-        "cpu_overrides": {"num_layers": 2, "num_single_layers": 4},  # 12B params do not fit 16 GiB in bf16
+        # 11.9B params = 22.2 GiB in bf16, no room on a 16-24 GiB CPU box: the published width (3072 = 24 heads
+        # x 128) at 2 of 19 double-stream and 4 of 38 single-stream blocks, the published 1:2 ratio, so the
+        # blocks' share scales to full depth by one factor (9.5)
+        "cpu_overrides": {"num_layers": 2, "num_single_layers": 4},
+        "depth_keys": {"num_layers": "double-stream", "num_single_layers": "single-stream"},
         "cpu_cond": {"text": (64, 4096), "pooled": 768},
         "quick": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
                   "joint_attention_dim": 16, "pooled_projection_dim": 8, "axes_dims_rope": (2, 2, 4),
@@ -239,10 +243,17 @@ def build(family: str, mode: str, dtype: torch.dtype, latent=None, seed: int = 0
     info = {"family": family, "name": spec["name"], "source": spec["source"], "mode": mode,
             "config_changes": {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items()},
             "depth_reduced": bool(mode == "cpu" and spec.get("cpu_overrides")),
+            "depth": _depth(spec, changed) if mode == "cpu" and spec.get("cpu_overrides") else None,
             "latent_shape": list(latent_shape), "conditioning": {k: list(v) if isinstance(v, tuple) else v
                                                                  for k, v in cond.items()},
             "parameters": sum(p.numel() for p in net.parameters()), "dtype": str(dtype).replace("torch.", "")}
     return StandIn(family, net, _scheduler(spec["scheduler"]), latent_shape, call, spec["source"]), info
+
+
+def _depth(spec: dict, changed: dict) -> str:
+    """'2 of 19 double-stream + 4 of 38 single-stream blocks': the blocks built against the published count."""
+    return " + ".join(f"{changed[k]} of {spec['config'][k]} {name}" for k, name in spec.get("depth_keys", {}).items()
+                      if k in changed) + " blocks"
 
 
 def _caller(family: str, net, cond: dict, rnd, dtype) -> Callable:
@@ -375,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     max_bytes = int(args.max_gib * 2**30)
 
     # the timeouts of every invocation that measured rows (--resume/--merge runs add theirs)
-    timeouts = set(old.get("config", {}).get("timeouts_s", [])) | ({args.timeout} if args.family_list else set())
+    timeout = int(args.timeout) if float(args.timeout).is_integer() else args.timeout
+    timeouts = set(old.get("config", {}).get("timeouts_s", [])) | ({timeout} if args.family_list else set())
 
     def save() -> dict:
         result = {"config": {"families": sorted({r["family"] for r in rows}), "steps": sorted({r["T"] for r in rows}),
@@ -404,14 +416,18 @@ def main(argv: list[str] | None = None) -> dict:
             info["build_seconds"] = round(time.time() - t0, 1)
             C.log(f"  {info['parameters'] / 1e6:.0f}M parameters, latents {info['latent_shape']} "
                   f"({info['build_seconds']} s)"
-                  + (f" - REDUCED DEPTH {info['config_changes']}" if info["depth_reduced"] else ""))
+                  + (f" - REDUCED DEPTH: {info['depth']}" if info["depth_reduced"] else ""))
             if peft == "lora":
                 apply_lora(m.denoiser, rank=4)
             else:
                 m.denoiser.requires_grad_(True)
             trainable = sum(p.numel() for p in m.denoiser.parameters() if p.requires_grad)
+            planner = _planner_view(m, args, max_bytes)
+            if "h_star" in planner:  # a --resume run at other T keeps the h* of the earlier ones
+                planner["h_star"] = {**models.get(f"{family}/{peft}", {}).get("planner", {}).get("h_star", {}),
+                                     **planner["h_star"]}
             models[f"{family}/{peft}"] = {**info, "peft": peft, "trainable_parameters": trainable,
-                                          "planner": _planner_view(m, args, max_bytes)}
+                                          "planner": planner}
             # warm-up in this process (lazy initialisations), so children measure only the estimate
             chaintune.estimate_gradient(m, reward, "rlr", n=1, steps=2, eta=1.0, h=1,
                                         generator=torch.Generator().manual_seed(0))
@@ -500,7 +516,7 @@ def print_table(result: dict) -> None:
             table_rows.append(row)
         cols = [("method", "method", "s")] + [(f"m{T}", f"T={T} MiB", ".0f") for T in Ts] + [
             (f"r{T}", f"T={T} x", ".1f") for T in Ts]
-        reduced = f", REDUCED DEPTH {info['config_changes']}" if info.get("depth_reduced") else ""
+        reduced = f", REDUCED DEPTH: {info.get('depth') or info['config_changes']}" if info.get("depth_reduced") else ""
         print()
         print(C.table(table_rows, cols, title=(
             f"{info['name']} ({info['parameters'] / 1e6:.0f}M params{reduced}), {peft} "
@@ -514,9 +530,13 @@ def plot(result: dict, path: Path) -> None:
     fams = list(dict.fromkeys(r["family"] for r in result["rows"]))
     if not fams:
         return
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), squeeze=False)
+    ncols = min(3, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(fams):]:
+        ax.set_visible(False)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, fam in zip(axes[0], fams, strict=True):
+    for ax, fam in zip(axes.flat, fams, strict=False):
         for peft, style in (("lora", "o-"), ("full", "s--")):
             for m in METHODS:
                 pts = sorted((r["T"], r["peak_mib"]) for r in result["rows"]
@@ -527,7 +547,8 @@ def plot(result: dict, path: Path) -> None:
         info = result["models"].get(f"{fam}/lora") or result["models"].get(f"{fam}/full") or {}
         title = f"{info.get('name', fam)}\nlatents {info.get('latent_shape')}, {info.get('dtype', '')}"
         if info.get("depth_reduced"):
-            title += ", REDUCED DEPTH"
+            depth = (info.get("depth") or str(info.get("config_changes"))).replace(" of ", "/").replace("-stream", "")
+            title += f"\nREDUCED DEPTH: {depth}"
         ax.set(xlabel="sampling steps T", ylabel="peak extra memory (MiB)", title=title)
         ax.set_yscale("log")
         ax.legend(fontsize=6, ncol=2)

@@ -170,6 +170,8 @@ HIGHER_IS_BETTER = ("reward", "class_share", "diversity", "accuracy")
 def metric_direction(key: str) -> int:
     """+1 when a larger value is better, -1 when a smaller one is, 0 when neither (lr, time, grad_norm)."""
     name = key.rsplit("/", 1)[-1]
+    if name.endswith(("_se", "_std")):  # the spread of a metric is neither good nor bad
+        return 0
     if any(k in name for k in LOWER_IS_BETTER):
         return -1
     if any(k in name for k in HIGHER_IS_BETTER):

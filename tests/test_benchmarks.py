@@ -52,6 +52,34 @@ def test_alignment_quick(tmp_path):
     assert {"levels", "samples", "base_reward"} <= set(res["reach"])
 
 
+def test_ranking_quick_with_given_lrs_and_black_box_reward(tmp_path):
+    """--ranking: a method with a given LR skips the selection stage; the kept (best held-out) evaluation is
+    reported beside the final one; the black-box reward runs with the likelihood-ratio estimators."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment.py"), "--ranking", "--quick",
+                           "--out", str(tmp_path), "--reward", "digit-blackbox:5", "--name", "bb",
+                           "--chosen-lrs", '{"ddpo (reinforce)": 3e-4}'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bb.json").read_text())
+    assert (tmp_path / "bb.png").stat().st_size > 1000
+    assert res["chosen_lr"] == {"ddpo (reinforce)": 3e-4, "rlr h=1": 1e-4}
+    assert [r["method"] for r in res["stage1"]] == ["rlr h=1"]  # ddpo's LR was given
+    assert not res["failed"]
+    for row in res["table"]:
+        assert {"share", "delivered_share", "delivered_nn_ratio", "per_seed_share", "reward_at_t"} <= set(row)
+
+
+def test_guard_quick(tmp_path):
+    """The guard replayed on stored guard-off curves: more patience, fewer false alarms, never fewer catches."""
+    res = _run("guard", tmp_path)
+    rows = {r["patience"]: r for r in res["table"]}
+    assert set(rows) == {1, 2, 3}
+    assert rows[1]["false_alarms"] >= rows[2]["false_alarms"] >= rows[3]["false_alarms"]
+    assert rows[1]["caught"] >= rows[2]["caught"] >= rows[3]["caught"]
+    assert rows[2]["missed"] == 0  # the default patience still catches every run that ends hacked
+
+
 def test_memory_quick(tmp_path):
     res = _run("memory", tmp_path)
     assert {"config", "machine", "rows", "growth_mib_per_step"} <= set(res)

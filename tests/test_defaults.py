@@ -2,9 +2,10 @@
 
 The defaults were chosen by ``benchmarks/defaults.py`` (docs/results.md, "Defaults"). Each test runs the
 CLI with nothing that changes training (``--reward digit:K --out DIR``, plus no tensorboard and no
-progress bar) and judges the FINAL evaluation: at least 80% of the samples must be the target digit by
-the held-out classifier (a judge training never saw) and their distance to the nearest real digit must
-stay within 1.3x the base model's (reward hacking drives it towards noise's ~3.5x).
+progress bar) and judges the model the run delivers (``OUT``: by default the kept best evaluation) on 128
+fresh seeds: at least 80% of the samples must be the target digit by the held-out classifier (a judge
+training never saw) and their distance to the nearest real digit must stay within 1.3x the base model's on
+the same seeds (reward hacking drives it towards noise's ~3.5x).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_SHARE, MAX_NN_RATIO = 0.8, 1.3
+JUDGE_SAMPLES = 128
 
 
 def _env() -> dict:
@@ -26,22 +28,39 @@ def _env() -> dict:
                 MPLBACKEND="Agg")
 
 
-def _align_with_defaults(digit: int, out: Path) -> tuple[dict, dict]:
+def _align_with_defaults(digit: int, out: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "chaintune.cli.main", "align", "--reward", f"digit:{digit}",
                            "--out", str(out), "--no-tensorboard", "--no-progress"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if "eval/class_share" in r]
-    assert evals[0]["step"] == 0 and len(evals) >= 2
-    return evals[0], evals[-1]
+
+
+def _judge(model_id: str | Path, digit: int) -> dict:
+    """The held-out classifier's share of ``digit`` and the nn-distance of 128 samples on fresh seeds (20000+: the
+    run's evaluations, which chose the kept model, used 10000+), the default 20-step DDIM chain at eta 1."""
+    import torch
+
+    import chaintune
+    from chaintune.rewards.evaluation import digit_metrics
+    from chaintune.sampling import chain_scheduler, sample
+
+    torch.set_num_threads(1)
+    model = chaintune.load(model_id, device="cpu")
+    with torch.no_grad():
+        images = sample(model, JUDGE_SAMPLES, steps=20, eta=1.0, generator=torch.Generator().manual_seed(20_000),
+                        scheduler=chain_scheduler(model, "ddim")).images
+    return digit_metrics(images, digit)
 
 
 def _check(digit: int, tmp_path: Path) -> None:
-    first, final = _align_with_defaults(digit, tmp_path / f"digit{digit}")
-    share, ratio = final["eval/class_share"], final["eval/nn_distance"] / first["eval/nn_distance"]
-    msg = (f"digit:{digit} with defaults: share {first['eval/class_share']:.0%} -> {share:.0%}, nn-distance "
-           f"{first['eval/nn_distance']:.3f} -> {final['eval/nn_distance']:.3f} (x{ratio:.2f})")
+    """What the user gets is the run's model (OUT, the kept best evaluation by default): judge that."""
+    out = tmp_path / f"digit{digit}"
+    _align_with_defaults(digit, out)
+    base, tuned = _judge("builtin:digits", digit), _judge(out, digit)
+    share, ratio = tuned["class_share"], tuned["nn_distance"] / base["nn_distance"]
+    msg = (f"digit:{digit} with defaults: share {base['class_share']:.0%} -> {share:.0%}, nn-distance "
+           f"{base['nn_distance']:.3f} -> {tuned['nn_distance']:.3f} (x{ratio:.2f})")
+    print(msg)
     assert share >= MIN_SHARE, msg
     assert ratio <= MAX_NN_RATIO, msg
 

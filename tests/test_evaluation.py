@@ -40,11 +40,16 @@ def _hand_nn_distance(x: torch.Tensor) -> float:
 
 def test_digit_k_matches_hand_computation(images):
     row = reward_evaluation("digit:3")(images)
-    assert list(row) == ["eval/reward", "eval/diversity", "eval/heldout_reward", "eval/class_share",
-                         "eval/nn_distance"]
+    assert list(row) == ["eval/reward", "eval/diversity", "eval/heldout_reward", "eval/heldout_reward_se",
+                         "eval/class_share", "eval/nn_distance"]
     with torch.no_grad():
         reward = float(DigitReward(3)(images).mean())
-        heldout = float(DigitReward(3, "digits-mlp", "digit-heldout")(images).mean())
+        per_image = DigitReward(3, "digits-mlp", "digit-heldout")(images)
+        heldout = float(per_image.mean())
+    n = len(per_image)  # the standard error from its definition: sqrt(sum (x - mean)^2 / (n - 1) / n)
+    se = float(((per_image - per_image.mean()) ** 2).sum() / (n - 1) / n) ** 0.5
+    assert row["eval/heldout_reward_se"] == pytest.approx(se, rel=1e-5)
+    with torch.no_grad():
         share = float((load_classifier("digits-mlp")(images).argmax(1) == 3).float().mean())
     assert row["eval/reward"] == pytest.approx(reward, abs=1e-6)
     assert row["eval/heldout_reward"] == pytest.approx(heldout, abs=1e-6)
@@ -126,6 +131,7 @@ def test_a_plugin_family_declares_its_evaluation(images):
         row = reward_evaluation("test-bright")(images)
     finally:
         _REGISTRY.pop("test-bright")
-    assert set(row) == {"eval/reward", "eval/diversity", "eval/heldout_reward", "eval/dark_share"}
+    assert set(row) == {"eval/reward", "eval/diversity", "eval/heldout_reward", "eval/heldout_reward_se",
+                        "eval/dark_share"}
     assert math.isfinite(row["eval/dark_share"])
 

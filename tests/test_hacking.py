@@ -22,6 +22,8 @@ def test_a_hacking_run_is_stopped_and_keeps_its_pre_hack_best(tmp_path):
     info = json.loads((tmp_path / "h" / "chaintune_run.json").read_text())
     events = info["hacking"]
     assert events and events[-1]["action"].startswith("stopped")
+    # the default patience (2): the first alarm only warns, the next one in a row acts
+    assert events[0]["action"].startswith("watching") and events[1]["step"] == events[0]["step"] + 5
     assert res.final["step"] < 60  # stopped early
     best = json.loads((tmp_path / "h" / "best" / "chaintune_run.json").read_text())
     assert best["step"] < events[0]["step"]  # the best evaluation is from before the hack
@@ -42,11 +44,30 @@ def test_a_hacking_run_is_stopped_and_keeps_its_pre_hack_best(tmp_path):
 def test_rollback_halves_the_lr_then_stops(tmp_path):
     res = align_run(AlignConfig.from_dict({**HACKING, "lr": 1e-3, "max_rollbacks": 1, "report": False,
                                            "out": str(tmp_path / "r")}))
-    actions = [e["action"] for e in json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["hacking"]]
+    actions = [e["action"] for e in json.loads((tmp_path / "r" / "chaintune_run.json").read_text())["hacking"]
+               if not e["action"].startswith("watching")]
     assert actions[0].startswith("rolled back") and actions[-1].startswith("stopped")
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert min(r["lr"] for r in rows) == 0.5e-3  # after the rollback
     assert res.final["step"] < 60
+
+
+def test_patience_acts_only_on_alarms_in_a_row():
+    """hacking_patience = 2: an alarm followed by a clean evaluation never acts; two in a row do."""
+    from types import SimpleNamespace
+
+    from chaintune.training.trainer import Evaluation, Trainer
+
+    lines: list[str] = []
+    t = SimpleNamespace(objective=SimpleNamespace(on_alarm="stop", max_rollbacks=0, alarm_patience=2), state={},
+                        best={"step": 5}, log_line=lines.append)
+    verdicts = []
+    for alarm in ["nn 1.4x", None, "nn 1.4x", "nn 1.5x"]:
+        t._last_evaluation = Evaluation(metrics={}, alarm=alarm)
+        verdicts.append(Trainer._act_on_alarm(t, 10))
+    assert verdicts == [False, False, False, True]
+    assert [e["action"].split(":")[0] for e in t.state["hacking"]] == ["watching", "watching", "stopped; the best "
+                                                                       "evaluation (step 5) is kept"]
 
 
 def test_guard_rules_on_hand_made_evaluations():
@@ -59,6 +80,19 @@ def test_guard_rules_on_hand_made_evaluations():
     # held-out falls by more than half its gain (-4 -> -2) while the training reward rises: hacking
     assert "held-out reward fell" in g.alarm({**base, "eval/reward": -1.0, "eval/heldout_reward": -3.1})
     assert g.alarm({**base, "eval/reward": -2.5, "eval/heldout_reward": -2.9}) is None  # both fell: not hacking
+
+
+def test_a_heldout_fall_within_sampling_noise_is_no_alarm():
+    """Rule (3) needs the fall to exceed twice the standard error of the difference of the two means as well."""
+    base = {"eval/reward": -6.5, "eval/heldout_reward": -5.62, "eval/diversity": 0.3, "eval/nn_distance": 0.12,
+            "eval/heldout_reward_se": 0.06}
+    for se, alarmed in ((0.06, False), (0.005, True)):
+        g = HackingGuard(1.3, 0.5)
+        g.alarm(base)
+        g.alarm({**base, "eval/reward": -6.3, "eval/heldout_reward": -5.58, "eval/heldout_reward_se": se})  # best
+        # held-out 0.03 below its best (more than half its 0.04 gain), training reward higher: noise at se 0.06
+        got = g.alarm({**base, "eval/reward": -6.08, "eval/heldout_reward": -5.61, "eval/heldout_reward_se": se})
+        assert (got is not None) == alarmed, (se, got)
 
 
 def test_generic_realism_is_the_distance_to_base_samples():

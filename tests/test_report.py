@@ -97,3 +97,13 @@ def test_cli_report(run_dir, tmp_path, capsys):
         assert exc.value.code != 0
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+
+
+def test_metric_directions_colour_hacking_red():
+    """A rising nn-distance (hacking) is bad, a rising share good; spreads and bookkeeping are neither."""
+    from chaintune.report import metric_direction
+
+    assert metric_direction("eval/nn_distance") == -1 and metric_direction("eval/fid") == -1
+    assert metric_direction("eval/class_share") == 1 and metric_direction("eval/heldout_reward") == 1
+    assert metric_direction("eval/heldout_reward_se") == 0 and metric_direction("reward_std") == 0
+    assert metric_direction("lr") == 0 and metric_direction("grad_norm") == 0

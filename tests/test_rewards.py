@@ -67,6 +67,23 @@ def test_digit_reward_gradient_matches_finite_differences(digits):
     assert r.differentiable and not isinstance(r, torch.nn.Module)
 
 
+def test_digit_blackbox_is_digit_on_the_saved_8_bit_image_without_gradient(digits):
+    """digit-blackbox:K = digit:K of the image rounded to 256 levels (an independent rounding here), no gradient,
+    judged by the same held-out twin; pathwise estimators refuse it."""
+    from chaintune.rewards.evaluation import heldout_spec
+
+    x, _ = digits
+    img = (x[:8] * 0.9 + 0.05 + 0.001 * torch.rand(x[:8].shape, generator=torch.Generator().manual_seed(0)))
+    img.requires_grad_(True)
+    bb = get_reward("digit-blackbox:4")
+    v = bb(img)
+    assert not bb.differentiable and not v.requires_grad
+    rounded = torch.from_numpy((img.detach().numpy() * 255 + 0.5).astype("uint8").astype("float32") / 255)
+    torch.testing.assert_close(v, get_reward("digit:4")(rounded), rtol=0, atol=1e-6)
+    assert not torch.equal(v, get_reward("digit:4")(img.detach()))  # the rounding is really applied
+    assert heldout_spec("digit-blackbox:4") == "digit-heldout:4"
+
+
 def test_jpeg_rewards_noise_is_less_compressible_than_flat():
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(2, 3, 64, 64, generator=g)

@@ -186,3 +186,32 @@ def test_aligning_the_video_model_to_faster_motion_raises_the_heldout_motion_jud
     before, after = rows[0], rows[-1]
     assert after["eval/reward"] > before["eval/reward"] + 0.05
     assert after["eval/heldout_reward"] > before["eval/heldout_reward"] + 0.02
+
+
+def test_sample_without_a_prompt_uses_the_models_default_prompts(pixel_wan, tmp_path):
+    """`chaintune sample` on a prompt model without --prompt samples its shipped prompts in order (as align trains
+    on them), not the empty prompt: the PNGs equal a Python sample with those prompts, seed for seed."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from chaintune.cli.main import app
+
+    pixel_wan.save(tmp_path / "m")
+    res = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "m"), "--num", "3", "--steps", "3",
+                                   "--eta", "0", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "default prompts (builtin:moving-digits, 80)" in res.output
+    model = chaintune.load(tmp_path / "m", device="cpu")
+    want = chaintune.sample(model, 3, steps=3, eta=0.0, prompts=all_prompts()[:3], scheduler="ddim",
+                            generator=torch.Generator().manual_seed(0)).images
+    empty = chaintune.sample(model, 3, steps=3, eta=0.0, prompts="", scheduler="ddim",
+                             generator=torch.Generator().manual_seed(0)).images
+    from chaintune.utils.images import save_images
+
+    save_images(want, tmp_path / "want")
+    for i in range(3):
+        got, ref = (np.asarray(Image.open(d / f"sample_{i:04d}.png")).astype(int) for d in (tmp_path / "s",
+                                                                                              tmp_path / "want"))
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1, i
+    assert not torch.allclose(want, empty)  # the prompt matters, so the check above could fail

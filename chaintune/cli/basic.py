@@ -63,14 +63,28 @@ def register(app: typer.Typer) -> None:
         m = chaintune.load(model, device=dev, allow_pickle=allow_pickle, video_shape=video_shape)
         apply_thread_policy(m)  # 1 thread for small models, the free cores for big ones (benchmarks/threads.py)
         _check_conditions(m, label=label, prompt=prompt, steps=steps)
+        prompts = prompt if prompt is not None else _default_prompts(m, num)
         t0 = time.time()
         traj = chaintune.sample(m, num, steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed),
-                                labels=label, prompts=prompt, guidance_scale=guidance_scale,
+                                labels=label, prompts=prompts, guidance_scale=guidance_scale,
                                 scheduler=scheduler, batch_size=batch_size)
         dt = time.time() - t0
         save_images(traj.images, out)  # one atomic write per file: never a half-written PNG
         grid = save_grid(traj.images, out / "grid.png")
         typer.echo(f"wrote {num} samples to {out}/ and {grid} ({dt:.1f}s, {steps} steps)")
+
+
+def _default_prompts(m, num: int) -> list[str] | None:
+    """Without --prompt, a prompt model samples the prompts it ships (``default_prompts``, as align trains on),
+    in order and repeated; the empty prompt only when it ships none."""
+    source = getattr(m, "default_prompts", None)
+    if not m.takes_prompts or not source:
+        return None
+    from chaintune.prompts import load_prompts
+
+    pool = load_prompts(source).prompts
+    typer.echo(f"prompts: the model's default prompts ({source}, {len(pool)}); choose one with --prompt")
+    return [pool[i % len(pool)] for i in range(num)]
 
 
 def _check_sample_options(*, num: int, steps: int, eta: float, scheduler: str, batch_size: int,

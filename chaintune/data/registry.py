@@ -11,6 +11,14 @@
   a class-split transfer benchmark pretrains on ``digits-0to4:train`` and adapts to
   ``digits-fewshot-5to9:K``, evaluated on ``digits-5to9:test``);
 * a path to a folder of images (optional class subfolders).
+
+Video models ask :func:`resolve_video` instead, with their ``(frames, channels, height, width)``:
+
+* ``moving-digits`` / ``moving-digits:train`` / ``moving-digits:test`` — one procedural clip per digit
+  image of the fixed split (:mod:`chaintune.data.moving`), with a seeded motion and its prompt;
+* a path to a folder of clips (:mod:`chaintune.data.video_folder`).
+
+Clips come back as :class:`LabelledData`: the ``(videos, labels)`` pair that also carries the prompts.
 """
 
 from __future__ import annotations
@@ -26,6 +34,37 @@ FEWSHOT_SEED = 0
 DATASET_IDS = ("digits", "digits:train", "digits:test", "glyphs", "glyphs:train", "glyphs:test", "digits-fewshot:K",
                "digits-AtoB:train", "digits-AtoB:test", "digits-fewshot-AtoB:K")
 CLASS_RANGE = re.compile(r"^(digits|digits-fewshot)-(\d)to(\d)$")
+VIDEO_DATASET_IDS = ("moving-digits", "moving-digits:train", "moving-digits:test")
+MOVING_DIGITS_SEED = 0
+"""Seed of the motions of ``moving-digits:SPLIT`` (fixed: a split is the same clips in every run)."""
+
+
+class LabelledData(tuple):
+    """``(x, labels)`` that also names its labels; still unpacks as a pair, so image callers are unchanged.
+
+    Why: a text model trains each clip on its own prompt, but transfer's data path carries only integer
+    labels. ``classes[i]`` names label i: a class subfolder, or with ``prompted`` the prompt of every sample
+    labelled i (transfer's ``--prompt`` template then defaults to ``{label}``: each sample its own prompt).
+    """
+
+    classes: list[str] | None
+    prompted: bool
+
+    def __new__(cls, x: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,
+                prompted: bool = False) -> LabelledData:
+        self = super().__new__(cls, (x, labels))
+        self.classes, self.prompted = classes, prompted
+        return self
+
+    def __getnewargs__(self) -> tuple:  # pickling and copy.copy rebuild through __new__
+        return (*self, self.classes, self.prompted)
+
+    @classmethod
+    def from_prompts(cls, x: torch.Tensor, prompts: list[str]) -> LabelledData:
+        """One prompt per sample -> labels indexing the distinct prompts (in order of first use)."""
+        index: dict[str, int] = {}
+        labels = torch.tensor([index.setdefault(p, len(index)) for p in prompts], dtype=torch.long)
+        return cls(x, labels, list(index), prompted=True)
 
 
 def fewshot_indices(labels: torch.Tensor, k: int, seed: int = FEWSHOT_SEED) -> torch.Tensor:
@@ -82,6 +121,8 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         return glyph_images(arg or "all", size=size)
     if base == "digits-fewshot":
         return _fewshot(name, arg, size)
+    if base == "moving-digits":
+        raise ChaintuneError(f"{name!r} holds video clips; use it with a video model such as builtin:moving-digits")
     path = Path(name).expanduser()
     if path.is_dir():
         from chaintune.data.folder import load_folder
@@ -92,3 +133,50 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     from chaintune.errors import unknown_name
 
     raise unknown_name("dataset (and no such folder)", name, DATASET_IDS)
+
+
+def _is_image_id(base: str) -> bool:
+    return base in ("digits", "digits-fewshot", "glyphs") or CLASS_RANGE.match(base) is not None
+
+
+def _moving_digits(name: str, split: str, shape: tuple[int, int, int, int]) -> LabelledData:
+    """One clip per digit image of the split, moving as a seeded random prompt says, at the model's frames and
+    square size (as ``chaintune pretrain`` renders them for ``builtin:moving-digits``)."""
+    from chaintune.data.digits import digits_split
+    from chaintune.data.moving import DIRECTIONS, SPEEDS, Motion, render
+
+    if split not in ("", "train", "test", "all"):
+        raise ChaintuneError(f"unknown split {split!r} for moving-digits; use moving-digits:train or "
+                             "moving-digits:test")
+    frames, _, height, width = shape
+    if height != width:
+        raise ChaintuneError(f"{name!r} renders square clips; this model samples {height}x{width} frames")
+    images, digits = digits_split(split or "all")
+    g = torch.Generator().manual_seed(MOVING_DIGITS_SEED)
+    directions, speeds = list(DIRECTIONS), list(SPEEDS.values())
+    d = torch.randint(len(directions), (len(digits),), generator=g).tolist()
+    s = torch.randint(len(speeds), (len(digits),), generator=g).tolist()
+    motions = [Motion(int(k), directions[i], speeds[j]) for k, i, j in zip(digits.tolist(), d, s, strict=True)]
+    clips = render(images, motions, frames=frames, canvas=height, generator=g)
+    return LabelledData.from_prompts(clips, [m.prompt for m in motions])
+
+
+def resolve_video(name: str, shape: tuple[int, int, int, int]) -> LabelledData:
+    """Clips ``[N, F, C, H, W]`` in [0, 1] at a video model's ``shape`` = (frames, channels, height, width), with
+    their labels and prompts (see module docstring); image ids are refused with the video ones to use."""
+    base, _, arg = name.partition(":")
+    if base == "moving-digits":
+        return _moving_digits(name, arg, shape)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        from chaintune.data.video_folder import load_video_folder
+
+        return load_video_folder(path, shape)
+    if path.exists():
+        raise ChaintuneError(f"dataset {name!r} is a file; give a folder of clips or a built-in id")
+    if _is_image_id(base):
+        raise ChaintuneError(f"{name!r} holds images but this is a video model; give clips: moving-digits:train, "
+                             "moving-digits:test or a folder of clips (GIF/WebP/APNG/.npy)")
+    from chaintune.errors import unknown_name
+
+    raise unknown_name("video dataset (and no such folder)", name, VIDEO_DATASET_IDS)

@@ -71,6 +71,26 @@ class DigitReward(NetworkReward):
         return logp.gather(1, target[:, None]).squeeze(1)
 
 
+class DigitBlackBoxReward(DigitReward):
+    """``digit-blackbox:K`` — ``digit:K`` scored as a black box: the image saved as 8-bit pixels, then classified.
+
+    Why: a fair comparison of estimators on a reward they cannot differentiate (a rater behind an API, a
+    non-differentiable pipeline) needs a target with real signal at 8x8, which JPEG size lacks (its spread
+    over base samples is 5 bytes). Same classifier and target as ``digit:K``, so the two rankings differ only
+    in what the estimators may use: no gradient reaches the images (the rounding to 256 levels is not
+    differentiable, and the reward runs under ``no_grad``). Pathwise estimators refuse it.
+    """
+
+    differentiable = False
+
+    def __init__(self, digit: int | None = None) -> None:
+        super().__init__(digit, "digits-cnn", "digit-blackbox")
+
+    def forward(self, images, prompts, labels, metadata):
+        saved = (images.float().clamp(0, 1) * 255).round() / 255  # what a PNG on disk holds
+        return super().forward(saved.to(images.dtype), prompts, labels, metadata)
+
+
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """JPEG file size of each image in kB (1000 bytes), encoded by PIL as DDPO does."""
     from PIL import Image

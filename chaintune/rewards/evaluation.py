@@ -56,7 +56,10 @@ class RewardEvaluation:
             row = {"eval/reward": float(self.reward(images, prompts=prompts, labels=labels).mean()),
                    "eval/diversity": pairwise_diversity(images)}
             if self.heldout is not None:
-                row["eval/heldout_reward"] = float(self.heldout(images, prompts=prompts, labels=labels).mean())
+                h = self.heldout(images, prompts=prompts, labels=labels).float()
+                row["eval/heldout_reward"] = float(h.mean())
+                if len(h) > 1:  # its standard error: how far the mean moves by the draw of samples alone
+                    row["eval/heldout_reward_se"] = float(h.std() / len(h) ** 0.5)
             if self.metrics:
                 lab = None if labels is None else torch.as_tensor(labels, dtype=torch.long).flatten()
                 if lab is not None and lab.numel() == 1 and len(images) != 1:

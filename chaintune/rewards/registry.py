@@ -126,6 +126,10 @@ def _register_builtins() -> None:
                                                   "digit-heldout"),
                     "digit-heldout:K", "log p(K | image) from the held-out digit MLP (a judge training never sees)",
                     True, heldout=_twin("digit"), metrics=_digit_metrics("digit-heldout", "digits-cnn"))
+    register_reward("digit-blackbox",
+                    lambda a: builtin.DigitBlackBoxReward(_int_arg("digit-blackbox", a, required=False)),
+                    "digit-blackbox:K", "digit:K as a black box: log p(K) of the 8-bit image, no gradient",
+                    heldout=_twin("digit-heldout"), metrics=_digit_metrics("digit", "digits-mlp"))
     register_reward("jpeg-compressibility", _no_arg("jpeg-compressibility", lambda: builtin.JpegReward(True)),
                     description="-(JPEG size in kB), PIL quality 95 (DDPO); black-box")
     register_reward("jpeg-incompressibility", _no_arg("jpeg-incompressibility", lambda: builtin.JpegReward(False)),

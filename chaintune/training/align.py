@@ -14,6 +14,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,7 +129,8 @@ class HackingGuard:
         at thumbnail size) exceeds ``tolerance`` x the base model's;
     (2) they collapse: diversity falls below ``collapse`` x the base model's; or
     (3) the held-out reward falls while the training reward keeps rising: it drops by more than half of
-        its gain over the base below its best, at a training reward no lower than at that best.
+        its gain over the base below its best, and by more than twice the standard error of the difference
+        (a fall within sampling noise is not one), at a training reward no lower than at that best.
     The trainer then warns, stops or rolls back to the best evaluation (``--on-hacking``).
     """
 
@@ -178,7 +180,8 @@ class HackingGuard:
             return None
         if self.best is not None:
             h0, hb = self.base["eval/heldout_reward"], self.best["eval/heldout_reward"]
-            if h < hb - 0.5 * abs(hb - h0) and m["eval/reward"] >= self.best["eval/reward"]:
+            se = math.hypot(m.get("eval/heldout_reward_se", 0.0), self.best.get("eval/heldout_reward_se", 0.0))
+            if h < hb - max(0.5 * abs(hb - h0), 2 * se) and m["eval/reward"] >= self.best["eval/reward"]:
                 return (f"held-out reward fell to {h:.3g} (best {hb:.3g}) while the training reward rose to "
                         f"{m['eval/reward']:.3g}")
         if self.best is None or h > self.best["eval/heldout_reward"]:
@@ -205,6 +208,7 @@ class AlignObjective(Objective):
         self.cfg = cfg
         self.guard = HackingGuard(cfg.guards.realism_tolerance, cfg.guards.collapse_ratio)
         self.on_alarm, self.max_rollbacks = cfg.guards.on_hacking, cfg.guards.max_rollbacks
+        self.alarm_patience = cfg.guards.hacking_patience
 
     def prepare(self, run: Trainer) -> None:
         import chaintune

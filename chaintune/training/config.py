@@ -172,6 +172,11 @@ class GuardConfig:
     collapse_ratio: float = option(0.5, "Hacking when sample diversity falls below this share of the base "
                                    "model's (collapse).", gt=0, max=1)
     max_rollbacks: int = option(2, "Rollbacks before the guard stops the run.", min=0)
+    # benchmarks/guard.py (the guard replayed on 39 guard-off runs of benchmarks/defaults.py, eval every 25 steps):
+    # patience 1 rolled back 14 of the 32 runs that end as good digits, 2 only 6, 3 only 3; each caught all 7
+    # runs that end hacked, 2 one evaluation later and 3 two (half a default run)
+    hacking_patience: int = option(2, "Evaluations in a row that must show hacking before on_hacking acts (the "
+                                   "first ones warn; the kept best is never an alarmed evaluation).", min=1)
 
 
 @dataclass

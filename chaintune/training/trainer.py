@@ -76,6 +76,7 @@ class Objective:
     progress_key = "loss"  # the training metric shown in the progress bar
     on_alarm = "off"  # what an evaluation's alarm does: off | warn | stop | rollback (to the best weights, half LR)
     max_rollbacks = 0
+    alarm_patience = 1  # evaluations in a row with an alarm before the policy acts (earlier ones only warn)
 
     def prepare(self, run: Trainer) -> None:
         """Load and validate everything (model, data, reward, estimator) on ``run.device``; write nothing."""
@@ -498,18 +499,23 @@ class Trainer:
     def _act_on_alarm(self, step: int) -> bool:
         """Apply the objective's policy to the last evaluation's alarm; True when the run must stop."""
         ev, obj = self._last_evaluation, self.objective
-        if ev is None or ev.alarm is None or obj.on_alarm == "off":
+        if ev is None or obj.on_alarm == "off":
             return False
-        rollbacks = self.state.get("rollbacks", 0)
+        self.state["alarm_streak"] = self.state.get("alarm_streak", 0) + 1 if ev.alarm is not None else 0
+        if ev.alarm is None:
+            return False
+        rollbacks, streak = self.state.get("rollbacks", 0), self.state["alarm_streak"]
         if obj.on_alarm == "warn":
             action = "warned"
+        elif streak < obj.alarm_patience:  # a short excursion that often recovers (benchmarks/guard.py): watch it
+            action = f"watching: acts after {obj.alarm_patience} alarms in a row (this is {streak})"
         elif obj.on_alarm == "rollback" and self.best is not None and rollbacks < obj.max_rollbacks:
             self._load_params(self.best["params"])
             self.optimizer.state.clear()  # the moments carry the hacking direction
             for group in self.optimizer.param_groups:
                 group["lr"] *= 0.5
             self.lr_scheduler.base_lrs = [lr * 0.5 for lr in self.lr_scheduler.base_lrs]
-            self.state["rollbacks"] = rollbacks + 1
+            self.state["rollbacks"], self.state["alarm_streak"] = rollbacks + 1, 0
             action = f"rolled back to the best evaluation (step {self.best['step']}) with half the LR"
         else:
             action = "stopped" + (f"; the best evaluation (step {self.best['step']}) is kept" if self.best else "")

@@ -79,7 +79,8 @@ class TransferConfig:
 
     model: str = option("builtin:glyphs", "Base model id (builtin:glyphs, a diffusers dir, a run dir).")
     data: str = option("digits-fewshot:10", "Target data: digits-fewshot:K, digits:train, glyphs:train, "
-                       "digits-AtoB, or a folder of images.")
+                       "digits-AtoB, or a folder of images. Video models: moving-digits:train, or a folder of clips "
+                       "(GIF/WebP/APNG/.npy; prompt in NAME.txt beside each clip).")
     method: str = option("diff-tuning", "diff-tuning | plain.", choices=METHODS)
     diff_tuning: DiffTuningConfig = section(DiffTuningConfig)
     bank: BankConfig = section(BankConfig, prefix="bank_")

@@ -1,11 +1,11 @@
-"""Transfer data and evaluation helpers: target images at the model's size, held-out defaults, samples."""
+"""Transfer data and evaluation helpers: target images (or clips) at the model's size, held-out defaults, samples."""
 
 from __future__ import annotations
 
 import torch
 
 from chaintune.backends.base import DiffusionModel
-from chaintune.data.registry import CLASS_RANGE
+from chaintune.data.registry import CLASS_RANGE, LabelledData
 from chaintune.errors import ChaintuneError
 
 
@@ -15,28 +15,48 @@ def pixel_spec(model: DiffusionModel) -> tuple[int, int]:
     return c, h
 
 
+def video_spec(model: DiffusionModel) -> tuple[int, int, int, int] | None:
+    """(frames, channels, height, width) of a video model's samples (its ``video_shape``); None for images."""
+    if not model.produces_video:
+        return None
+    shape = getattr(model, "video_shape", None)
+    if shape is None:
+        raise ChaintuneError(f"{type(model).__name__} produces videos but declares no video_shape "
+                             "(frames, channels, height, width), so its target clips cannot be sized")
+    f, c, h, w = (int(v) for v in shape)
+    return f, c, h, w
+
+
 def _match_channels(x: torch.Tensor, c: int) -> torch.Tensor:
-    if x.shape[1] == c:
+    """Images [N, C, H, W] or videos [N, F, C, H, W] converted to ``c`` channels (dim -3)."""
+    have = x.shape[-3]
+    if have == c:
         return x
-    if x.shape[1] == 1:
-        return x.repeat(1, c, 1, 1)
+    if have == 1:
+        return x.repeat_interleave(c, dim=-3)
     if c == 1:
-        return x.mean(1, keepdim=True)
-    raise ChaintuneError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+        return x.mean(-3, keepdim=True)
+    raise ChaintuneError(f"cannot convert {have}-channel images to {c} channels")
 
 
 def load_target(model: DiffusionModel, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dataset ``name`` as images at the model's pixel size/channels, [0, 1]."""
+    """Dataset ``name`` at the model's pixel size/channels, [0, 1]: images, or clips [N, F, C, H, W] at the
+    ``video_shape`` of a model that produces videos (a :class:`LabelledData` carrying the clips' prompts)."""
     from chaintune.data import load_dataset
 
-    c, size = pixel_spec(model)
+    video = video_spec(model)
+    c = pixel_spec(model)[0] if video is None else video[1]
     try:
-        x, y = load_dataset(name, size=size)
+        data = load_dataset(name, size=pixel_spec(model)[1]) if video is None else load_dataset(name, video=video)
     except ChaintuneError:
         raise
     except (ValueError, FileNotFoundError) as e:
         raise ChaintuneError(f"dataset {name!r}: {e}") from e
-    return _match_channels(x.float(), c), y
+    x, y = data
+    x = _match_channels(x.float(), c)
+    if isinstance(data, LabelledData):
+        return LabelledData(x, y, data.classes, data.prompted)
+    return x, y
 
 
 @torch.no_grad()

@@ -68,7 +68,12 @@ class TransferObjective(Objective):
         cfg = self.cfg
         model = self.given_model.to(run.device) if self.given_model is not None \
             else chaintune.load(cfg.model, device=str(run.device))
-        x_img, y = self.target if self.target is not None else load_target(model, cfg.data)
+        target = self.target if self.target is not None else load_target(model, cfg.data)
+        x_img, y = target
+        # data with per-sample prompts (LabelledData.prompted) names each label by its prompt: by default every
+        # sample trains on its own prompt; class names fill --prompt's {label}
+        self.classes = getattr(target, "classes", None)
+        self.prompt = cfg.diff_tuning.prompt or ("{label}" if getattr(target, "prompted", False) else "")
         if model.class_conditional and len(y) and int(y.max()) >= model.num_classes:
             raise ChaintuneError(f"{cfg.data} has labels up to {int(y.max())} but {cfg.model} has "
                                  f"{model.num_classes} classes")
@@ -102,7 +107,7 @@ class TransferObjective(Objective):
         sums: dict[str, float] = {"loss": 0.0, "recon": 0.0, "retention": 0.0}
         for _ in range(cfg.optim.grad_accum):
             idx = torch.randint(0, len(self.x0_all), (self.n_target,), generator=g)
-            cond = target_conditions(self.model, self.y[idx], dt.label_dropout, dt.prompt, None, g)
+            cond = target_conditions(self.model, self.y[idx], dt.label_dropout, self.prompt, self.classes, g)
             bank_x0 = None
             if self.n_bank:
                 bank_x0 = self.bank_x0[torch.randint(0, len(self.bank_x0), (self.n_bank,), generator=g).to(run.device)]
