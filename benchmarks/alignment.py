@@ -364,11 +364,12 @@ def _ranking_run(job: tuple) -> dict:
             e["samples"] = e["step"] * cfg.optim.batch_size * cfg.optim.grad_accum
             e["train_seconds"] = clock[min(e["step"], len(clock) - 1)]
             evals.append(e)
-    events = [{k: v for k, v in m.items() if "hack" in k or "rollback" in k or k == "step"}
-              for m in metrics if any("hack" in k or "rollback" in k for k in m)]
+    import json
+
+    events = json.loads((Path(run_dir) / "chaintune_run.json").read_text()).get("hacking", [])  # the guard's actions
     v = flat_values(cfg)
     return {"method": label, "lr": lr, "seed": seed, "evals": evals, "sec_per_step": med, "wall_seconds": wall,
-            "guard_events": events[-5:], "config": {k: v[k] for k in (
+            "guard_events": events, "config": {k: v[k] for k in (
                 "estimator", "h", "zo", "spans", "k", "lr", "lr_schedule", "kl_weight", "on_hacking",
                 "final_model", "steps", "batch_size", "sample_steps")}}
 
@@ -378,12 +379,19 @@ def _final(run: dict, key: str) -> float:
 
 
 def _delivered(run: dict) -> dict:
-    """The evaluation whose weights the run saves as its model: the best held-out reward (``final_model best``,
-    the default; with ``last`` the final one)."""
-    evals = [e for e in run.get("evals", []) if "eval/heldout_reward" in e]
-    if not evals or run.get("config", {}).get("final_model") == "last":
-        return run["evals"][-1] if run.get("evals") else {}
-    return max(evals, key=lambda e: e["eval/heldout_reward"])
+    """The evaluation whose weights the run saves as its model (``final_model best``, the default; with ``last``
+    the final one): the best held-out reward among the evaluations without a hacking alarm, found by replaying
+    the trainer's guard over the logged evaluations in order (the trainer keeps a best only when there is none)."""
+    from chaintune.training.align import HackingGuard
+
+    evals = run.get("evals", [])
+    if not evals or run.get("config", {}).get("final_model") == "last" or "eval/heldout_reward" not in evals[0]:
+        return evals[-1] if evals else {}
+    guard, best = HackingGuard(1.3, 0.5), None  # GuardConfig's defaults, which the ranking runs with
+    for e in evals:
+        if guard.alarm(dict(e)) is None and (best is None or e["eval/heldout_reward"] > best["eval/heldout_reward"]):
+            best = e
+    return best or evals[-1]
 
 
 def _by_cost(jobs: list[tuple]) -> list[tuple]:
@@ -402,11 +410,18 @@ def _interp(run: dict, t: float, key: str = "eval/reward") -> float:
     return pts[-1][1]
 
 
-def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
+def _runs_in(f: Path) -> list[dict]:
+    """The runs of a --partial list, or of a finished ranking's JSON (stage 1 and 2)."""
     import json
+
+    data = json.loads(f.read_text())
+    return data if isinstance(data, list) else [*data.get("stage1", []), *data.get("stage2", [])]
+
+
+def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
     import multiprocessing as mp
 
-    done = {(r["method"], r["lr"], r["seed"]): r for f in getattr(args, "reuse", []) for r in json.loads(f.read_text())
+    done = {(r["method"], r["lr"], r["seed"]): r for f in getattr(args, "reuse", []) for r in _runs_in(f)
             if r.get("evals")}
     reused = [done[(j[1], j[2], j[3])] for j in jobs if (j[1], j[2], j[3]) in done]
     jobs = [j for j in jobs if (j[1], j[2], j[3]) not in done]
@@ -490,6 +505,9 @@ def ranking_main(args) -> dict:
               "base": {"nn_distance": base_nn, "class_share": base_share}, "nn_tolerance": tol, "chosen_lr": chosen,
               "common_seconds": t_common, "table": rows, "stage1": stage1, "stage2": stage2,
               "failed": [r for r in stage1 + stage2 if "error" in r], "seconds": round(time.time() - t_start, 1)}
+    # runs of an earlier, interrupted ranking (--reuse) at an LR not chosen here: its LR-selection stage
+    result["reused_selection"] = [r for f in args.reuse for r in _runs_in(f) if r.get("evals")
+                                  and chosen.get(r["method"]) not in (None, r["lr"])]
     out = C.out_dir(args)
     C.write_json(out / f"{args.name}.json", result)
     plot_ranking(result, final_runs, out / f"{args.name}.png")

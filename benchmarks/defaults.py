@@ -86,6 +86,9 @@ STAGE1: dict[str, dict] = {
     "100 steps lr 2e-4 spans 1 j uniform": dict(steps=100, lr=2e-4, j="uniform", spans=1),
     # what `chaintune align` ships, guard included: the hacking guard rolls back and the best evaluation is kept
     "as shipped": dict(j="uniform", on_hacking="rollback", final_model="best"),
+    # session 8, for digit:9 seed 0 (the one target/seed the shipped defaults miss): less span noise, more samples
+    "as shipped spans 8": dict(j="uniform", on_hacking="rollback", final_model="best", spans=8),
+    "as shipped 250 steps": dict(j="uniform", on_hacking="rollback", final_model="best", steps=250),
 }
 # What the default sweep runs in stage 1: "constant lr" and "h 2" are left out to fit ~60 min on a shared 2-core
 # box (cosine vs constant was measured for the demo, docs/results.md "RLR settings"; run them with --stage1).

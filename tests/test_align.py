@@ -74,6 +74,16 @@ def test_guards_are_trained_and_logged(tmp_path):
     assert all(r["kl"] >= 0 for r in rows[1:])
 
 
+def test_rlr_on_a_black_box_reward_says_what_it_falls_back_to(tmp_path, capsys):
+    """A black-box reward takes away RLR's pathwise last step: the run says so and names the measured
+    alternative; a differentiable reward gets no such note."""
+    tiny = dict(TINY, steps=1, eval_every=0, report=False, kl_weight=0.0)
+    align(AlignConfig.from_dict(dict(tiny, reward="digit-blackbox:3", out=str(tmp_path / "bb"))))
+    assert "is black-box, so RLR's first-order last step becomes a zeroth-order one" in capsys.readouterr().err
+    align(AlignConfig.from_dict(dict(tiny, reward="digit:3", out=str(tmp_path / "fo"))))
+    assert "black-box" not in capsys.readouterr().err
+
+
 def test_kl_is_zero_before_any_update():
     from chaintune.sampling import chain_scheduler
     from chaintune.training.adapters import apply_lora

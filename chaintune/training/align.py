@@ -220,6 +220,11 @@ class AlignObjective(Objective):
         self.evaluation = reward_evaluation(cfg.reward, heldout)  # every name resolved before anything is written
         self.reward = self.evaluation.reward
         self.estimator = estimator_from_config(cfg)
+        if cfg.estimator.name == "rlr" and not getattr(self.reward, "differentiable", False):
+            # docs/results.md, "Ranking at 4,800 samples": on digit-blackbox:5, 150 x 32, 3 seeds
+            run.log_line(f"note: {self.reward.name!r} is black-box, so RLR's first-order last step becomes a "
+                         "zeroth-order one; on the black-box digit target DDPO (--estimator reinforce) learned "
+                         "3x more (27.6% vs 9.4% held-out share)")
         model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk,
                                video_shape=chain.video_shape)
         self.prompts = self._prompts(model)
