@@ -42,6 +42,8 @@ ranked: the registry has no black-box wrapper of ``digit:5`` (and jpeg-compressi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import statistics
 import sys
@@ -116,8 +118,6 @@ def parse_args(argv: list[str] | None = None):
             a.methods, a.lrs, a.seeds = ",".join(RANKING_QUICK), "1e-4", 1
         a.method_list = [m for m in a.methods.split(",") if m]
         a.lr_list = [float(x) for x in a.lrs.split(",") if x]
-        import json
-
         a.chosen_lr_map = {m: float(v) for m, v in json.loads(a.chosen_lrs).items() if m in a.method_list}
         bad = [m for m in a.method_list if m not in RANKING]
         if bad:
@@ -364,8 +364,6 @@ def _ranking_run(job: tuple) -> dict:
             e["samples"] = e["step"] * cfg.optim.batch_size * cfg.optim.grad_accum
             e["train_seconds"] = clock[min(e["step"], len(clock) - 1)]
             evals.append(e)
-    import json
-
     events = json.loads((Path(run_dir) / "chaintune_run.json").read_text()).get("hacking", [])  # the guard's actions
     v = flat_values(cfg)
     return {"method": label, "lr": lr, "seed": seed, "evals": evals, "sec_per_step": med, "wall_seconds": wall,
@@ -383,11 +381,13 @@ def _delivered(run: dict) -> dict:
     the final one): the best held-out reward among the evaluations without a hacking alarm, found by replaying
     the trainer's guard over the logged evaluations in order (the trainer keeps a best only when there is none)."""
     from chaintune.training.align import HackingGuard
+    from chaintune.training.config import GuardConfig
 
     evals = run.get("evals", [])
     if not evals or run.get("config", {}).get("final_model") == "last" or "eval/heldout_reward" not in evals[0]:
         return evals[-1] if evals else {}
-    guard, best = HackingGuard(1.3, 0.5), None  # GuardConfig's defaults, which the ranking runs with
+    g = GuardConfig()  # the ranking runs with the guard's defaults
+    guard, best = HackingGuard(g.realism_tolerance, g.collapse_ratio), None
     for e in evals:
         if guard.alarm(dict(e)) is None and (best is None or e["eval/heldout_reward"] > best["eval/heldout_reward"]):
             best = e
@@ -412,8 +412,6 @@ def _interp(run: dict, t: float, key: str = "eval/reward") -> float:
 
 def _runs_in(f: Path) -> list[dict]:
     """The runs of a --partial list, or of a finished ranking's JSON (stage 1 and 2)."""
-    import json
-
     data = json.loads(f.read_text())
     return data if isinstance(data, list) else [*data.get("stage1", []), *data.get("stage2", [])]
 
@@ -429,11 +427,10 @@ def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
         C.log(f"  reused {len(reused)} finished runs, {len(jobs)} to run")
     if not jobs:
         return reused
-    if args.workers <= 1:
-        return reused + [_ranking_run(j) for j in jobs]
-    with mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) as pool:
-        out = list(reused)
-        for r in pool.imap_unordered(_ranking_run, jobs):
+    out = list(reused)
+    pool = mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) if args.workers > 1 else None
+    with pool or contextlib.nullcontext():
+        for r in (pool.imap_unordered(_ranking_run, jobs) if pool else map(_ranking_run, jobs)):
             C.log(f"  {r['method']:20s} lr {r['lr']:g} seed {r['seed']}: "
                   + (r["error"] if "error" in r else
                      f"share {_final(r, 'eval/class_share'):.0%}  nn {_final(r, 'eval/nn_distance'):.3f}  "
@@ -491,14 +488,15 @@ def ranking_main(args) -> dict:
         rew = ms([_final(r, "eval/reward") for r in rs])
         rew_t = ms([_interp(r, t_common) for r in rs])
         share_t = ms([_interp(r, t_common, "eval/class_share") for r in rs])
-        kept = ms([_delivered(r).get("eval/class_share", float("nan")) for r in rs])
-        kept_nn = ms([_delivered(r).get("eval/nn_distance", float("nan")) / base_nn for r in rs])
+        delivered = [_delivered(r) for r in rs]
+        kept = ms([e.get("eval/class_share", float("nan")) for e in delivered])
+        kept_nn = ms([e.get("eval/nn_distance", float("nan")) / base_nn for e in delivered])
         rows.append({"method": m, "lr": chosen[m], "seeds": len(rs), "share": share[0], "share_std": share[1],
                      "nn_ratio": nn[0], "reward": rew[0], "reward_std": rew[1], "reward_at_t": rew_t[0],
                      "reward_at_t_std": rew_t[1], "share_at_t": share_t[0],
                      "delivered_share": kept[0], "delivered_share_std": kept[1], "delivered_nn_ratio": kept_nn[0],
                      "per_seed_share": [_final(r, "eval/class_share") for r in rs],
-                     "per_seed_delivered": [_delivered(r).get("eval/class_share") for r in rs],
+                     "per_seed_delivered": [e.get("eval/class_share") for e in delivered],
                      "sec_per_step": statistics.median(r["sec_per_step"] for r in rs)})
     rows.sort(key=lambda r: -r["share"] if r["share"] == r["share"] else 1.0)
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("out",)}, "machine": C.machine(),

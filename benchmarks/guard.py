@@ -30,13 +30,16 @@ import statistics
 import sys
 from pathlib import Path
 
+from chaintune.training.config import GuardConfig
+
 try:
     from benchmarks import _common as C
 except ImportError:  # run as a script
     import _common as C  # type: ignore[no-redef]
 
 PATIENCES = (1, 2, 3)
-TOLERANCE, COLLAPSE = 1.3, 0.5  # GuardConfig's defaults (the acceptance bounds of issue 13)
+_DEFAULT_GUARD = GuardConfig()  # the bounds it replays are the default guard's (issue 13's acceptance bounds)
+TOLERANCE, COLLAPSE = _DEFAULT_GUARD.realism_tolerance, _DEFAULT_GUARD.collapse_ratio
 
 
 def parse_args(argv: list[str] | None = None):

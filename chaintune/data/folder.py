@@ -17,25 +17,31 @@ from chaintune.errors import ChaintuneError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def list_images(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Files under ``root`` and their labels: one class per subfolder, or label 0 for a flat folder."""
+def list_images(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+                what: str = "image") -> tuple[list[Path], list[int], list[str]]:
+    """Files with ``suffixes`` under ``root`` and their labels: one class per subfolder (its name is the class
+    name), or label 0 for a flat folder. ``what`` names the files in the error for a folder that mixes both."""
+    def matching(paths) -> list[Path]:
+        return sorted(f for f in paths if f.is_file() and f.suffix.lower() in suffixes)
+
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels = [], []
-    if subdirs:
-        classes = [d.name for d in subdirs]
-        for k, d in enumerate(subdirs):
-            for f in sorted(d.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(f)
-                    labels.append(k)
-    else:
-        classes = []
-    flat = sorted(f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    flat = matching(root.iterdir())
     if flat and subdirs:
-        raise ChaintuneError(f"{root} mixes images and class subfolders; put every image in a class folder")
+        raise ChaintuneError(f"{root} mixes {what}s and class subfolders; put every {what} in a class folder")
     if flat:
-        files, labels = flat, [0] * len(flat)
-    return files, labels, classes
+        return flat, [0] * len(flat), []
+    files, labels = [], []
+    for k, d in enumerate(subdirs):
+        found = matching(d.rglob("*"))
+        files += found
+        labels += [k] * len(found)
+    return files, labels, [d.name for d in subdirs]
+
+
+def listing(items: list[str], shown: int = 10) -> str:
+    """The first ``shown`` problem files of a folder joined for one error line, the rest counted."""
+    more = f"; ... {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
 
 
 def load_folder(path: str | Path, size: int, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +68,7 @@ def load_folder(path: str | Path, size: int, channels: int | None = None) -> tup
         except Exception as e:  # PIL raises several types for corrupt/unsupported files
             bad.append(f"{f} ({type(e).__name__})")
     if bad:
-        shown = "; ".join(bad[:10]) + (f"; ... {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ChaintuneError(f"{len(bad)} unreadable image file(s) in {root}: {shown}")
+        raise ChaintuneError(f"{len(bad)} unreadable image file(s) in {root}: {listing(bad)}")
     gray_modes = {"1", "L", "LA", "I", "I;16", "F", "P"}
     if channels is None:
         channels = 1 if all(im.mode in gray_modes and _is_gray(im) for im in pils) else 3

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chaintune.data.folder import list_images, listing
 from chaintune.data.registry import LabelledData
 from chaintune.errors import ChaintuneError
 
 CLIP_SUFFIXES = (".gif", ".webp", ".png", ".apng", ".npy")
 PROMPT_SUFFIX = ".txt"
-SHOWN = 10
-"""Problem files named in an error (the rest are counted)."""
 
 
 class _BadClip(Exception):
@@ -39,33 +38,9 @@ class _TooShort(Exception):
         self.frames = frames
 
 
-def list_clips(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Clip files under ``root`` and their labels: one class per subfolder, or label 0 for a flat folder."""
-    def clips(files) -> list[Path]:
-        return sorted(f for f in files if f.is_file() and f.suffix.lower() in CLIP_SUFFIXES)
-
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    flat = clips(root.iterdir())
-    if flat and subdirs:
-        raise ChaintuneError(f"{root} mixes clips and class subfolders; put every clip in a class folder")
-    if flat:
-        return flat, [0] * len(flat), []
-    files, labels = [], []
-    for k, d in enumerate(subdirs):
-        found = clips(d.rglob("*"))
-        files += found
-        labels += [k] * len(found)
-    return files, labels, [d.name for d in subdirs]
-
-
 def frame_indices(n: int, frames: int) -> list[int]:
     """``frames`` indices spread uniformly over ``n`` >= ``frames`` frames (a constant stride when it divides)."""
     return [i * n // frames for i in range(frames)]
-
-
-def _listing(items: list[str]) -> str:
-    more = f"; ... {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return "; ".join(items[:SHOWN]) + more
 
 
 def _pil_frame(im, channels: int, height: int, width: int) -> np.ndarray:
@@ -146,7 +121,7 @@ def load_video_folder(path: str | Path, shape: tuple[int, int, int, int]) -> Lab
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ChaintuneError(f"dataset folder {root} does not exist")
-    files, labels, classes = list_clips(root)
+    files, labels, classes = list_images(root, CLIP_SUFFIXES, "clip")
     if not files:
         raise ChaintuneError(f"no clips ({', '.join(CLIP_SUFFIXES)}) found in {root}; other video files "
                              "(.mp4, ...) are not read: convert them to animated GIF/WebP or .npy frame arrays")
@@ -167,16 +142,16 @@ def load_video_folder(path: str | Path, shape: tuple[int, int, int, int]) -> Lab
             bad.append(f"{name} ({type(e).__name__})")
     problems = []
     if bad:
-        problems.append(f"{len(bad)} unreadable clip file(s): {_listing(bad)}")
+        problems.append(f"{len(bad)} unreadable clip file(s): {listing(bad)}")
     if short:
         problems.append(f"{len(short)} clip(s) shorter than the model's {frames} frames (longer clips are "
-                        f"subsampled, shorter ones are not stretched): {_listing(short)}")
+                        f"subsampled, shorter ones are not stretched): {listing(short)}")
     if problems:
         raise ChaintuneError(f"in {root}: " + " | ".join(problems))
     missing = [str(f.relative_to(root)) for f, p in zip(files, prompts, strict=True) if p is None]
     if missing and len(missing) < len(files):
         raise ChaintuneError(f"{len(missing)} of {len(files)} clips in {root} have no prompt file (NAME{PROMPT_SUFFIX} "
-                             f"beside NAME.gif) while the others do: {_listing(missing)}")
+                             f"beside NAME.gif) while the others do: {listing(missing)}")
     if not missing:
         return LabelledData.from_prompts(x, prompts)
     return LabelledData(x, torch.tensor(labels, dtype=torch.long), classes or None)

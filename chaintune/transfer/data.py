@@ -45,9 +45,9 @@ def load_target(model: DiffusionModel, name: str) -> tuple[torch.Tensor, torch.T
     from chaintune.data import load_dataset
 
     video = video_spec(model)
-    c = pixel_spec(model)[0] if video is None else video[1]
+    c, size = pixel_spec(model) if video is None else (video[1], None)
     try:
-        data = load_dataset(name, size=pixel_spec(model)[1]) if video is None else load_dataset(name, video=video)
+        data = load_dataset(name, size=size) if video is None else load_dataset(name, video=video)
     except ChaintuneError:
         raise
     except (ValueError, FileNotFoundError) as e:
