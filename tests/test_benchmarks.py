@@ -68,6 +68,14 @@ def test_ranking_quick_with_given_lrs_and_black_box_reward(tmp_path):
     assert not res["failed"]
     for row in res["table"]:
         assert {"share", "delivered_share", "delivered_nn_ratio", "per_seed_share", "reward_at_t"} <= set(row)
+    # --reuse: an interrupted ranking's finished runs are taken, not run again, and give the same table
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment.py"), "--ranking", "--quick",
+                           "--out", str(tmp_path), "--reward", "digit-blackbox:5", "--name", "again",
+                           "--chosen-lrs", '{"ddpo (reinforce)": 3e-4, "rlr h=1": 1e-4}', "--reuse",
+                           str(tmp_path / "bb.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reused 2 finished runs, 0 to run" in proc.stdout
+    assert json.loads((tmp_path / "again.json").read_text())["table"] == res["table"]
 
 
 def test_guard_quick(tmp_path):
