@@ -14,6 +14,14 @@ once it has used ``--budget`` seconds (oversubscribed runs can be 10x slower), a
 
     python benchmarks/threads.py            # up to 3 repetitions (~2 minutes on 2 cores)
     python benchmarks/threads.py --quick    # 1 repetition, sample + small UNet
+    python benchmarks/threads.py --demo     # the demo's align step under 4 competing processes, before/after
+
+``--demo`` (issue 22: ``make demo`` took 100-450 s a step on a loaded machine): the RLR run of ``chaintune demo``
+(its settings, ``--demo-steps`` optimizer steps) in a fresh process with torch's default thread count (one per
+core: "before", what ``chaintune demo`` did until the thread rule reached it) and with the trainers' thread rule
+("after", one thread for this 1.1M-parameter model), each quiet and with ``--competitors`` CPU-bound processes
+spinning beside it. Reported: the median seconds per optimizer step (the training loop's own clock, evaluations
+excluded) and the slowdown against the quiet run of the same setting. Writes ``threads_demo.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import os
 os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
 os.environ["MKL_NUM_THREADS"] = str(os.cpu_count() or 1)
 
+import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -46,6 +55,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--n", type=int, default=64, help="samples drawn from builtin:digits")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the sampling workload")
     p.add_argument("--batch", type=int, default=4, help="batch of the UNet forward+backward")
+    p.add_argument("--demo", action="store_true", help="time the demo's align step under competing processes")
+    p.add_argument("--competitors", type=int, default=4, help="--demo: CPU-bound processes spinning beside it")
+    p.add_argument("--demo-steps", type=int, default=4, help="--demo: optimizer steps per timed run")
+    p.add_argument("--demo-timeout", type=float, default=900.0, help="--demo: seconds before a run is stopped")
     a = p.parse_args(argv)
     a.unets = UNETS
     if a.quick:
@@ -132,8 +145,69 @@ def choose_rule(rows: list[dict], thread_counts: list[int]) -> dict:
             "idle_all_cores_faster": idle_ok, "threads_compared": [1, most]}
 
 
+_DEMO_RUN = """
+import json, sys, tempfile
+from pathlib import Path
+from chaintune.training.demo import demo_config
+from chaintune.training.align import align_run
+steps, policy = int(sys.argv[1]), sys.argv[2] == "rule"
+with tempfile.TemporaryDirectory() as tmp:
+    cfg = demo_config("rlr", 3, steps, Path(tmp), 0, eval_every=0, eval_samples=8, report=False, progress=False)
+    res = align_run(cfg, thread_policy=policy)
+    import torch
+    print(json.dumps({"times": [r["time"] for r in res.history if "time" in r], "threads": torch.get_num_threads()}))
+"""
+
+
+def demo_under_load(args) -> dict:
+    """Seconds per step of the demo's RLR run, torch's default threads vs the thread rule, quiet and loaded."""
+    rows = []
+    for load in ("quiet", "loaded"):
+        spinners = [subprocess.Popen([sys.executable, "-c", _SPIN.format(bound=args.demo_timeout * 2)])
+                    for _ in range(args.competitors if load == "loaded" else 0)]
+        try:
+            time.sleep(1.0 if spinners else 0.0)
+            for setting in ("default", "rule"):
+                env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
+                env.pop("CHAINTUNE_THREADS", None)
+                t0 = time.time()
+                try:
+                    done = subprocess.run([sys.executable, "-c", _DEMO_RUN, str(args.demo_steps), setting], env=env,
+                                          capture_output=True, text=True, timeout=args.demo_timeout)
+                    got = json.loads(done.stdout.strip().splitlines()[-1])
+                    times = got["times"]
+                    steps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+                    row = {"load": load, "threads": setting, "torch_threads": got["threads"],
+                           "sec_per_step": statistics.median(steps), "steps": steps}
+                except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as e:
+                    row = {"load": load, "threads": setting, "sec_per_step": float("nan"),
+                           "error": f"{type(e).__name__} after {time.time() - t0:.0f}s"}
+                row.update(competitors=len(spinners), loadavg_1m=os.getloadavg()[0], wall=time.time() - t0)
+                rows.append(row)
+                C.log(f"  [{load}, {len(spinners)} competitors] {setting}: {row['sec_per_step']:.2f} s/step "
+                      f"({row.get('torch_threads', '?')} torch threads)")
+        finally:
+            for sp in spinners:
+                sp.terminate()
+                sp.wait(timeout=10)
+    quiet = {r["threads"]: r["sec_per_step"] for r in rows if r["load"] == "quiet"}
+    for r in rows:
+        r["slowdown_vs_quiet"] = r["sec_per_step"] / quiet[r["threads"]]
+    result = {"config": {"competitors": args.competitors, "demo_steps": args.demo_steps, "cpus": os.cpu_count()},
+              "machine": C.machine(), "rows": rows}
+    C.write_json(C.out_dir(args) / "threads_demo.json", result)
+    print()
+    print(C.table(rows, [("load", "load", "s"), ("threads", "threads", "s"), ("sec_per_step", "s/step", ".2f"),
+                         ("slowdown_vs_quiet", "x quiet", ".1f")],
+                  title=f"chaintune demo's RLR step, torch's default threads vs the thread rule "
+                        f"({args.competitors} competing processes when loaded)"))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.demo:
+        return demo_under_load(args)
     import torch
 
     try:

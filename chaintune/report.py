@@ -190,25 +190,63 @@ def _hacking_section(info: dict) -> str:
             f"</th><th>action</th></tr>{rows}</table>")
 
 
-def _table_section(series: dict[str, list[tuple[float, float]]]) -> str:
+# fractions of evaluation samples (binomial noise): shares of a class, of clips that move the prompt's way ...
+SHARE_METRICS = ("class_share", "identity", "direction", "follows_prompt")
+RELATIVE_NOISE = 0.01  # without a standard error, a change under 1% of the value is taken as evaluation noise
+
+
+def change_noise(key: str, v0: float, v1: float, se: tuple[float | None, float | None] = (None, None),
+                 n: int | None = None) -> float:
+    """How large a change of ``key`` from ``v0`` to ``v1`` evaluation noise alone makes: twice the standard error
+    of the difference when the run logged ``KEY_se``; for shares, twice the binomial one over ``n`` samples;
+    otherwise :data:`RELATIVE_NOISE` of the value. A change within it is not coloured good or bad."""
+    if se[0] is not None and se[1] is not None:
+        return 2 * math.hypot(se[0], se[1])
+    if key.rsplit("/", 1)[-1] in SHARE_METRICS and n and 0 <= v0 <= 1 and 0 <= v1 <= 1:
+        return 2 * math.sqrt((v0 * (1 - v0) + v1 * (1 - v1)) / n)
+    return RELATIVE_NOISE * max(abs(v0), abs(v1))
+
+
+def _delivered_step(info: dict) -> int | None:
+    """The step whose weights model/ holds when it is not the last one (``final_model: best (step N)``)."""
+    m = re.fullmatch(r"best \(step (\d+)\)", str(info.get("final_model", "")))
+    return int(m.group(1)) if m else None
+
+
+def _table_section(series: dict[str, list[tuple[float, float]]], info: dict | None = None) -> str:
+    """First vs delivered: the model the run saved (the kept best evaluation, when the guard or ``final_model best``
+    chose one) against the first evaluation, beside the last logged value. Changes within evaluation noise
+    (:func:`change_noise`) are not coloured."""
     if not series:
         return ""
+    info = info or {}
+    kept = _delivered_step(info)
+    n = (info.get("config") or {}).get("eval_samples")
     rows = []
     for key, pts in series.items():
         (s0, v0), (s1, v1) = pts[0], pts[-1]
+        at = dict(pts)
+        sd, vd = (kept, at[kept]) if kept is not None and kept in at else (s1, v1)
         finite = [v for _, v in pts if math.isfinite(v)]
-        delta = v1 - v0 if math.isfinite(v1 - v0) else float("nan")
-        good = delta * metric_direction(key)
+        delta = vd - v0 if math.isfinite(vd - v0) else float("nan")
+        se = dict(series.get(key + "_se", []))
+        noise = change_noise(key, v0, vd, (se.get(s0), se.get(sd)), n if isinstance(n, int) else None)
+        good = delta * metric_direction(key) if abs(delta) > noise else 0.0
         cls = "good" if good > 0 else "bad" if good < 0 else ""
         lo = _fmt(min(finite)) if finite else "–"
         hi = _fmt(max(finite)) if finite else "–"
         rows.append(f"<tr><th>{_esc(key)}</th><td class='num'>{_fmt(v0)}</td><td class='num'>{_fmt(s0)}</td>"
-                    f"<td class='num'>{_fmt(v1)}</td><td class='num'>{_fmt(s1)}</td>"
-                    f"<td class='num {cls}'>{_fmt(delta)}</td><td class='num'>{lo}</td><td class='num'>{hi}</td>"
+                    f"<td class='num'>{_fmt(vd)}</td><td class='num'>{_fmt(sd)}</td>"
+                    f"<td class='num {cls}'>{_fmt(delta)}</td><td class='num'>{_fmt(v1)}</td>"
+                    f"<td class='num'>{_fmt(s1)}</td><td class='num'>{lo}</td><td class='num'>{hi}</td>"
                     f"<td class='num'>{len(pts)}</td></tr>")
-    head = ("<tr><th>metric</th><th>first</th><th>at step</th><th>last</th><th>at step</th><th>change</th>"
-            "<th>min</th><th>max</th><th>points</th></tr>")
-    return f"<h2>Metrics: first vs last</h2><table>{head}{''.join(rows)}</table>"
+    what = (f"the delivered model (model/) is the best evaluation, step {kept}, not the last"
+            if kept is not None else "the delivered model (model/) is that of the last step")
+    head = ("<tr><th>metric</th><th>first</th><th>at step</th><th>delivered</th><th>at step</th><th>change</th>"
+            "<th>last</th><th>at step</th><th>min</th><th>max</th><th>points</th></tr>")
+    note = (f"<p class='meta'>{_esc(what)}; change = delivered - first, coloured only beyond evaluation noise "
+            "(twice its standard error).</p>")
+    return f"<h2>Metrics: first vs delivered</h2>{note}<table>{head}{''.join(rows)}</table>"
 
 
 def _curves_section(series: dict[str, list[tuple[float, float]]], bad_lines: int, has_file: bool) -> str:
@@ -257,7 +295,7 @@ def render_report(run_dir: str | Path) -> str:
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1><p class='meta'>{meta}</p><p class='meta'>{_esc(run_dir.resolve())}</p>",
         _hacking_section(info),
-        _table_section(series),
+        _table_section(series, info),
         _curves_section(series, bad, metrics_path.exists()),
         _samples_section(sample_grids(run_dir)),
         _config_section(info),

@@ -152,3 +152,15 @@ def test_demo_runs_and_prints_table(tmp_path, capsys):
     for name in ("before.png", "after_rlr.png", "after_rlr+zo.png", "after_reinforce.png"):
         assert (tmp_path / "demo" / name).exists()
     assert rows[0]["samples"] == 3 * 8
+    # one story: the "after" grid and row are the model the run delivers (model/, the kept evaluation)
+    import json
+
+    for r in rows:
+        run = tmp_path / "demo" / r["method"]
+        info = json.loads((run / "chaintune_run.json").read_text())
+        kept = info["final"].get("best_step", info["final"]["step"])
+        assert r["kept_step"] == kept and r["share_after"] == info["final"]["eval/class_share"]
+        grid = run / "samples" / f"step_{kept:06d}.png"
+        assert (tmp_path / "demo" / f"after_{r['method']}.png").read_bytes() == grid.read_bytes()
+    rows2 = run_demo(tmp_path / "demo", steps=3, digit=3, eval_samples=8, batch_size=8, baseline=None)
+    assert len(rows2) == 2  # a second demo into the same folder replaces what the first wrote

@@ -49,8 +49,9 @@ def test_report_is_self_contained_with_curves_grids_and_table(run_dir):
     assert all(u in page for u in uris)
     assert page.index(uris[0]) < page.index(uris[1])
     assert "step 20" in page and "step 100" in page
-    # metric table: first and last value of each key
-    assert "first vs last" in page and ">40<" in page and ">25<" in page
+    # metric table: first, delivered (here the last step's model) and last value of each key
+    assert "first vs delivered" in page and ">40<" in page and ">25<" in page
+    assert "the delivered model (model/) is that of the last step" in page
     assert "1 unreadable line(s)" in page
     # config table and the whole run JSON
     assert "estimator.h" in page and "digit:3" in page and "builtin:digits" in page
@@ -107,3 +108,31 @@ def test_metric_directions_colour_hacking_red():
     assert metric_direction("eval/class_share") == 1 and metric_direction("eval/heldout_reward") == 1
     assert metric_direction("eval/heldout_reward_se") == 0 and metric_direction("reward_std") == 0
     assert metric_direction("lr") == 0 and metric_direction("grad_norm") == 0
+
+
+def test_report_compares_with_the_delivered_model_and_leaves_noise_uncoloured(run_dir):
+    """model/ holds the kept best evaluation (step 0 here): the table's delivered column and change are its, said in
+    plain words; a change within the evaluation's noise (2e-5 of an nn-distance of 0.12) is not coloured."""
+    info = json.loads((run_dir / "chaintune_run.json").read_text())
+    info.update(final_model="best (step 0)", config={**info["config"], "eval_samples": 64})
+    (run_dir / "chaintune_run.json").write_text(json.dumps(info))
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]]
+    recs[0].update({"eval/nn_distance": 0.12, "eval/class_share": 0.5})
+    recs[-1].update({"eval/nn_distance": 0.12002, "eval/class_share": 0.53})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    page = build_report(run_dir).read_text(encoding="utf-8")
+    assert "is the best evaluation, step 0, not the last" in page
+    row = re.search(r"<th>fid</th>(.*?)</tr>", page).group(1)
+    cells = re.findall(r"<td class='num ?([a-z]*)'>([^<]*)</td>", row)
+    assert [v for _, v in cells[:5]] == ["40", "0", "40", "0", "0"]  # first, at, delivered, at, change
+    for key in ("eval/nn_distance", "eval/class_share"):  # 2e-5 of 0.12; 3 points of a 64-sample share
+        row = re.search(rf"<th>{re.escape(key)}</th>(.*?)</tr>", page).group(1)
+        assert "good" not in row and "bad" not in row, key
+
+
+def test_change_noise():
+    from chaintune.report import change_noise
+
+    assert change_noise("eval/heldout_reward", -2.0, -1.0, (0.3, 0.4)) == pytest.approx(1.0)
+    assert change_noise("eval/class_share", 0.5, 0.5, n=64) == pytest.approx(2 * (0.5 / 64) ** 0.5)
+    assert change_noise("eval/nn_distance", 0.12, 0.13) == pytest.approx(0.0013)

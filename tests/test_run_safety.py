@@ -229,3 +229,137 @@ def test_saved_code_runs_on_resume_only_with_trust(capsys, tmp_path, monkeypatch
                    "2", "--out", "r")[0] == 0
     one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "6"), "--trust-code")
     assert run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "6", "--trust-code")[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ what a run holds
+
+
+def test_resume_never_restarts_a_finished_run(capsys, tmp_path, monkeypatch):
+    """A finished run without a checkpoint (--save-every 0) keeps its model: --resume refuses instead of starting
+    over; with a checkpoint it continues only to more --steps."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--save-every", "0", "--out", "r")[0] == 0
+    before = snapshot(tmp_path)
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume"), "no checkpoint to continue from")
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "8"), "--model r --out NEW")
+    assert snapshot(tmp_path) == before
+
+    assert run_cli(capsys, "align", *TINY, "--save-every", "2", "--out", "c")[0] == 0
+    before = snapshot(tmp_path)
+    one_error(*run_cli(capsys, "align", "--out", "c", "--resume"), "already finished at step 4")
+    assert snapshot(tmp_path) == before
+    assert run_cli(capsys, "align", "--out", "c", "--resume", "--steps", "6")[0] == 0
+    assert json.loads((tmp_path / "c" / "chaintune_run.json").read_text())["final"]["step"] == 6
+
+
+def test_overwrite_removes_only_chaintunes_own_entries(capsys, tmp_path, monkeypatch):
+    """Hidden notes, a git repository, a file dropped into samples/: each stops --overwrite, named, untouched."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--eval-every", "2", "--out", "run")[0] == 0
+    run = tmp_path / "run"
+    for place, needle in ((run / ".my_notes", ".my_notes"), (run / ".git" / "HEAD", ".git/"),
+                          (run / "samples" / "my_annotations.txt", "samples/my_annotations.txt"),
+                          (run / "checkpoints" / "README", "checkpoints/README")):
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_text("the user's")
+        before = snapshot(tmp_path)
+        one_error(*run_cli(capsys, "align", *TINY, "--out", "run", "--overwrite"), needle)
+        assert snapshot(tmp_path) == before
+        place.unlink()
+        if place.parent.name == ".git":
+            place.parent.rmdir()
+    from chaintune.training.runs import foreign_entries
+
+    assert foreign_entries(run) == []  # everything a finished run holds is chaintune's
+    assert run_cli(capsys, "align", *TINY, "--out", "run", "--overwrite")[0] == 0
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--save-every", "2", "--out", "r")[0] == 0
+    before = snapshot(tmp_path)
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--overwrite", "--steps", "6"), "give one of them")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_is_never_overwritten_with_itself_as_the_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--out", "r")[0] == 0
+    before = snapshot(tmp_path)
+    for model in ("r", "r/model", str(tmp_path / "r")):
+        one_error(*run_cli(capsys, "align", *TINY, "--model", model, "--out", "r", "--overwrite"), "reads from")
+    assert snapshot(tmp_path) == before
+    assert run_cli(capsys, "align", *TINY, "--model", "r", "--out", "r2")[0] == 0  # a new run from it is fine
+
+
+def test_wrong_kinds_of_entries_stop_resume(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--save-every", "2", "--out", "r", "--steps", "2")[0] == 0
+    (tmp_path / "r" / "report.html").unlink(missing_ok=True)
+    (tmp_path / "r" / "report.html").mkdir()
+    before = snapshot(tmp_path)
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "4"), "report.html is a folder")
+    assert snapshot(tmp_path) == before
+    (tmp_path / "r" / "report.html").rmdir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    (tmp_path / "r" / "checkpoints").write_text("not a folder")
+    one_error(*run_cli(capsys, "align", "--out", "r", "--resume", "--steps", "4"), "checkpoints is a file")
+
+
+def test_a_run_killed_before_its_marker_resumes(capsys, tmp_path, monkeypatch):
+    """Killed after config.yaml but before the marker (what earlier versions wrote first): --resume starts it over
+    and --overwrite replaces it; today the marker comes first, so a run folder is always recognisable."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--out", "full")[0] == 0
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "config.yaml").write_text((tmp_path / "full" / "config.yaml").read_text().replace("out: full",
+                                                                                               "out: stuck"))
+    (stuck / ".chaintune_run.json.x1y2.tmp").write_text('{"comm')  # the marker's temp file, cut by the kill
+    assert run_cli(capsys, "align", "--out", "stuck", "--resume")[0] == 0
+    same_weights(tmp_path / "full", stuck)
+    assert not list(stuck.glob(".*"))
+
+    from chaintune.training.trainer import Trainer
+
+    order = []
+    monkeypatch.setattr(Trainer, "_status", lambda self, status, **kw: order.append("marker"))
+    import chaintune.training.checkpoint as ck
+
+    monkeypatch.setattr(ck, "save_config", lambda *a, **k: order.append("config"))
+    def stop(self):  # once the run folder is made
+        raise ChaintuneError("stopped here")
+
+    monkeypatch.setattr(Trainer, "_train", stop)
+    one_error(*run_cli(capsys, "align", *TINY, "--out", "fresh"), "stopped here")
+    assert order[:2] == ["marker", "config"]
+
+
+def test_leftovers_of_killed_overwrites_are_removed(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "align", *TINY, "--out", "r")[0] == 0
+    from chaintune.training.runs import TRASH_PREFIX
+
+    (tmp_path / "r" / f"{TRASH_PREFIX}ab12cd34").mkdir()  # killed while deleting an overwritten run
+    (tmp_path / "r" / f"{TRASH_PREFIX}ab12cd34" / "model.bin").write_bytes(b"\0" * 1000)
+    (tmp_path / ".r.old-k3j4h5g6").mkdir()  # where versions before 0.1.1 put it: beside the run
+    (tmp_path / ".r.old-keepthis-please").mkdir()  # not of that shape: not ours to delete
+    assert run_cli(capsys, "align", *TINY, "--out", "r", "--overwrite")[0] == 0
+    assert not (tmp_path / "r" / f"{TRASH_PREFIX}ab12cd34").exists() and not (tmp_path / ".r.old-k3j4h5g6").exists()
+    assert (tmp_path / ".r.old-keepthis-please").is_dir()
+
+
+def test_demo_replaces_only_what_a_demo_wrote(capsys, tmp_path, monkeypatch):
+    """`chaintune demo --out DIR` refuses before training when DIR holds a before.png of the user's; bad demo options
+    are refused at once (they used to start the whole demo)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "before.png").write_bytes(b"\x89PNG the user's")
+    before = snapshot(tmp_path)
+    one_error(*run_cli(capsys, "demo", "--out", "d", "--steps", "1"), "not written by a chaintune demo")
+    one_error(*run_cli(capsys, "demo", "--baseline", "nope"), "nope")
+    one_error(*run_cli(capsys, "demo", "--steps", "0"), "--steps")
+    one_error(*run_cli(capsys, "demo", "--video", "--steps", "0"), "--steps")
+    assert snapshot(tmp_path) == before and not (tmp_path / "runs").exists()

@@ -16,7 +16,7 @@ def _align(cfg: AlignConfig, *, resume: bool, overwrite: bool) -> None:
     from chaintune.training.align import align_run
     from chaintune.training.trainer import format_summary
 
-    typer.echo(format_summary(align_run(cfg, overwrite=overwrite, resume=resume, thread_policy=True)))
+    typer.echo(format_summary(align_run(cfg, overwrite=overwrite, resume=resume)))
 
 
 def register(app: typer.Typer) -> None:
@@ -41,11 +41,12 @@ def register(app: typer.Typer) -> None:
         if video:
             from chaintune.training.demo import run_video_demo
 
-            run_video_demo(out or Path("runs/demo-video"), steps=steps or 30, seed=seed)
+            run_video_demo(out or Path("runs/demo-video"), steps=30 if steps is None else steps, seed=seed)
             return
         from chaintune.training.demo import run_demo
 
-        run_demo(out or Path("runs/demo"), steps=steps or 150, digit=digit, baseline=baseline or None, seed=seed)
+        run_demo(out or Path("runs/demo"), steps=150 if steps is None else steps, digit=digit,
+                 baseline=baseline or None, seed=seed)
 
     @app.command()
     def plan(

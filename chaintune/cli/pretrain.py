@@ -12,8 +12,7 @@ def _pretrain(cfg: PretrainConfig, *, resume: bool, overwrite: bool) -> None:
     from chaintune.training.pretrain import OBJECTIVES
     from chaintune.training.trainer import Trainer, format_summary
 
-    res = Trainer(cfg, OBJECTIVES[cfg.arch.denoiser](cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
-                  thread_policy=True).fit()
+    res = Trainer(cfg, OBJECTIVES[cfg.arch.denoiser](cfg), out=cfg.run.out, overwrite=overwrite, resume=resume).fit()
     typer.echo(format_summary(res))
 
 

@@ -15,7 +15,7 @@ def _transfer(cfg: TransferConfig, *, resume: bool, overwrite: bool) -> None:
     from chaintune.training.trainer import format_summary
     from chaintune.transfer.trainer import transfer
 
-    typer.echo(format_summary(transfer(cfg, cfg.run.out, overwrite=overwrite, resume=resume, thread_policy=True)))
+    typer.echo(format_summary(transfer(cfg, cfg.run.out, overwrite=overwrite, resume=resume)))
 
 
 def register(app: typer.Typer) -> None:

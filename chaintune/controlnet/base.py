@@ -49,4 +49,4 @@ if __name__ == "__main__":  # python -m chaintune.controlnet.base CONFIG OUT
     from chaintune.options import load_config
 
     config, out = sys.argv[1], sys.argv[2]
-    pretrain_digits_cond(load_config(config, PretrainConfig, "pretrain option"), out, thread_policy=True)
+    pretrain_digits_cond(load_config(config, PretrainConfig, "pretrain option"), out)

@@ -227,6 +227,7 @@ class AlignObjective(Objective):
                          "3x more (27.6% vs 9.4% held-out share)")
         model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk,
                                video_shape=chain.video_shape)
+        run.threads_for(model)  # the retention bank below samples under the rule
         self.prompts = self._prompts(model)
         self.frozen = None
         needs_reference = cfg.guards.kl_weight > 0 or (cfg.estimator.name == "grpo" and cfg.estimator.kl_coef > 0)
@@ -355,7 +356,7 @@ class AlignObjective(Objective):
         metrics = self.evaluation(tr.images, prompts=c.prompts, labels=c.labels)
         metrics["eval/base_distance"] = self.guard.base_distance(tr.images)
         return Evaluation(metrics, tr.images[:64], score=metrics.get("eval/heldout_reward", metrics["eval/reward"]),
-                          alarm=self.guard.alarm(metrics))
+                          alarm=self.guard.alarm(metrics), captions=None if c.prompts is None else c.prompts[:64])
 
     def state_dict(self) -> dict:
         return {"estimator": self.estimator.state_dict(), "guard": self.guard.state_dict()}
@@ -373,14 +374,16 @@ class AlignObjective(Objective):
 
 
 def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,
-          thread_policy: bool = False) -> Path:
-    """Run reward alignment; returns the run directory (a model id for ``chaintune.load``)."""
+          thread_policy: bool = True) -> Path:
+    """Run reward alignment; returns the run directory (a model id for ``chaintune.load``).
+
+    ``thread_policy=False`` leaves torch's CPU thread count alone (see :class:`~chaintune.training.trainer.Trainer`)."""
     return align_run(cfg, overwrite=overwrite, resume=resume, show_progress=show_progress,
                      thread_policy=thread_policy).out
 
 
 def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,
-              thread_policy: bool = False):
+              thread_policy: bool = True):
     """Like :func:`align`, returning the :class:`~chaintune.training.trainer.RunResult` (history, final metrics)."""
     return Trainer(cfg, AlignObjective(cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
                    show_progress=show_progress, thread_policy=thread_policy).fit()

@@ -7,12 +7,11 @@ classifier the training never saw, diversity, wall-clock) and writes the grids a
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from chaintune.errors import ChaintuneError
-from chaintune.training.align import AlignConfig, align, read_metrics
+from chaintune.training.align import AlignConfig
 
 # RLR's demo settings, chosen by measurement (1 thread, 150 steps, batch 32; README, "RLR in practice"). Its
 # half-order term is the noise source: one span's likelihood ratio has gradient norm ~40-110 at paper steps
@@ -32,52 +31,132 @@ DEMO_DEFAULTS = dict(model="builtin:digits", sample_steps=20, batch_size=32, lr=
 
 def demo_config(method: str, digit: int, steps: int, out: Path, seed: int, **overrides) -> AlignConfig:
     opts = dict(DEMO_DEFAULTS, reward=f"digit:{digit}", steps=steps, eval_every=max(1, steps // 3),
-                out=str(out / method), seed=seed, **overrides)
+                out=str(out / method), seed=seed)
     if method == "rlr":
         opts.update(RLR_DEMO)
-        opts.update(overrides)
     elif method == "rlr+zo":
         opts.update(estimator="rlr", h=1, zo=True)
     elif method in ("reinforce", "ddpo"):
         opts.update(estimator="reinforce")
     else:
         opts.update(estimator=method)
+    opts.update(overrides)
     return AlignConfig.from_dict(opts)
 
 
+DEMO_MARKER = "chaintune_demo.json"  # in the demo's --out: the files a demo wrote there (it may replace only these)
+DEMO_BASELINES = ("reinforce", "ddpo", "grpo", "full-backprop", "truncated-backprop", "alignprop", "refl",
+                  "zeroth-order", "half-order", "rlr-released")
+
+
+def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
+    """Before anything runs: the demo replaces only what an earlier demo wrote in ``out`` (its marker lists the
+    files; its runs are chaintune runs), never a file of the user's."""
+    import json
+
+    from chaintune.training.runs import check_run_dir
+    from chaintune.utils.io import check_output_dir
+
+    check_output_dir(out)
+    marker = out / DEMO_MARKER
+    try:
+        listed = set(json.loads(marker.read_text()).get("files", [])) if marker.is_file() else set()
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    clash = [f for f in files if (out / f).exists() and f not in listed]
+    if clash:
+        raise ChaintuneError(f"{out / clash[0]} exists and was not written by a chaintune demo; move it or choose "
+                             "another --out")
+    for r in runs:
+        check_run_dir(out / r, overwrite=True)
+
+
+def _record_demo_outputs(out: Path, files: list[str]) -> None:
+    import json
+
+    from chaintune.utils.io import save_json
+
+    marker = out / DEMO_MARKER
+    try:
+        old = set(json.loads(marker.read_text()).get("files", [])) if marker.is_file() else set()
+    except (OSError, ValueError, AttributeError):
+        old = set()
+    save_json(marker, {"files": sorted(old | set(files))})
+
+
+def _delivered(result) -> tuple[dict, dict, int]:
+    """(before, delivered metrics, delivered step) of a run: what ``model/`` holds (the kept best evaluation, or the
+    last one), so the table, the grid and ``chaintune sample --model RUN`` tell one story."""
+    final = result.final
+    return result.first_eval, final, int(final.get("best_step", final.get("step", 0)))
+
+
+def _samples(cfg: AlignConfig) -> int:
+    return cfg.optim.steps * cfg.optim.batch_size * cfg.optim.grad_accum
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    from chaintune.utils.io import atomic_file
+
+    with atomic_file(dst, "wb") as f:
+        f.write(src.read_bytes())
+
+
 def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | None = "reinforce",
-             seed: int = 0, **overrides) -> list[dict]:
+             seed: int = 0, thread_policy: bool = True, **overrides) -> list[dict]:
     """RLR for ``steps`` optimizer steps; the comparison runs (RLR with ZO, a baseline) for a third as many.
 
-    ``overrides`` replace demo settings (any AlignConfig field, e.g. ``eval_samples``)."""
+    ``overrides`` replace demo settings (any AlignConfig field, e.g. ``eval_samples``). Each row's "after" is the
+    model the run delivers (``model/``: the best evaluation the hacking guard kept), with the step it is from."""
+    from chaintune.training.align import align_run
+
     out = Path(out)
+    if steps < 1:
+        raise ChaintuneError(f"--steps must be >= 1, got {steps}")
+    if not 0 <= digit <= 9:
+        raise ChaintuneError(f"--digit must be 0..9, got {digit}")
+    if baseline and baseline not in DEMO_BASELINES:
+        from chaintune.errors import unknown_name
+
+        raise unknown_name("demo baseline", baseline, DEMO_BASELINES)
     methods = ["rlr", "rlr+zo"] + ([baseline] if baseline else [])
+    files = ["before.png"] + [f"after_{m}.png" for m in methods]
+    cfgs = {m: demo_config(m, digit, steps if m == "rlr" else max(1, steps // 3), out, seed, **overrides)
+            for m in methods}
+    check_demo_outputs(out, files, methods)
     rows = []
     for method in methods:
-        cfg = demo_config(method, digit, steps if method == "rlr" else max(1, steps // 3), out, seed, **overrides)
+        cfg = cfgs[method]
         t0 = time.time()
-        run = align(cfg, overwrite=True)
+        result = align_run(cfg, overwrite=True, thread_policy=thread_policy)
         dt = time.time() - t0
-        metrics = [m for m in read_metrics(run) if "eval/reward" in m]
-        first, last = metrics[0], metrics[-1]
-        rows.append({"method": method, "reward_before": first["eval/reward"], "reward_after": last["eval/reward"],
-                     "nn_before": first.get("eval/nn_distance"), "nn_after": last.get("eval/nn_distance"),
-                     "share_before": first.get("eval/class_share"), "share_after": last.get("eval/class_share"),
-                     "heldout_after": last.get("eval/heldout_reward"), "diversity_before": first["eval/diversity"],
-                     "diversity_after": last["eval/diversity"], "seconds": dt,
-                     "samples": cfg.optim.steps * cfg.optim.batch_size * cfg.optim.grad_accum})
-        grids = sorted((run / "samples").glob("step_*.png"))
-        shutil.copy(grids[0], out / "before.png")
-        shutil.copy(grids[-1], out / f"after_{method}.png")
+        first, kept, kept_step = _delivered(result)
+        rows.append({"method": method, "reward_before": first["eval/reward"], "reward_after": kept["eval/reward"],
+                     "nn_before": first.get("eval/nn_distance"), "nn_after": kept.get("eval/nn_distance"),
+                     "share_before": first.get("eval/class_share"), "share_after": kept.get("eval/class_share"),
+                     "heldout_after": kept.get("eval/heldout_reward"), "diversity_before": first["eval/diversity"],
+                     "diversity_after": kept["eval/diversity"], "seconds": dt, "kept_step": kept_step,
+                     "steps": cfg.optim.steps, "samples": _samples(cfg)})
+        samples = result.out / "samples"
+        _copy_atomic(samples / "step_000000.png", out / "before.png")
+        _copy_atomic(samples / f"step_{kept_step:06d}.png", out / f"after_{method}.png")
+        _record_demo_outputs(out, files)
     print(format_table(rows, digit))
-    print(f"\ngrids: {out}/before.png " + " ".join(f"{out}/after_{m}.png" for m in methods))
+    print(f"\ngrids: {out}/before.png " + " ".join(f"{out}/after_{m}.png" for m in methods)
+          + "  (after: the model each run delivers)")
     print("runs:  " + " ".join(f"{out}/{m}" for m in methods) + "   (chaintune sample --model RUN)")
     return rows
 
 
+def _kept(r: dict) -> str:
+    """Which step's model a row reports: "250" when the last, "50 of 250" when the guard kept an earlier one."""
+    step, steps = r.get("kept_step", r.get("steps")), r.get("steps")
+    return f"{step}" if step == steps or steps is None else f"{step} of {steps}"
+
+
 def format_table(rows: list[dict], digit: int) -> str:
     head = (f"{'method':<10} {'reward':>16} {f'share of {digit}s':>13} {'held-out':>8} {'diversity':>14} "
-            f"{'nn-dist':>14} {'samples':>7} {'time':>6}")
+            f"{'nn-dist':>14} {'model of step':>13} {'samples':>7} {'time':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         share = (f"{r['share_before']:.0%} -> {r['share_after']:.0%}" if r["share_before"] is not None else "-")
@@ -85,9 +164,10 @@ def format_table(rows: list[dict], digit: int) -> str:
         lines.append(
             f"{r['method']:<10} {r['reward_before']:>6.2f} -> {r['reward_after']:>6.2f} {share:>13} "
             f"{(r['heldout_after'] or float('nan')):>8.2f} {r['diversity_before']:.3f} -> {r['diversity_after']:.3f} "
-            f"{nn:>14} {r['samples']:>7} {r['seconds']:>5.0f}s")
-    lines.append("share: held-out classifier; nn-dist: distance to the nearest real digit (base 0.12, noise 0.44; "
-                 "rising = reward hacking)")
+            f"{nn:>14} {_kept(r):>13} {r['samples']:>7} {r['seconds']:>5.0f}s")
+    lines.append("after: the model the run delivers (model/), the best evaluation the hacking guard kept; share: "
+                 "held-out classifier; nn-dist: distance to the nearest real digit (base 0.12, noise 0.44; rising = "
+                 "reward hacking)")
     return "\n".join(lines)
 
 
@@ -107,32 +187,41 @@ VIDEO_COLUMNS = ("eval/reward", "eval/heldout_reward", "eval/identity", "eval/di
 
 
 def run_video_demo(out: str | Path, steps: int = 30, methods: tuple[str, ...] = ("rlr", "full-backprop"),
-                   seed: int = 0, **overrides) -> list[dict]:
+                   seed: int = 0, thread_policy: bool = True, **overrides) -> list[dict]:
     """Align builtin:moving-digits with each method for ``steps`` steps; print a before/after table of the
-    reward, its held-out twin and the video judge, and write before/after clips as animated GIFs."""
+    reward, its held-out twin and the video judge, and write before/after clips as animated GIFs (the "after" of
+    each method is the model its run delivers, as in :func:`run_demo`)."""
+    from chaintune.training.align import align_run
+
     out = Path(out)
-    rows = []
+    if steps < 1:
+        raise ChaintuneError(f"--steps must be >= 1, got {steps}")
     for method in methods:
         if method not in VIDEO_METHODS:
             raise ChaintuneError(f"unknown video demo method {method!r}; use {', '.join(VIDEO_METHODS)}")
+    files = [f"{name}.{ext}" for name in ("before", *(f"after_{m}" for m in methods)) for ext in ("gif", "png")]
+    check_demo_outputs(out, files, list(methods))
+    rows = []
+    for method in methods:
         opts = dict(VIDEO_DEMO, **VIDEO_METHODS[method], steps=steps, eval_every=max(1, steps // 2),
                     out=str(out / method), seed=seed)
         opts.update(overrides)
         cfg = AlignConfig.from_dict(opts)
         t0 = time.time()
-        run = align(cfg, overwrite=True)
+        result = align_run(cfg, overwrite=True, thread_policy=thread_policy)
         dt = time.time() - t0
-        evals = [m for m in read_metrics(run) if "eval/reward" in m]
-        rows.append({"method": method, "before": {k: evals[0].get(k) for k in VIDEO_COLUMNS},
-                     "after": {k: evals[-1].get(k) for k in VIDEO_COLUMNS}, "seconds": dt,
-                     "samples": cfg.optim.steps * cfg.optim.batch_size * cfg.optim.grad_accum})
-        clips = sorted((run / "samples").glob("step_*.gif"))
-        for src, name in ((clips[0], "before"), (clips[-1], f"after_{method}")):
-            shutil.copy(src, out / f"{name}.gif")
-            shutil.copy(src.with_suffix(".png"), out / f"{name}.png")
+        first, kept, kept_step = _delivered(result)
+        rows.append({"method": method, "before": {k: first.get(k) for k in VIDEO_COLUMNS},
+                     "after": {k: kept.get(k) for k in VIDEO_COLUMNS}, "seconds": dt, "kept_step": kept_step,
+                     "steps": cfg.optim.steps, "samples": _samples(cfg)})
+        samples = result.out / "samples"
+        for step, name in ((0, "before"), (kept_step, f"after_{method}")):
+            for ext in ("gif", "png"):
+                _copy_atomic(samples / f"step_{step:06d}.{ext}", out / f"{name}.{ext}")
+        _record_demo_outputs(out, files)
     print(format_video_table(rows))
     print(f"\nclips: {out}/before.gif " + " ".join(f"{out}/after_{m}.gif" for m in methods)
-          + "  (PNG strips beside them)")
+          + "  (PNG strips beside them, each row captioned with its prompt)")
     print("runs:  " + " ".join(f"{out}/{m}" for m in methods)
           + "   (chaintune sample --model RUN --prompt 'a 7 moving left')")
     return rows
@@ -141,15 +230,18 @@ def run_video_demo(out: str | Path, steps: int = 30, methods: tuple[str, ...] = 
 def format_video_table(rows: list[dict]) -> str:
     names = {"eval/reward": "reward", "eval/heldout_reward": "held-out", "eval/identity": "identity",
              "eval/direction": "direction", "eval/follows_prompt": "follows", "eval/nn_distance": "nn-dist"}
-    head = f"{'method':<14} " + " ".join(f"{names[k]:>15}" for k in VIDEO_COLUMNS) + f" {'samples':>7} {'time':>6}"
+    head = (f"{'method':<14} " + " ".join(f"{names[k]:>15}" for k in VIDEO_COLUMNS)
+            + f" {'model of step':>13} {'samples':>7} {'time':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = []
         for k in VIDEO_COLUMNS:
             a, b = r["before"].get(k), r["after"].get(k)
             cells.append("-".rjust(15) if a is None or b is None else f"{a:>6.2f} -> {b:<6.2f}".rjust(15))
-        lines.append(f"{r['method']:<14} " + " ".join(cells) + f" {r['samples']:>7} {r['seconds']:>5.0f}s")
-    lines.append("identity: share of frames the held-out digit MLP reads as the prompt's digit; direction: share of "
+        lines.append(f"{r['method']:<14} " + " ".join(cells)
+                     + f" {_kept(r):>13} {r['samples']:>7} {r['seconds']:>5.0f}s")
+    lines.append("after: the model the run delivers (model/); identity: share of frames the held-out digit MLP reads "
+                 "as the prompt's digit; direction: share of "
                  "clips moving the prompt's way (ink centroid); follows: both; nn-dist: frames' distance to the "
                  "nearest real digit (rising = reward hacking)")
     return "\n".join(lines)

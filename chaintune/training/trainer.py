@@ -52,6 +52,7 @@ class Evaluation:
     images: torch.Tensor | None = None
     score: float | None = None  # higher is better: which evaluation's weights are the run's best
     alarm: str | None = None  # what looks wrong (reward hacking), for the objective's policy
+    captions: list[str] | None = None  # one per video of ``images`` (its prompt), written beside its strip
 
 
 @dataclass
@@ -144,11 +145,18 @@ def _device(requested: str | None) -> torch.device | None:
 
 
 class Trainer:
-    """Runs an :class:`Objective` under a config with ``optim``/``eval``/``run`` sections."""
+    """Runs an :class:`Objective` under a config with ``optim``/``eval``/``run`` sections.
+
+    ``thread_policy`` (default True): on the CPU, torch's intra-op thread count follows
+    :mod:`chaintune.utils.threads` (one thread while loading and for small models, the free cores for big
+    ones, ``CHAINTUNE_THREADS`` wins). torch's default of a thread per core stalls every op when another
+    process holds a core (benchmarks/threads.py: a demo step 10x slower under load). Pass False when the caller
+    manages torch's threads itself.
+    """
 
     def __init__(self, cfg: Any, objective: Objective, *, out: str | Path | None = None, overwrite: bool = False,
                  resume: bool = False, show_progress: bool | None = None, name: str | None = None,
-                 thread_policy: bool = False):
+                 thread_policy: bool = True):
         self.cfg, self.objective = cfg, objective
         self.out = Path(out) if out is not None else None
         self.overwrite, self.resume = overwrite, resume
@@ -164,6 +172,14 @@ class Trainer:
     def autocast(self):
         return self.acc.autocast()
 
+    def threads_for(self, model) -> None:
+        """Apply the thread rule for ``model`` (unless the caller manages threads). Objectives call it as soon as
+        their model is loaded, so that heavy work in ``prepare`` (a knowledge bank) runs under it too."""
+        if self.thread_policy and self.device.type == "cpu":
+            from chaintune.utils.threads import apply_thread_policy
+
+            apply_thread_policy(model)
+
     def log_line(self, text: str) -> None:
         """A message that does not break the progress bar (main process only)."""
         if self.main:
@@ -173,6 +189,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> RunResult:
+        from chaintune.utils.hub import quiet_hub
+
+        with quiet_hub():  # the run's own progress bar only: no loading/saving bars or warnings of the libraries
+            return self._fit()
+
+    def _fit(self) -> RunResult:
         from accelerate import Accelerator
 
         cfg, obj = self.cfg, self.objective
@@ -193,29 +215,32 @@ class Trainer:
             if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
                 from chaintune.training.runs import RunLock, check_run_dir
 
-                check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume)
+                check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, inputs=_input_paths(cfg))
                 self.lock = RunLock(self.out)
                 if self.out.is_dir():
                     self.lock.acquire()  # a second writer stops here, before it loads a model
                 if self.resume:
                     check_resume_config(cfg, self.out)
-            obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
-            if self.thread_policy:
+                    check_resumable(cfg, self.out)
+            if self.thread_policy and self.device.type == "cpu":
                 from chaintune.utils.threads import apply_thread_policy
 
-                apply_thread_policy(obj.model)
+                apply_thread_policy(0)  # loading and probing: small work, one thread until the model is known
+            obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
+            self.threads_for(obj.model)
             if self.out is not None and self.main:
                 from chaintune.training.runs import prepare_run_dir
 
                 prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
                 if not self.resume or not (self.out / "config.yaml").exists():
-                    # marker and config at once: a run killed before its first checkpoint can still be resumed
+                    # the marker first, then the config: a run killed at any moment is recognisably a run, which
+                    # --resume (it starts over before its first checkpoint) and --overwrite accept
                     from chaintune.training import checkpoint as ckpt
 
-                    ckpt.save_config(self.out, to_dict(cfg))
                     self._status_base = {"command": obj.command, "name": self.name, **obj.info(),
                                          "config": flat_values(cfg)}
                     self._status("starting")
+                    ckpt.save_config(self.out, to_dict(cfg))
             self.acc.wait_for_everyone()
             return self._train()
         except KeyboardInterrupt:
@@ -272,7 +297,7 @@ class Trainer:
         if self.resume:
             restored = ckpt.restore(out, den, opt, lr_sched, self.generator, self.state, ema=self.ema,
                                     warn=self.log_line)
-            if restored is None:
+            if restored is None:  # killed before its first checkpoint (check_resumable refused finished runs)
                 self.log_line(f"warning: {out} has no checkpoint yet; the run starts over")
             elif restored > opt_cfg.steps:
                 raise ChaintuneError(f"--resume: the newest checkpoint is at step {restored}, past --steps "
@@ -572,7 +597,7 @@ class Trainer:
         if ev.images is not None and self.out is not None and self.main:
             from chaintune.utils.images import save_grid
 
-            save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png")
+            save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png", captions=ev.captions)
         return dict(ev.metrics)
 
 
@@ -583,6 +608,45 @@ RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "eval_samples", "grid_samp
                                "out", "fsdp"})  # fsdp: checkpoints hold full tensors either way
 
 
+def _input_paths(cfg: Any) -> tuple[str, ...]:
+    """Every option value that names an existing file or folder (the model, data, prompt file, bank cache):
+    what the run reads, so what its ``--out`` must not hold when it is overwritten or resumed."""
+    values = [v for k, v in flat_values(cfg).items() if k != "out"]
+    names = [x for v in values for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, str) and x]
+    return tuple(x for x in names if _exists(x))
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):  # a prompt too long for a file name, a NUL byte
+        return False
+
+
+def check_resumable(cfg: Any, out: Path) -> None:
+    """A finished run is never restarted by ``--resume``: it needs a checkpoint to continue from and more
+    ``--steps`` than it ran (a finished run without one keeps its model; train further from it with --model)."""
+    from chaintune.training import checkpoint as ckpt
+    from chaintune.training.runs import read_run_info
+
+    try:
+        info = read_run_info(out)
+    except ChaintuneError:
+        return  # no marker yet (killed before it was written): nothing finished, nothing to keep
+    if info.get("status") != "finished":
+        return
+    done = (info.get("final") or {}).get("step")
+    newest = ckpt.latest(out)
+    if newest is None:
+        raise ChaintuneError(f"--resume: {out} finished{f' at step {done}' if done is not None else ''} and has no "
+                             f"checkpoint to continue from (--save-every 0); its model stays as it is. To train "
+                             f"further, start a new run from it: --model {out} --out NEW")
+    step = int(newest.name.removeprefix("step_"))
+    if cfg.optim.steps <= step:
+        raise ChaintuneError(f"--resume: {out} already finished at step {step}; nothing to resume (raise --steps "
+                             f"above {step} to train it further)")
+
+
 def check_resume_config(cfg: Any, out: Path) -> None:
     """Refuse a resume whose options differ from what the run ran with outside RESUME_MAY_CHANGE.
 
@@ -591,7 +655,10 @@ def check_resume_config(cfg: Any, out: Path) -> None:
     from chaintune.options import flat_values, from_dict
     from chaintune.training.runs import read_run_info
 
-    recorded = read_run_info(out).get("config")
+    try:
+        recorded = read_run_info(out).get("config")
+    except ChaintuneError:
+        recorded = None  # killed before its marker was written (check_run_dir let only such a folder through)
     if not isinstance(recorded, dict):
         return  # killed before it recorded its config: nothing to compare with, the run starts over
     try:

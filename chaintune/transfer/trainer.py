@@ -68,6 +68,7 @@ class TransferObjective(Objective):
         cfg = self.cfg
         model = self.given_model.to(run.device) if self.given_model is not None \
             else chaintune.load(cfg.model, device=str(run.device))
+        run.threads_for(model)  # encoding the data and sampling the bank run under the rule
         target = self.target if self.target is not None else load_target(model, cfg.data)
         x_img, y = target
         # data with per-sample prompts (LabelledData.prompted) names each label by its prompt: by default every

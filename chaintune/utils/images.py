@@ -47,20 +47,48 @@ def save_video_grid(videos: torch.Tensor, path: str | Path, nrow: int | None = N
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              captions: list[str] | None = None) -> Path:
     """Write a grid PNG atomically; tiny images are upscaled so the grid is readable. Videos
-    ``[n, F, C, H, W]`` become one strip of frames per row, and an animated grid beside it (same name, .gif)."""
+    ``[n, F, C, H, W]`` become one strip of frames per row, and an animated grid beside it (same name, .gif);
+    ``captions`` (one per video, e.g. its prompt) are written left of each strip, so prompt-following can be
+    checked by eye."""
     from chaintune.utils.io import atomic_file
 
     path = Path(path)
+    rows = None
     if images.dim() == 5:
         save_video_grid(images, path.with_suffix(".gif"))
+        rows = images.shape[0]
         nrow, images = images.shape[1], images.flatten(0, 1)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow)
     pil = to_pil(grid, upscale=auto_upscale(images.shape[-1]) // 2 or 1)
+    if captions is not None and rows is not None:
+        pil = caption_rows(pil, [str(c) for c in captions[:rows]], rows)
     with atomic_file(path, "wb") as f:
         pil.save(f, format="PNG")
     return path
+
+
+def caption_rows(pil: Image.Image, captions: list[str], rows: int, size: int = 11) -> Image.Image:
+    """``pil`` with a white margin on the left holding ``captions[r]`` beside row r of its ``rows`` rows (DejaVu
+    Sans from matplotlib, PIL's bitmap font where that is missing)."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        import matplotlib
+
+        font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(pil)
+    width = max((int(draw.textlength(c, font=font)) for c in captions), default=0) + 8
+    out = Image.new(pil.mode, (pil.width + width, pil.height), 255 if pil.mode == "L" else (255, 255, 255))
+    out.paste(pil, (width, 0))
+    draw, row_h = ImageDraw.Draw(out), pil.height / rows
+    for r, text in enumerate(captions):
+        draw.text((4, (r + 0.5) * row_h), text, fill=0 if out.mode == "L" else (0, 0, 0), font=font, anchor="lm")
+    return out
 
 
 def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
