@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.errors import ChaintuneError, shown, unknown_name
 
 __all__ = ["option", "section", "field_help", "Spec", "specs", "from_dict", "to_dict", "check", "flat_values",
            "load_config"]
@@ -106,7 +106,12 @@ def _args(tp: Any) -> tuple:
 
 
 def _kind(v: Any) -> str:
-    return f"{v!r} ({type(v).__name__})"
+    return f"{shown(v)} ({type(v).__name__})"
+
+
+INT64 = (-(2**63), 2**63 - 1)
+"""The range of an integer option: torch and numpy take integers (seeds, counts, sizes) as 64-bit, and a
+larger one fails deep inside them (``torch.Generator().manual_seed(2**64)``: "Overflow when unpacking long")."""
 
 
 def coerce(spec: Spec, value: Any) -> Any:
@@ -187,6 +192,8 @@ def _coerce_one(tp: Any, v: Any) -> Any:
 def _check_bounds(spec: Spec, v: Any) -> None:
     if spec.choices is not None and v not in spec.choices:
         raise unknown_name(f"value for {spec.name}", str(v), [str(c) for c in spec.choices])
+    if isinstance(v, int) and not isinstance(v, bool) and not INT64[0] <= v <= INT64[1]:
+        raise ChaintuneError(f"option {spec.name} must fit in 64 bits (at most {INT64[1]}), got {shown(v)}")
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if spec.min is not None and v < spec.min:
             raise ChaintuneError(f"option {spec.name} must be >= {spec.min}, got {v}")
@@ -224,7 +231,7 @@ def flatten_keys(config: Any, values: dict, what: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in values.items():
         if not isinstance(k, str):
-            raise ChaintuneError(f"{what} keys must be names, got {k!r}")
+            raise ChaintuneError(f"{what} keys must be names, got {shown(k)}")
         if k in secs and isinstance(v, dict):
             for k2, v2 in v.items():
                 flat[by_path.get((k, str(k2)), secs[k] + str(k2))] = v2

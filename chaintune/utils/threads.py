@@ -17,8 +17,10 @@ that are free when the run starts:
 * otherwise one thread per core that is not already busy: the cores available to this process minus the
   cores the rest of the machine is using (CPU time over a quarter of a second, rounded), at least 1.
 
-``CHAINTUNE_THREADS=N`` overrides the rule (``auto`` or empty: the rule). GPU models keep torch's default,
-since the CPU then only feeds the device.
+``CHAINTUNE_THREADS=N`` overrides the rule (``auto`` or empty: the rule), for N up to the CPUs this process may
+use; a larger N is refused rather than clamped: it is a setting meant for another machine, and running more
+threads than cores is what the rule exists to avoid (and torch crashes on absurd counts, 100000 segfaults). GPU
+models keep torch's default, since the CPU then only feeds the device.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ def choose_threads(num_parameters: int) -> int:
 
 
 def threads_from_env() -> int | None:
-    """``CHAINTUNE_THREADS`` as a positive int; None when unset, empty or ``auto``."""
+    """``CHAINTUNE_THREADS`` as a positive int, at most :func:`available_cpus`; None when unset, empty or ``auto``.
+
+    An error, not a clamp with a warning, when it asks for more threads than CPUs: the variable is an explicit
+    order, and obeying a different number than the one given would hide that it was set for another machine."""
     raw = os.environ.get(ENV, "").strip()
     if raw.lower() in ("", "auto"):
         return None
@@ -98,7 +103,11 @@ def threads_from_env() -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise ChaintuneError(f"{ENV} must be a positive number of threads or 'auto', got {raw!r}")
+        raise ChaintuneError(f"{ENV} must be a positive number of threads or 'auto', got {raw[:40]!r}")
+    cpus = available_cpus()
+    if n > cpus:
+        raise ChaintuneError(f"{ENV}={n} asks for more threads than the {cpus} CPU(s) this process may use; set it "
+                             f"to at most {cpus}, or to 'auto'")
     return n
 
 
