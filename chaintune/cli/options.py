@@ -52,7 +52,8 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
     """Register ``chaintune NAME``: flags from ``config_cls``; ``run(cfg, resume=, overwrite=)`` does the work.
 
     ``code_options`` name options whose value may import and run Python code (``module:function``
-    rewards): taken from a resumed run's saved config, they need ``--trust-code``."""
+    rewards): taken from a config file that belongs to a run directory (the config ``--resume`` reads, or any
+    ``--config`` inside a run), they need ``--trust-code``."""
     defaults = config_cls()
     opts = specs(defaults)
     clash = {s.name for s in opts} & set(_FIXED)
@@ -72,8 +73,9 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
                                "nothing else; never the working directory).")]),
     ]
     if code_options:
-        trust = typer.Option(help="With --resume: allow the run's saved config to import and run Python code (a "
-                             "module:function reward). A run directory from someone else can run any code.")
+        trust = typer.Option(help="Allow a config from a run directory (the one --resume reads, or a --config inside a "
+                             "run) to import and run Python code (a module:function reward). A run directory from "
+                             "someone else can run any code.")
         params.append(inspect.Parameter("trust_code", inspect.Parameter.KEYWORD_ONLY, default=False,
                                         annotation=Annotated[bool, trust]))
     for s in opts:
@@ -85,9 +87,12 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
         ctx: typer.Context = kwargs.pop("ctx")
         config, resume, overwrite = kwargs.pop("config"), kwargs.pop("resume"), kwargs.pop("overwrite")
         trust = kwargs.pop("trust_code", False)
+        source = config_source(kwargs.get("out"), config, resume)
         values = resolve(config_cls, ctx, kwargs, config, resume)
-        if resume and config is None and not trust:
-            _refuse_saved_code(values, [k for k in code_options if not _on_command_line(ctx, k)])
+        if source is not None and not trust:
+            owner = run_holding(source)
+            if owner is not None:
+                _refuse_saved_code(values, [k for k in code_options if not _on_command_line(ctx, k)], source, owner)
         run(from_dict(config_cls, values, f"{name} option"), resume=resume, overwrite=overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -103,8 +108,7 @@ def resolve(config_cls: type, ctx: typer.Context, given: dict, config: Path | No
 
     defaults = config_cls()
     out = given.get("out")
-    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
-        config = Path(out) / "config.yaml"  # continue with the run's own settings
+    config = config_source(out, config, resume)
     values = flatten_keys(defaults, load_config_file(config), "config key") if config else {}
     if config:
         from_dict(config_cls, values, f"option in {config}")  # a typo in the file fails here, with its name
@@ -117,17 +121,38 @@ def resolve(config_cls: type, ctx: typer.Context, given: dict, config: Path | No
     return values
 
 
-def _refuse_saved_code(values: dict, keys: list[str]) -> None:
-    """A resumed run's config.yaml may name code to import (it may come from anyone): only with --trust-code."""
-    from chaintune.errors import ChaintuneError
+def config_source(out: str | Path | None, config: Path | None, resume: bool) -> Path | None:
+    """The config file the options come from: ``--config``, else with ``--resume`` the run's own config.yaml."""
+    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
+        return Path(out) / "config.yaml"  # continue with the run's own settings
+    return config
+
+
+def run_holding(path: Path) -> Path | None:
+    """The run directory ``path`` lies in (a folder holding chaintune's run marker, at any level above it), as
+    given or once its links are resolved; None when it lies in none."""
+    from chaintune.backends.run_dir import is_run_dir
+
+    path = Path(path).absolute()
+    for where in dict.fromkeys((path, path.resolve())):
+        for folder in where.parents:
+            if is_run_dir(folder):
+                return folder
+    return None
+
+
+def _refuse_saved_code(values: dict, keys: list[str], source: Path, run: Path) -> None:
+    """A config that belongs to a run directory may name code to import (the run may come from anyone): only
+    with --trust-code. Options given on the command line are the user's own and are not checked."""
+    from chaintune.errors import ChaintuneError, shown
     from chaintune.rewards.registry import code_terms
 
     for k in keys:
         v = values.get(k)
         found = code_terms(v) if isinstance(v, str) else []
         if found:
-            raise ChaintuneError(f"--resume: the run's saved config sets {k} to {found[0]!r}, which imports and runs "
-                                 "Python code; pass --trust-code if you trust this run directory")
+            raise ChaintuneError(f"{source} belongs to the run {run} and sets {k} to {shown(found[0])}, which imports "
+                                 "and runs Python code; pass --trust-code if you trust this run directory")
 
 
 def _on_command_line(ctx: typer.Context, key: str) -> bool:
