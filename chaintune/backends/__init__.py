@@ -15,13 +15,14 @@ The backend classes are imported lazily (PEP 562), so reading run metadata
 from __future__ import annotations
 
 import importlib
-import json
+import inspect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chaintune.backends import files
 from chaintune.backends.run_dir import RUN_MARKER, is_run_dir, load_run
-from chaintune.errors import ChaintuneError
+from chaintune.errors import ChaintuneError, shown
 
 if TYPE_CHECKING:
     from chaintune.backends.base import Conditions, DiffusionModel
@@ -117,56 +118,49 @@ PIPELINE_LOADERS = {
 }
 
 
-def _load_dir(path: Path, source: str) -> DiffusionModel:
+def _load_dir(path: Path, source: str, allow_pickle: bool = False) -> DiffusionModel:
+    """The model in folder ``path``, recognised by its top level, its files checked (:mod:`.files`) before the
+    backend's loader reads them, and what the libraries raise while reading them reported as one input error."""
+    from chaintune.backends.files import check_model_dir, is_model_dir, read_json, reading_model
+    from chaintune.utils.io import pickle_allowed
+
+    if not is_model_dir(path):
+        raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json or config.json at "
+                                 "its top level)")
+    check_model_dir(path, allow_pickle)
     index = path / "model_index.json"
-    if index.exists():
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        target = PIPELINE_LOADERS.get(cls)
-        if target is None and cls.startswith("StableDiffusion") and "XL" not in cls and "3" not in cls:
-            target = PIPELINE_LOADERS["StableDiffusionPipeline"]  # SD 1.x/2.x variants share the backend
-        if target is None:
-            raise ChaintuneError(f"{path}: pipeline {cls!r} is not supported; chaintune loads "
-                                 f"{', '.join(sorted(PIPELINE_LOADERS))}")
-        module, _, fn = target.partition(":")
-        return getattr(importlib.import_module(module), fn)(path, source)
-    cfg = path / "config.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel":
-        from chaintune.backends.unet import load_unet
-
-        return load_unet(path, source)
-    raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+    cls = read_json(index if index.is_file() else path / "config.json").get("_class_name", "")
+    target = PIPELINE_LOADERS.get(cls) if index.is_file() else BARE_MODEL_LOADERS.get(cls)
+    if target is None and index.is_file() and isinstance(cls, str) and cls.startswith("StableDiffusion") \
+            and "XL" not in cls and "3" not in cls:
+        target = PIPELINE_LOADERS["StableDiffusionPipeline"]  # SD 1.x/2.x variants share the backend
+    if target is None:
+        what, known = ("pipeline", PIPELINE_LOADERS) if index.is_file() else ("model", BARE_MODEL_LOADERS)
+        raise ChaintuneError(f"{path}: {what} {shown(cls)} is not supported; chaintune loads "
+                             f"{', '.join(sorted(known))}")
+    module, _, fn = target.partition(":")
+    loader = getattr(importlib.import_module(module), fn)
+    # diffusers/transformers then refuse a pickle themselves, whatever the guard above missed
+    options = {} if pickle_allowed(allow_pickle) else {"use_safetensors": True}
+    with reading_model(path):
+        return loader(path, source, **_accepted(loader, options))
 
 
-def check_safe_weights(path: Path, allow_pickle: bool = False) -> None:
-    """Refuse a model directory where some component would load from a pickle (loading a pickle can run code).
+def _accepted(loader, options: dict) -> dict:
+    """The ``options`` that ``loader`` takes (one that takes ``**kwargs`` passes them on to ``from_pretrained``)."""
+    params = inspect.signature(loader).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return options
+    names = {p.name for p in params}
+    return {k: v for k, v in options.items() if k in names}
 
-    Checked per folder, since each folder is loaded on its own (diffusers components are subfolders: ``unet/``,
-    ``vae/``, ``text_encoder/`` ...) and prefers safetensors over a pickle *beside it*: a pickle-format weight
-    file with no ``.safetensors`` in the same folder is what that component would load. A safetensors file in
-    another folder (or a variant such as ``*.fp16.safetensors``, which chaintune does not ask for) makes
-    nothing safe. ``allow_pickle`` or ``CHAINTUNE_ALLOW_PICKLE=1`` opts in.
-    """
-    from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
 
-    if pickle_allowed(allow_pickle) or not path.is_dir():
-        return
-    by_folder: dict[Path, list[Path]] = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            by_folder.setdefault(f.parent, []).append(f)
-    for folder, files in by_folder.items():
-        pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
-        # a variant (name.fp16.safetensors) is not what loads without variant=: it does not shadow the pickle
-        if pickles and not any(f.suffix == ".safetensors" and "." not in f.stem for f in files):
-            where = "" if folder == path else f"{folder.relative_to(path)}/ of "
-            raise ChaintuneError(
-                f"{where}{path} holds only pickled weights ({pickles[0].name}, no .safetensors beside it), and "
-                "loading a pickle can run code; chaintune loads safetensors. Convert them, or if you trust the "
-                f"files pass --allow-pickle (Python: allow_pickle=True) or set {ALLOW_PICKLE_ENV}=1"
-            )
+# a folder holding one model (config.json, no model_index.json): its _class_name -> loader
+BARE_MODEL_LOADERS = {"UNet2DModel": "chaintune.backends.unet:load_unet"}
+
+PICKLE_SUFFIXES = files.PICKLE_SUFFIXES
+check_safe_weights = files.check_safe_weights
+check_model_dir = files.check_model_dir
 
 
 def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False,
@@ -182,18 +176,17 @@ def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: b
     """
     model_id = str(model_id)
     if model_id.startswith("builtin:"):
-        model = _load_dir(builtin_path(model_id.split(":", 1)[1]), model_id)
+        model = _load_dir(builtin_path(model_id.split(":", 1)[1]), model_id, allow_pickle)
     else:
         path = Path(model_id).expanduser()
         if path.is_dir() and is_run_dir(path):
             model = load_run(path, lambda mid: load(mid, allow_pickle=allow_pickle))  # the run's model/ or base
         elif path.is_dir():
-            check_safe_weights(path, allow_pickle)
-            model = _load_dir(path, model_id)
+            model = _load_dir(path, model_id, allow_pickle)
         elif path.exists():
             raise ModelNotFoundError(f"{model_id} is a file; a model id is a directory, builtin:NAME or a hub id")
         else:
-            model = _load_dir(_hub_snapshot(model_id), model_id)
+            model = _load_dir(_hub_snapshot(model_id), model_id, allow_pickle)
     if device is not None:
         model.to(device)
     if vae_chunk is not None:

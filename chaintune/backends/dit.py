@@ -80,6 +80,6 @@ class DiTModel(VAELatents, DiffusionModel):
                     id2label=self.id2label).save_pretrained(str(path), safe_serialization=True)
 
 
-def load_dit(path: str | Path, source: str = "") -> DiTModel:
-    pipe = DiTPipeline.from_pretrained(str(path))
+def load_dit(path: str | Path, source: str = "", **kw) -> DiTModel:
+    pipe = DiTPipeline.from_pretrained(str(path), **kw)
     return DiTModel(pipe.transformer, pipe.vae, as_chain_scheduler(pipe.scheduler), source=source or str(path))

@@ -48,7 +48,11 @@ def load_run(path: str | Path, load_model: Callable[[str], DiffusionModel]) -> D
     if (path / "model" / "model_index.json").exists():
         model = load_model(str(path / "model"))
     elif (path / "adapter").exists():
-        model = load_model(info["base_model"])
+        base = info.get("base_model") if isinstance(info, dict) else None
+        if not isinstance(base, str) or not base:
+            raise ChaintuneError(f"{path / RUN_MARKER} names no base_model for the run's adapter/; the run directory "
+                                 "is damaged")
+        model = load_model(base)
         _apply_adapter(model, path / "adapter")
     else:
         raise ChaintuneError(f"{path} holds no model yet (no model/ or adapter/); the run may not have saved")
@@ -57,12 +61,20 @@ def load_run(path: str | Path, load_model: Callable[[str], DiffusionModel]) -> D
 
 
 def _apply_adapter(model: DiffusionModel, adapter: Path) -> None:
-    """Inject LoRA layers of the saved rank and load the peft-format weights into them."""
+    """Inject LoRA layers of the saved rank and load the peft-format weights into them (files checked first, and
+    what peft/safetensors raise reading them reported as one input error)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from chaintune.backends.files import check_safetensors, read_json, reading_model
     from chaintune.training.adapters import apply_lora
 
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    apply_lora(model.denoiser, rank=cfg.get("r") or 4)
-    set_peft_model_state_dict(model.denoiser, load_file(str(adapter / "adapter_model.safetensors")))
+    cfg = read_json(adapter / "adapter_config.json")
+    rank = cfg.get("r") or 4
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ChaintuneError(f"{adapter / 'adapter_config.json'}: r must be a rank >= 1, got {rank!r}")
+    weights = adapter / "adapter_model.safetensors"
+    check_safetensors(weights)
+    with reading_model(adapter):
+        apply_lora(model.denoiser, rank=rank)
+        set_peft_model_state_dict(model.denoiser, load_file(str(weights)))

@@ -99,12 +99,14 @@ class UNetModel(DiffusionModel):
         )
 
 
-def load_unet(path: str | Path, source: str = "") -> UNetModel:
+def load_unet(path: str | Path, source: str = "", **kw) -> UNetModel:
+    """A DDPM/DDIM pipeline folder or a bare ``UNet2DModel`` folder; ``kw`` go to the UNet's ``from_pretrained``
+    (``use_safetensors=True``: refuse pickled weights)."""
     path = Path(path)
     if (path / "model_index.json").exists():
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kw)
         sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     else:
-        unet = UNet2DModel.from_pretrained(path)
+        unet = UNet2DModel.from_pretrained(path, **kw)
         sched = DDPMScheduler()
     return UNetModel(unet, sched, source=source or str(path))

@@ -34,6 +34,7 @@ default; Wan's authors recommend a long negative prompt) and the prompt as one b
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -267,6 +268,32 @@ class WanModel(PromptConditioned, DiffusionModel):
         return True
 
 
+# what chaintune_video.json may set, and the type each must have
+_SAVED_OPTIONS = {"num_frames": int, "height": int, "width": int, "max_sequence_length": int, "default_prompts": str,
+                  "guidance_scale": float}
+
+
+def _saved_video_options(saved: Path) -> dict:
+    """The known options of a model's ``chaintune_video.json``, each of its type (sizes >= 1): a damaged file is
+    refused naming it, not an error inside the sampler later."""
+    from chaintune.backends.files import read_json
+    from chaintune.errors import shown
+
+    out = {}
+    for key, value in read_json(saved).items():
+        kind = _SAVED_OPTIONS.get(key)
+        if kind is None:
+            continue
+        ok = isinstance(value, str) if kind is str else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (kind is float or (float(value).is_integer() and value >= 1)))
+        if not ok:
+            raise ChaintuneError(f"{saved}: {key} must be {'a string' if kind is str else 'a number'}"
+                                 f"{' >= 1' if kind is int else ''}, got {shown(value)}; the model folder is damaged")
+        out[key] = kind(value)
+    return out
+
+
 def load_wan(path: str | Path, source: str = "", **kw) -> WanModel:
     """A :class:`WanModel` from a ``WanPipeline`` directory; the video size comes from ``CHAINTUNE_VIDEO_SHAPE``,
     else the directory's ``chaintune_video.json``, else the pipeline's defaults (81 x 480 x 832)."""
@@ -276,8 +303,7 @@ def load_wan(path: str | Path, source: str = "", **kw) -> WanModel:
     opts: dict = {}
     saved = path / VIDEO_SHAPE_FILE
     if saved.exists():
-        known = ("num_frames", "height", "width", "max_sequence_length", "default_prompts", "guidance_scale")
-        opts.update({k: v for k, v in json.loads(saved.read_text()).items() if k in known})
+        opts.update(_saved_video_options(saved))
     if os.environ.get(VIDEO_SHAPE_ENV):
         opts["num_frames"], opts["height"], opts["width"] = parse_video_shape(os.environ[VIDEO_SHAPE_ENV])
     model_kw = {k: kw.pop(k) for k in ("num_frames", "height", "width", "max_sequence_length", "negative_prompt",
