@@ -114,20 +114,36 @@ def to_grey(image: Any) -> torch.Tensor:
 
 
 def load_condition_image(path: str | Path) -> torch.Tensor:
-    """A PNG/JPEG/... file as grey [1, 1, H, W] (16-bit PNGs keep their 16 bits)."""
+    """A PNG/JPEG/... file as grey [1, 1, H, W] (16-bit PNGs keep their 16 bits).
+
+    Refused with one error naming the file: a missing path, a folder or a pipe (checked before it is opened: a
+    pipe would block), a file PIL cannot read or decode (truncated), and an image of more pixels than PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89M): decoding one would take gigabytes for a
+    map that is resized to the model's few pixels anyway.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.is_file():
-        from chaintune.errors import InputFileNotFoundError
+    from chaintune.utils.io import check_input_file
 
-        raise InputFileNotFoundError(f"condition image {p} does not exist")
+    p = check_input_file(path, "condition image")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return to_grey(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
+            with Image.open(p) as im:
+                im.load()
+                return to_grey(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ChaintuneError(f"condition image {p} is too large ({e}); give an image of at most "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels (it is resized to the model's size anyway)") from None
     except UnidentifiedImageError:
         raise ChaintuneError(f"{p} is not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a damaged or truncated file
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a read error of the disk or a permission: reported as such
+        raise ChaintuneError(f"condition image {p} cannot be decoded ({type(e).__name__}: {e}); the file is damaged "
+                             "or truncated") from None
 
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])

@@ -31,7 +31,9 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
                    guidance_scale: float | None, batch_size: int, device: str, allow_pickle: bool) -> None:
     import typer
 
-    from chaintune.cli.basic import _check_conditions
+    from chaintune.backends.files import reading_model
+    from chaintune.cli.basic import _check_conditions, check_sample_memory
+    from chaintune.controlnet.conditions import load_condition_image
     from chaintune.controlnet.model import load_controlled
     from chaintune.controlnet.trainer import sample_controlled
     from chaintune.utils.images import save_grid, save_images
@@ -39,10 +41,13 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
 
     if controlnet is None or condition is None:
         raise ChaintuneError("--controlnet and --condition go together (a ControlNet run and the image it follows)")
-    m = load_controlled(controlnet, base=model, device=device, allow_pickle=allow_pickle)
+    image = load_condition_image(condition)  # a missing or unreadable file fails now, not after loading the models
+    with reading_model(Path(controlnet)):
+        m = load_controlled(controlnet, base=model, device=device, allow_pickle=allow_pickle)
     apply_thread_policy(m)
     _check_conditions(m, label=label, prompt=prompt, steps=steps)
-    control = condition_from_image(m, condition).repeat(num, 1, 1, 1)
+    check_sample_memory(m, num, steps)
+    control = condition_from_image(m, image).repeat(num, 1, 1, 1)
     t0 = time.time()
     images = sample_controlled(m, control, steps=steps, eta=eta, generator=torch.Generator().manual_seed(seed),
                                labels=label, prompts=prompt, guidance_scale=guidance_scale, scheduler=scheduler,
