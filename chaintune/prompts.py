@@ -22,7 +22,7 @@ import torch
 
 from chaintune.backends.base import Conditions
 from chaintune.data.moving import all_prompts
-from chaintune.errors import ChaintuneError, InputFileNotFoundError, user_code_error
+from chaintune.errors import ChaintuneError, shown, user_code_error
 
 __all__ = ["BUILTIN_PROMPTS", "PromptSource", "load_prompts", "StagePrompts", "StagedModel", "STAGES"]
 
@@ -83,13 +83,17 @@ def _read_file(path: Path) -> list[str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ChaintuneError(f"prompt file {path} is not valid JSON: {e}") from e
+        except RecursionError:  # json recurses once per nesting level
+            raise ChaintuneError(f"prompt file {path} is nested too deeply; it is a list of prompts") from None
         if not isinstance(data, list):
             raise ChaintuneError(f"{path}: expected a JSON list of prompts")
-        bad = [d for d in data if isinstance(d, dict) and "prompt" not in d]
-        if bad:
-            raise ChaintuneError(f"{path}: every object in the list needs a 'prompt' key, e.g. "
-                                 f"{{\"prompt\": \"a cat\"}}; got {json.dumps(bad[0])[:80]}")
-        return [d["prompt"] if isinstance(d, dict) else str(d) for d in data]
+        prompts = [d.get("prompt") if isinstance(d, dict) else d for d in data]
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):  # a nested list, a number, an object without a string 'prompt'
+                raise ChaintuneError(f"{path}: a prompt file is a list of strings or of objects with a 'prompt' key "
+                                     f"(a string), e.g. [\"a cat\", {{\"prompt\": \"a dog\"}}]; item {i} is "
+                                     f"{shown(data[i])}")
+        return prompts
     lines = [ln.strip() for ln in text.splitlines()]
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
@@ -106,9 +110,9 @@ def load_prompts(source: str | Path | Sequence[str] | Callable | PromptSource) -
             raise ChaintuneError(f"unknown builtin prompt set {name!r}; available: {sorted(BUILTIN_PROMPTS)}")
         return PromptSource(BUILTIN_PROMPTS[name], name=source)
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise InputFileNotFoundError(f"prompt file not found: {path}")
+        from chaintune.utils.io import check_input_file
+
+        path = check_input_file(Path(source).expanduser(), "prompt file")  # a pipe would block the read
         prompts = _read_file(path)
         if not prompts:
             raise ChaintuneError(f"prompt file {path} has no prompts")

@@ -169,12 +169,15 @@ class FunctionReward(Reward):
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
             out = out[0]  # DDPO-style (values, info) return
         if isinstance(out, torch.Tensor):
+            _check_real(out, self.name)
             out = out.to(images.device)
             return out if out.is_floating_point() else out.float()
         try:
-            return torch.as_tensor(out, dtype=torch.float32, device=images.device)
+            values = torch.as_tensor(out)  # its own dtype first: a complex array must not be cast silently
         except (TypeError, ValueError, RuntimeError) as e:
             raise ChaintuneError(f"reward {self.name!r} returned {type(out).__name__}, not numbers: {e}") from e
+        _check_real(values, self.name)
+        return values.to(device=images.device, dtype=torch.float32)
 
 
 def _accepted_kwargs(fn: Callable) -> set[str] | None:
@@ -218,6 +221,13 @@ class WeightedSum(Reward):
         return total if self.differentiable else total.detach()
 
 
+def _check_real(values: torch.Tensor, name: str) -> None:
+    """Refuse complex values: casting them to float drops the imaginary part without a word."""
+    if values.is_complex():
+        raise ChaintuneError(f"reward {name!r} returned complex values ({values.dtype}); a reward is one real number "
+                             "per image (take .real or .abs() in your function if that is what you mean)")
+
+
 def validate_reward_output(values: Any, n: int, name: str = "reward") -> torch.Tensor:
     """Check a reward's output is a finite float tensor of shape [n]; return it.
 
@@ -228,6 +238,7 @@ def validate_reward_output(values: Any, n: int, name: str = "reward") -> torch.T
         raise ChaintuneError(f"reward {name!r} must return a torch tensor of shape [{n}], got {type(values).__name__}")
     if tuple(values.shape) != (n,):
         raise ChaintuneError(f"reward {name!r} must return shape [{n}] (one value per image), got {list(values.shape)}")
+    _check_real(values, name)
     if not values.is_floating_point():
         raise ChaintuneError(f"reward {name!r} must return a float tensor, got {values.dtype}")
     finite = torch.isfinite(values.detach())

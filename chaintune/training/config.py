@@ -228,6 +228,9 @@ class AlignConfig:
         e = self.estimator
         if e.name in ("rlr", "half-order") and e.h >= self.chain.sample_steps:
             raise ChaintuneError(f"h={e.h} must be smaller than sample_steps={self.chain.sample_steps}")
+        if e.name in ("truncated-backprop", "alignprop") and e.k > self.chain.sample_steps:
+            # the plan would silently backpropagate through the whole chain instead of the k steps asked for
+            raise ChaintuneError(f"k={e.k} must be at most sample_steps={self.chain.sample_steps} (the chain's steps)")
         if "," in e.j:
             try:
                 a, b = (int(v) for v in e.j.split(","))

@@ -22,6 +22,7 @@ import os
 import re
 import resource
 import select
+import shlex
 import signal
 import time
 import traceback
@@ -57,6 +58,9 @@ class MemoryPlan:
     checkpointing: bool
     kind: str = ""
     trainable: int = 0
+    model: str = "builtin:digits"
+    peft: str = "lora"
+    requested_device: str | None = None  # the --device planned for (None: the best available, align's default)
 
 
 def _fmt(b: float) -> str:
@@ -267,6 +271,9 @@ def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_
     import chaintune
     from chaintune.training.adapters import apply_peft
 
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
+        if value < least:  # checked before the model loads; 0 samples would fail deep inside the measurement
+            raise ChaintuneError(f"{flag} must be >= {least}, got {value}")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget_b = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     model = chaintune.load(model_id, device=dev)
@@ -290,7 +297,8 @@ def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_
     return MemoryPlan(device=dev, budget=budget_b, fixed=fixed, b_h=b_h, b_z=b_z, steps=sample_steps,
                       batch_size=batch_size, h_star=h, fits=h >= 1,
                       max_batch_h2=max_batch(left, b_h, b_z, sample_steps, batch_size),
-                      checkpointing=ckpt, kind=getattr(model, "kind", ""), trainable=trainable)
+                      checkpointing=ckpt, kind=getattr(model, "kind", ""), trainable=trainable, model=str(model_id),
+                      peft=peft, requested_device=device)
 
 
 def max_batch(left: int, b_h: int, b_z: int, steps: int, batch_size: int, h: int = 2) -> int:
@@ -298,6 +306,29 @@ def max_batch(left: int, b_h: int, b_z: int, steps: int, batch_size: int, h: int
     B_h and B_z were measured at ``batch_size`` and scale linearly with it."""
     per_sample = (min(h, steps) * b_h + max(0, steps - h) * b_z) / batch_size
     return int(left // per_sample) if per_sample > 0 else 0
+
+
+def suggested_flags(p: MemoryPlan) -> list[str]:
+    """``chaintune align`` flags that run the configuration this plan measured, at the h it reports: the estimator
+    and h, and every measured option (model, T, batch, PEFT method, checkpointing, device) whose value differs
+    from align's default, so that pasted into align they give the run whose memory was measured."""
+    from chaintune.options import flat_values
+    from chaintune.training.config import AlignConfig
+
+    defaults = flat_values(AlignConfig())
+    measured = {"model": p.model, "estimator": "rlr", "h": p.h_star, "sample_steps": p.steps,
+                "batch_size": p.batch_size, "peft": p.peft, "gradient_checkpointing": p.checkpointing,
+                "device": p.requested_device}
+    flags: list[str] = []
+    for name, value in measured.items():
+        if value is None or (name not in ("estimator", "h") and value == defaults[name]):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def format_plan(p: MemoryPlan) -> str:
@@ -312,8 +343,7 @@ def format_plan(p: MemoryPlan) -> str:
         f"gradient ckpt        {'yes' if p.checkpointing else 'no'}",
         f"h*                   {p.h_star}" + ("" if p.fits else "   (does not fit: lower batch or steps)"),
         f"max batch at h=2     {p.max_batch_h2}",
-        f"suggested flags      --estimator rlr --h {max(1, min(p.h_star, 2))} --batch-size "
-        f"{max(1, min(p.max_batch_h2, 64))}" + (" --gradient-checkpointing" if p.checkpointing else ""),
+        f"suggested flags      {shlex.join(suggested_flags(p))}",
     ]
     if not p.fits:
         raise ChaintuneError("memory budget too small for even one half-order step:\n" + "\n".join(lines))

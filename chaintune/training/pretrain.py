@@ -21,12 +21,42 @@ from chaintune.errors import ChaintuneError
 from chaintune.training.config import ArchConfig, PretrainConfig
 from chaintune.training.trainer import Evaluation, Objective, Trainer
 
-__all__ = ["PretrainConfig", "build_unet", "build_wan_video", "char_tokenizer", "pretrain"]
+__all__ = ["PretrainConfig", "build_unet", "build_wan_video", "char_tokenizer", "check_unet_arch", "check_wan_arch",
+           "pretrain"]
+
+
+def check_unet_arch(arch: ArchConfig) -> None:
+    """Refuse UNet options that cannot make a working UNet, naming the options (diffusers would fail later, inside
+    a forward pass): each level halves the image, so the resolution must divide by 2 per downsampling, and
+    GroupNorm splits every level's channels into --norm-num-groups groups."""
+    levels = arch.block_out_channels
+    if not levels or any(c < 1 for c in levels):
+        raise ChaintuneError(f"--block-out-channels must give at least one level of >= 1 channels, got {levels}")
+    step = 2 ** (len(levels) - 1)
+    if arch.resolution % step:
+        raise ChaintuneError(f"--resolution {arch.resolution} must be a multiple of {step}: the UNet halves the image "
+                             f"at each of its {len(levels) - 1} downsamplings ({len(levels)} levels in "
+                             "--block-out-channels)")
+    bad = [c for c in levels if c % arch.norm_num_groups]
+    if bad:
+        raise ChaintuneError(f"--block-out-channels {bad[0]} is not divisible by --norm-num-groups "
+                             f"{arch.norm_num_groups} (GroupNorm splits each level's channels into that many groups)")
+
+
+def check_wan_arch(arch: ArchConfig) -> None:
+    """Refuse Wan options the transformer cannot run with: frames are cut into patch_size x patch_size patches,
+    and 3D RoPE splits each head's width in three even parts."""
+    if arch.resolution % arch.patch_size:
+        raise ChaintuneError(f"--resolution {arch.resolution} must be a multiple of --patch-size {arch.patch_size}")
+    if arch.attention_head_dim % 6:
+        raise ChaintuneError(f"--attention-head-dim {arch.attention_head_dim} must be a multiple of 6 (3D RoPE splits "
+                             "it in three even parts)")
 
 
 def build_unet(arch: ArchConfig):
     from diffusers import UNet2DModel
 
+    check_unet_arch(arch)
     n = len(arch.block_out_channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n
@@ -93,11 +123,17 @@ class PretrainObjective(Objective):
         from chaintune.data import load_dataset
 
         cfg, arch = self.cfg, self.cfg.arch
+        check_unet_arch(arch)
         images, self.labels = load_dataset(cfg.dataset, size=arch.resolution)
-        self.x_all = (images * 2 - 1).to(run.device)
         sched = DDPMScheduler(num_train_timesteps=arch.num_train_timesteps, beta_schedule=arch.beta_schedule,
                               prediction_type=arch.prediction_type)
         self.model = self.build_model(arch, sched).to(run.device)
+        channels = self.model.pixel_shape[0]
+        if images.shape[1] != channels:
+            colour = {1: "greyscale", 3: "RGB"}.get(images.shape[1], f"{images.shape[1]}-channel")
+            raise ChaintuneError(f"dataset {cfg.dataset} holds {colour} images and pretrain builds {channels}-channel "
+                                 "models; convert the images to greyscale")
+        self.x_all = (images * 2 - 1).to(run.device)
 
     def build_model(self, arch: ArchConfig, scheduler):
         """The model to train from scratch (a subclass swaps the architecture, e.g. a class-token UNet)."""
@@ -156,6 +192,7 @@ class VideoPretrainObjective(PretrainObjective):
         self.split = cfg.dataset.partition(":")[2] or "train"
         if self.split not in ("train", "test", "all"):
             raise ChaintuneError(f"moving-digits splits are train, test, all; got {cfg.dataset!r}")
+        check_wan_arch(arch)
         pipe = build_wan_video(arch, seed=cfg.run.seed)
         self.model = WanModel(pipe, source="pretrain", max_sequence_length=24, num_frames=arch.frames,
                               height=arch.resolution, width=arch.resolution,

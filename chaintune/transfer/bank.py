@@ -24,7 +24,7 @@ from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.sampling import sample
 from chaintune.transfer.config import BankConfig
-from chaintune.utils.io import atomic_dir, save_json
+from chaintune.utils.io import atomic_dir, check_output_dir, save_json
 
 __all__ = ["BankConfig", "KnowledgeBank", "build_bank", "default_bank_root", "model_fingerprint"]
 
@@ -133,6 +133,8 @@ def build_bank(model: DiffusionModel, cfg: BankConfig | None = None, root: str |
     if cfg.size < 1:
         raise ChaintuneError(f"bank size must be >= 1, got {cfg.size}")
     root = Path(root) if root is not None else default_bank_root()
+    # before sampling: a cache path that is (or lies under) a file would fail only when the bank is written
+    check_output_dir(root, flag="the knowledge-bank cache", fix="set CHAINTUNE_CACHE or --bank-dir to a folder")
     settings = bank_settings(model, cfg)
     path = bank_dir(root, settings)
     mpath = path / "manifest.json"
