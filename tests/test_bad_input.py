@@ -90,6 +90,8 @@ def bad_rewards(tmp_path, monkeypatch):
                 return nan_grad(images)
             return images.flatten(1).mean(1)
         turns_nan.differentiable = True
+        def complex_values(images, **kw):
+            return images.flatten(1).mean(1) * (1 + 1j)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -119,7 +121,7 @@ def test_bad_names_and_options(capsys, tmp_path, monkeypatch, args, needles):
     assert_one_line_error(code, err, *needles)
 
 
-@pytest.mark.parametrize("fn,needle", [("nan", "NaN"), ("wrong_shape", "shape")])
+@pytest.mark.parametrize("fn,needle", [("nan", "NaN"), ("wrong_shape", "shape"), ("complex_values", "complex values")])
 def test_broken_reward_output(capsys, bad_rewards, fn, needle):
     code, _, err = run_cli(capsys, "align", "--reward", f"badrewards:{fn}", "--estimator", "reinforce",
                            "--out", "run", *FAST)
@@ -223,6 +225,11 @@ TRANSFER = ["transfer", "--out", "run", "--data", "digits-fewshot:2", "--bank-si
 FORGET = ["forgetting", "--base", "builtin:digits", "--tuned", "builtin:digits", "--data", "digits:test",
           "--samples", "0", "--timesteps", "2", "--bank-size", "2", "--out", "out"]
 SAMPLE = ["sample", "--num", "2", "--steps", "2", "--out", "out"]
+PRETRAIN = ["--out", "run", "--steps", "1", "--batch-size", "2", "--eval-samples", "2", "--no-tensorboard",
+            "--no-progress"]
+# 338 bytes that expand to 9^7 = 4.8M strings (a "billion laughs" file); as a value it used to be echoed whole
+YAML_BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdef", "bcdefg", strict=True))
+YAML_BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + YAML_BOMB + "steps: *g\n"
 
 # (id, argv, files to write in the cwd first, needles in the error line)
 MATRIX: list[tuple[str, list[str], dict[str, str], list[str]]] = [
@@ -275,6 +282,31 @@ MATRIX: list[tuple[str, list[str], dict[str, str], list[str]]] = [
      {"old/grid.png": "precious"}, ["old/grid.png", "already exists", "--overwrite"]),
     ("forgetting-outputs-exist", [*FORGET[:-1], "old"], {"old/forgetting.json": "{}"},
      ["old/forgetting.json", "already exists", "--overwrite"]),
+    # issue 22: hangs and internal errors on the user's input
+    ("sample-num-billion", ["sample", "--num", "1000000000", "--steps", "2", "--out", "s"], {},
+     ["--num 1000000000", "GiB", "at most"]),
+    ("sample-model-root", ["sample", "--model", "/", "--num", "1", "--steps", "2", "--out", "s"], {},
+     ["/ is not a diffusers model directory"]),
+    ("sample-seed-2**64", [*SAMPLE, "--seed", str(2**64)], {}, ["--seed", str(2**63 - 1)]),
+    ("align-seed-2**64", [*ALIGN, "--seed", str(2**64)], {}, ["seed", "64 bits"]),
+    ("config-yaml-nested-10000", ["align", "--config", "c.yaml", "--out", "run"],
+     {"c.yaml": "steps: " + "[" * 10_000 + "]" * 10_000 + "\n"}, ["c.yaml", "nested more than"]),
+    ("config-toml-nested-10000", ["align", "--config", "c.toml", "--out", "run"],
+     {"c.toml": "steps = " + "[" * 10_000 + "]" * 10_000 + "\n"}, ["c.toml", "nested"]),
+    ("config-yaml-alias-bomb", ["align", "--config", "c.yaml", "--out", "run"], {"c.yaml": YAML_BOMB},
+     ["c.yaml", "expands to more than"]),
+    ("plan-batch-size-zero", ["plan", "--batch-size", "0"], {}, ["--batch-size must be >= 1"]),
+    ("pretrain-resolution-7", ["pretrain", "--resolution", "7", *PRETRAIN], {}, ["--resolution 7", "multiple of 4"]),
+    ("pretrain-groups-do-not-divide", ["pretrain", "--block-out-channels", "30", "--block-out-channels", "60",
+                                       *PRETRAIN], {}, ["--block-out-channels 30", "--norm-num-groups 16"]),
+    ("align-out-under-a-file", ["align", "--out", "notes.txt/run", *TINY], {}, ["notes.txt", "lies under the file"]),
+    ("k-past-the-chain", [*ALIGN, "--estimator", "truncated-backprop", "--k", "99"], {}, ["k=99", "sample_steps=3"]),
+    ("alignprop-k-past-the-chain", [*ALIGN, "--estimator", "alignprop", "--k", "4"], {}, ["k=4", "sample_steps=3"]),
+    ("prompt-file-nested-lists", [*ALIGN, "--prompt-file", "p.json"], {"p.json": '[["a", ["b"]], "c"]'},
+     ["p.json", "list of strings", "item 0"]),
+    ("prompt-file-numbers", [*ALIGN, "--prompt-file", "p.json"], {"p.json": '["a cat", 3]'}, ["p.json", "item 1"]),
+    ("condition-missing-before-the-model", ["sample", "--controlnet", "out", "--condition", "missing.png", "--num",
+                                            "1", "--steps", "2", "--out", "s"], {}, ["missing.png", "does not exist"]),
 ]
 
 # cases whose fix is in a file this test does not own: kept, marked, and listed in the report
@@ -324,3 +356,330 @@ def test_user_reward_raising_names_reward_and_error(capsys, user_files, monkeypa
     assert code == 2, err
     assert_one_line_error(code, err, "bad_input_rewards:lookup", "KeyError", "missing")
     assert_nothing_lost(before, user_files)
+
+
+# --- issue 22: cases that need more than text files ----------------------------------------------------------
+
+
+def _error_line(err: str) -> str:
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln][-1]
+
+
+def test_huge_values_are_not_echoed(capsys, user_files):
+    """A bad value is shown cut to ~200 characters, whatever its size (an alias bomb's used to fill the disk)."""
+    (user_files / "big.yaml").write_text("steps: [" + ", ".join(["123456789"] * 20_000) + "]\n")
+    (user_files / "bomb.yaml").write_text(YAML_BOMB)
+    before = snapshot(user_files)
+    for config, needles in (("big.yaml", ["steps", "a list of 20000 items"]), ("bomb.yaml", ["bomb.yaml"])):
+        code, _, err = run_cli(capsys, "align", "--config", config, "--out", "run")
+        assert code == 2
+        assert_one_line_error(code, err, *needles)
+        assert len(err) < 600, err[:1000]
+    code, _, err = run_cli(capsys, *ALIGN, "--reward", "x" * 100_000)
+    assert_one_line_error(code, err, "unknown reward", "100000 characters")
+    assert len(err) < 2000
+    assert_nothing_lost(before, user_files)
+
+
+@pytest.mark.parametrize("command", [["align", "--out", "run"], ["pretrain", "--out", "run"],
+                                     ["transfer", "--out", "run"]])
+def test_config_naming_a_fifo_is_refused_without_opening_it(capsys, user_files, command):
+    import os
+
+    os.mkfifo(user_files / "c.yaml")  # opening it for reading would block until someone writes
+    code, _, err = run_cli(capsys, *command, "--config", "c.yaml")
+    assert code == 2
+    assert_one_line_error(code, err, "c.yaml", "not a regular file")
+
+
+@pytest.mark.parametrize("args", [["align", "--out", "link", *TINY], ["sample", "--num", "1", "--steps", "2",
+                                                                      "--out", "link"]], ids=["align", "sample"])
+def test_out_is_a_dangling_symlink(capsys, user_files, args):
+    (user_files / "link").symlink_to(user_files / "gone")
+    before = snapshot(user_files)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert_one_line_error(code, err, "link", "broken link")
+    assert_nothing_lost(before, user_files)
+    assert not (user_files / "gone").exists()
+
+
+@pytest.mark.parametrize("value,needle", [("100000", "more threads than"), ("0", "positive number")])
+def test_chaintune_threads_out_of_range(capsys, user_files, monkeypatch, value, needle):
+    monkeypatch.setenv("CHAINTUNE_THREADS", value)
+    code, _, err = run_cli(capsys, *SAMPLE)
+    assert code == 2
+    assert_one_line_error(code, err, "CHAINTUNE_THREADS", needle)
+    assert not list((user_files / "out").glob("sample_*"))
+
+
+def test_cache_path_is_a_file(capsys, user_files, monkeypatch):
+    (user_files / "cachefile").write_text("not a folder")
+    monkeypatch.setenv("CHAINTUNE_CACHE", str(user_files / "cachefile"))
+    before = snapshot(user_files)
+    code, _, err = run_cli(capsys, *TRANSFER)
+    assert code == 2
+    assert_one_line_error(code, err, "cachefile", "CHAINTUNE_CACHE")
+    assert_nothing_lost(before, user_files)
+    assert not (user_files / "run").exists()  # refused before the bank is sampled and the run is made
+
+
+def test_pretrain_rgb_folder_for_a_one_channel_model(capsys, user_files):
+    from PIL import Image
+
+    (user_files / "rgb").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (255 * (i % 2), 0, 200)).save(user_files / "rgb" / f"{i}.png")
+    code, _, err = run_cli(capsys, "pretrain", "--dataset", "rgb", *PRETRAIN)
+    assert code == 2
+    assert_one_line_error(code, err, "rgb", "RGB images", "1-channel")
+    assert not (user_files / "run").exists()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that announces ``width`` x ``height`` pixels (PIL checks the size when it opens the file)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind,needle", [("bomb", "too large"), ("over-the-limit", "too large"),
+                                         ("truncated", "cannot be decoded"), ("fifo", "not a regular file"),
+                                         ("folder", "is a directory")])
+def test_bad_condition_image_is_refused_before_any_model_loads(capsys, user_files, monkeypatch, kind, needle):
+    import os
+
+    import chaintune.controlnet.model as cn_model
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the ControlNet was loaded before the condition image was checked")
+
+    monkeypatch.setattr(cn_model, "load_controlled", no_loading)
+    cond = user_files / "cond.png"
+    if kind == "bomb":  # past 2x PIL's limit: PIL refuses it itself
+        cond.write_bytes(_png_header(20_000, 20_000))
+    elif kind == "over-the-limit":  # between 1x and 2x: PIL only warns, and would decode 100M pixels
+        cond.write_bytes(_png_header(10_000, 10_000))
+    elif kind == "truncated":
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.effect_noise((32, 32), 64).save(buf, format="PNG")  # noise: the pixel data does not compress away
+        assert len(buf.getvalue()) > 400
+        cond.write_bytes(buf.getvalue()[:200])
+    elif kind == "fifo":
+        os.mkfifo(cond)
+    else:
+        cond.mkdir()
+    code, _, err = run_cli(capsys, "sample", "--controlnet", "out", "--condition", "cond.png", "--num", "1",
+                           "--steps", "2", "--out", "s")
+    assert code == 2
+    assert_one_line_error(code, err, "cond.png", needle)
+    assert not (user_files / "s").exists()
+
+
+# --- loading a damaged model folder: one input error naming the file, for every backend ---------------------
+
+BACKENDS = {"unet": ("tiny_unet_model", "unet"), "sd": ("tiny_sd_model", "unet"),
+            "sdxl": ("tiny_sdxl_model", "unet"), "dit": ("tiny_dit_model", "transformer"),
+            "flow": ("tiny_flow_model", "transformer"), "flux": ("tiny_flux_model", "transformer"),
+            "wan": ("tiny_wan_model", "transformer")}
+
+
+@pytest.fixture(scope="module")
+def saved_backends(tmp_path_factory) -> Path:
+    """Each backend's tiny model saved as the pipeline folder ``chaintune.load`` reads."""
+    from chaintune import testing
+
+    root = tmp_path_factory.mktemp("backends")
+    for name, (builder, _) in BACKENDS.items():
+        getattr(testing, builder)().save(root / name)
+    return root
+
+
+def _corrupt(folder: Path, denoiser: str, how: str) -> str:
+    """Damage ``folder`` in one way; returns the file the error must name (relative to ``folder``)."""
+    import json
+
+    if how == "model-index-json":
+        (folder / "model_index.json").write_text('{"_class_name": ')
+        return "model_index.json"
+    if how == "config-json":
+        (folder / denoiser / "config.json").write_text("{not json")
+        return f"{denoiser}/config.json"
+    weights = folder / denoiser / "diffusion_pytorch_model.safetensors"
+    if how == "truncated-safetensors":
+        weights.write_bytes(weights.read_bytes()[:-64])
+        return f"{denoiser}/diffusion_pytorch_model.safetensors"
+    if how == "truncated-text-encoder":
+        te = folder / "text_encoder" / "model.safetensors"
+        te.write_bytes(te.read_bytes()[:1000])
+        return "text_encoder/model.safetensors"
+    assert how == "shape-mismatch"  # the config asks for other sizes than the weights have
+    cfg = json.loads((folder / denoiser / "config.json").read_text())
+    key = "block_out_channels" if "block_out_channels" in cfg else "attention_head_dim"
+    cfg[key] = [2 * c for c in cfg[key]] if isinstance(cfg[key], list) else 2 * cfg[key]
+    (folder / denoiser / "config.json").write_text(json.dumps(cfg))
+    return f"{denoiser}/diffusion_pytorch_model.safetensors"
+
+
+DAMAGE = ["model-index-json", "config-json", "truncated-safetensors", "shape-mismatch", "truncated-text-encoder"]
+
+
+@pytest.mark.parametrize("backend,how", [
+    pytest.param(b, how, id=f"{b}-{how}") for b in BACKENDS for how in DAMAGE
+    if how != "truncated-text-encoder" or b not in ("unet", "dit")])  # those two have no text encoder
+def test_damaged_model_folder_is_one_input_error(capsys, saved_backends, tmp_path, monkeypatch, backend, how):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    folder = shutil.copytree(saved_backends / backend, tmp_path / backend)
+    named = _corrupt(folder, BACKENDS[backend][1], how)
+    code, _, err = run_cli(capsys, "sample", "--model", str(folder), "--num", "1", "--steps", "2", "--out", "s")
+    assert code == 2, err
+    assert_one_line_error(code, err, str(folder / named))
+    assert not (tmp_path / "s").exists()
+
+
+def test_damaged_adapter_of_a_run_is_one_input_error(capsys, tmp_path, monkeypatch):
+    """A run that holds only adapter/ (a big model's LoRA) with truncated weights."""
+    import json
+
+    from chaintune.backends import RUN_MARKER
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / RUN_MARKER).write_text(json.dumps({"command": "align", "base_model": "builtin:digits", "status": "done"}))
+    (run / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    code, _, err = run_cli(capsys, "sample", "--model", "run", "--num", "1", "--steps", "2", "--out", "s")
+    assert_one_line_error(code, err, "adapter_model.safetensors")
+
+
+# --- security ----------------------------------------------------------------------------------------------
+
+
+def test_decoy_safetensors_beside_a_pickle_is_refused(capsys, tmp_path, monkeypatch):
+    """An empty ``decoy.safetensors`` is not what diffusers loads: the pickle beside it is, so it is refused."""
+    from chaintune.testing import tiny_unet_model
+
+    monkeypatch.chdir(tmp_path)
+    tiny_unet_model().save(tmp_path / "m")
+    unet = tmp_path / "m" / "unet"
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(unet).save_pretrained(unet, safe_serialization=False)
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    (unet / "decoy.safetensors").write_bytes(b"")
+    args = ["sample", "--model", "m", "--num", "1", "--steps", "2", "--out", "s"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert_one_line_error(code, err, "unet/", "diffusion_pytorch_model.bin", "pickled", "--allow-pickle")
+    assert not (tmp_path / "s").exists()
+    code, _, err = run_cli(capsys, *args, "--allow-pickle")  # the opt-in loads the file that was refused
+    assert code == 0, err
+
+
+def test_a_config_from_a_run_needs_trust_code_however_it_arrives(capsys, tmp_path, monkeypatch):
+    """--config r/config.yaml (with or without --resume, or through a link) names code: --trust-code is needed."""
+    (tmp_path / "runreward.py").write_text("def r(images, **kw):\n    return images.flatten(1).mean(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "align", "--reward", "runreward:r", "--estimator", "reinforce", "--save-every", "1",
+                           "--out", "r", *TINY)
+    assert code == 0, err
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "r" / "config.yaml")
+    (tmp_path / "r" / "sub").mkdir()
+    (tmp_path / "r" / "sub" / "c.yaml").write_text((tmp_path / "r" / "config.yaml").read_text())
+    for args in (["--out", "r", "--resume", "--config", "r/config.yaml", "--steps", "2"],
+                 ["--out", "r2", "--config", "r/config.yaml"],
+                 ["--out", "r2", "--config", "link.yaml"],
+                 ["--out", "r2", "--config", "r/sub/c.yaml"]):
+        before = snapshot(tmp_path)
+        code, _, err = run_cli(capsys, "align", *args)
+        assert code == 2, (args, err)
+        assert_one_line_error(code, err, "runreward:r", "--trust-code")
+        assert_nothing_lost(before, tmp_path)
+        assert not (tmp_path / "r2").exists()
+    code, _, err = run_cli(capsys, "align", "--out", "r", "--resume", "--config", "r/config.yaml", "--steps", "2",
+                           "--trust-code")
+    assert code == 0, err
+    # the user's own choice on the command line is not a saved config's
+    code, _, err = run_cli(capsys, "align", "--config", "r/config.yaml", "--reward", "digit:3", "--out", "r3")
+    assert code == 0, err
+
+
+# --- sample: the run lock, and the plan's suggestion -----------------------------------------------------------
+
+
+def test_sample_takes_the_lock_on_its_out(capsys, user_files):
+    """A second writer into one --out is refused with the holder's pid, and writes nothing."""
+    import os
+
+    from chaintune.training.runs import RunLock
+
+    lock = RunLock(user_files / "out").acquire()  # another sampler, as an flock on the folder
+    try:
+        before = snapshot(user_files)
+        code, _, err = run_cli(capsys, *SAMPLE)
+        assert code == 2
+        assert_one_line_error(code, err, "out", "another chaintune process", f"pid {os.getpid()}")
+        assert_nothing_lost(before, user_files)
+        assert not list((user_files / "out").glob("sample_*"))
+    finally:
+        lock.release()
+    code, _, err = run_cli(capsys, *SAMPLE)
+    assert code == 0, err
+
+
+def test_two_sample_processes_into_one_out_do_not_both_write(tmp_path):
+    """Two real ``chaintune sample`` processes into one --out: one writes, the other stops with one error line."""
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CHAINTUNE_THREADS="1", CHAINTUNE_CACHE=str(tmp_path / ".cache"))
+    cmd = [sys.executable, "-m", "chaintune.cli.main", "sample", "--num", "64", "--steps", "50", "--out", "same"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    line = _error_line(next(e for code, e in results if code == 2))
+    # refused by the lock while the other wrote, or (if it came after) by the other's finished outputs
+    assert line.startswith("error:") and ("another chaintune process" in line or "already exists" in line), line
+    assert len(list((tmp_path / "same").glob("sample_*.png"))) == 64
+
+
+def test_plan_suggests_the_configuration_it_measured(capsys, tmp_path, monkeypatch):
+    """Pasted into align, the suggested flags give the run whose memory was measured, at the h reported."""
+    import shlex
+
+    import typer
+
+    from chaintune.cli.main import app
+    from chaintune.training.planner import MemoryPlan, format_plan, suggested_flags
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "plan", "--sample-steps", "50", "--batch-size", "2")
+    assert code == 0, err
+    rows = {line[:21].strip(): line[21:].strip() for line in out.splitlines() if line.strip()}  # "label  value"
+    flags = shlex.split(rows["suggested flags"])
+    align = typer.main.get_command(app).commands["align"]
+    params = align.make_context("align", flags).params
+    assert params["estimator"] == "rlr" and params["h"] == int(rows["h*"].split()[0])
+    assert params["sample_steps"] == 50 and params["batch_size"] == 2 and params["peft"] == "lora"
+    assert params["gradient_checkpointing"] is (rows["gradient ckpt"] == "yes")
+    # what differs from align's defaults is always said: the model, a device asked for, checkpointing off
+    plan = MemoryPlan(device="cpu", budget=1, fixed=0, b_h=1, b_z=1, steps=50, batch_size=1, h_star=49, fits=True,
+                      max_batch_h2=1, checkpointing=False, model="runs/x", peft="lora", requested_device="cpu")
+    params = align.make_context("align", suggested_flags(plan)).params
+    assert (params["model"], params["device"], params["h"], params["gradient_checkpointing"]) == \
+        ("runs/x", "cpu", 49, False)
+    assert "--h 49" in format_plan(plan)

@@ -127,7 +127,12 @@ def load_condition_image(path: str | Path) -> torch.Tensor:
 
     from chaintune.utils.io import check_input_file
 
-    p = check_input_file(path, "condition image")
+    p = Path(path)
+    if not p.exists():
+        from chaintune.errors import InputFileNotFoundError
+
+        raise InputFileNotFoundError(f"condition image {p} does not exist")
+    check_input_file(p, "condition image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not warned
