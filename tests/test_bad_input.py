@@ -522,6 +522,12 @@ def _corrupt(folder: Path, denoiser: str, how: str) -> str:
         te = folder / "text_encoder" / "model.safetensors"
         te.write_bytes(te.read_bytes()[:1000])
         return "text_encoder/model.safetensors"
+    if how == "text-encoder-shape":  # transformers' own message names neither the file nor the tensor
+        cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+        key = "hidden_size" if "hidden_size" in cfg else "d_model"
+        cfg[key] *= 2
+        (folder / "text_encoder" / "config.json").write_text(json.dumps(cfg))
+        return "text_encoder/model.safetensors"
     assert how == "shape-mismatch"  # the config asks for other sizes than the weights have
     cfg = json.loads((folder / denoiser / "config.json").read_text())
     key = "block_out_channels" if "block_out_channels" in cfg else "attention_head_dim"
@@ -530,12 +536,13 @@ def _corrupt(folder: Path, denoiser: str, how: str) -> str:
     return f"{denoiser}/diffusion_pytorch_model.safetensors"
 
 
-DAMAGE = ["model-index-json", "config-json", "truncated-safetensors", "shape-mismatch", "truncated-text-encoder"]
+DAMAGE = ["model-index-json", "config-json", "truncated-safetensors", "shape-mismatch", "truncated-text-encoder",
+          "text-encoder-shape"]
 
 
 @pytest.mark.parametrize("backend,how", [
     pytest.param(b, how, id=f"{b}-{how}") for b in BACKENDS for how in DAMAGE
-    if how != "truncated-text-encoder" or b not in ("unet", "dit")])  # those two have no text encoder
+    if "text-encoder" not in how or b not in ("unet", "dit")])  # those two have no text encoder
 def test_damaged_model_folder_is_one_input_error(capsys, saved_backends, tmp_path, monkeypatch, backend, how):
     import shutil
 

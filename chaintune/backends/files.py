@@ -236,7 +236,7 @@ def _mismatch(root: Path) -> str | None:
                 if c.library == "diffusers":
                     model = klass.from_config(klass.load_config(c.folder))
                 else:
-                    model = klass._from_config(klass.config_class.from_pretrained(c.folder))
+                    model = klass(klass.config_class.from_pretrained(c.folder))
             shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
             for f in _weight_files(chosen):
                 for name, entry in check_safetensors(f).items():
