@@ -64,7 +64,10 @@ def is_model_dir(path: Path) -> bool:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or one error naming the file."""
+    """A JSON object from ``path``, or one error naming the file (a pipe or device is refused unopened)."""
+    from chaintune.utils.io import check_input_file
+
+    check_input_file(path, "model file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -73,6 +76,9 @@ def read_json(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ChaintuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); the model "
                              "folder is damaged") from None
+    except RecursionError:  # json recurses once per nesting level
+        raise ChaintuneError(f"{path} is nested too deeply to be a model's JSON file; the model folder is "
+                             "damaged") from None
     if not isinstance(data, dict):
         raise ChaintuneError(f"{path} must hold a JSON object, got a {type(data).__name__}; the model folder is "
                              "damaged")
