@@ -28,10 +28,11 @@ def _env() -> dict:
                 MPLBACKEND="Agg")
 
 
-def _align_with_defaults(digit: int, out: Path) -> None:
+def _align_with_defaults(digit: int, out: Path, *extra: str) -> None:
+    # no time limit: a test judges the model a run delivers, not how long a shared machine took to make it
     proc = subprocess.run([sys.executable, "-m", "chaintune.cli.main", "align", "--reward", f"digit:{digit}",
-                           "--out", str(out), "--no-tensorboard", "--no-progress"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+                           "--out", str(out), "--no-tensorboard", "--no-progress", *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -52,22 +53,30 @@ def _judge(model_id: str | Path, digit: int) -> dict:
     return digit_metrics(images, digit)
 
 
-def _check(digit: int, tmp_path: Path) -> None:
+def _check(digit: int, tmp_path: Path, *extra: str, min_share: float = MIN_SHARE) -> None:
     """What the user gets is the run's model (OUT, the kept best evaluation by default): judge that."""
     out = tmp_path / f"digit{digit}"
-    _align_with_defaults(digit, out)
+    _align_with_defaults(digit, out, *extra)
     base, tuned = _judge("builtin:digits", digit), _judge(out, digit)
     share, ratio = tuned["class_share"], tuned["nn_distance"] / base["nn_distance"]
-    msg = (f"digit:{digit} with defaults: share {base['class_share']:.0%} -> {share:.0%}, nn-distance "
-           f"{base['nn_distance']:.3f} -> {tuned['nn_distance']:.3f} (x{ratio:.2f})")
+    msg = (f"digit:{digit} with defaults {' '.join(extra)}: share {base['class_share']:.0%} -> {share:.0%}, "
+           f"nn-distance {base['nn_distance']:.3f} -> {tuned['nn_distance']:.3f} (x{ratio:.2f})")
     print(msg)
-    assert share >= MIN_SHARE, msg
+    assert share >= min_share, msg
     assert ratio <= MAX_NN_RATIO, msg
 
 
+@pytest.mark.slow
 def test_defaults_align_digit_7(tmp_path):
-    """The one end-to-end default run CI pays for (as long as a default run: 4-5 min on one thread)."""
+    """The whole default run (250 steps: 4-5 min of CPU on one thread)."""
     _check(7, tmp_path)
+
+
+def test_defaults_align_digit_7_in_60_steps(tmp_path):
+    """The end-to-end default run CI pays for: every default but --steps 60 (a quarter of the CPU). Measured on
+    2026-12-06: share 6% -> 66% at nn-distance 1.18x the base's (evaluation seeds); the bound leaves room for other
+    seeds and machines while a run that does not learn (6%) or hacks (nn > 1.3x) fails."""
+    _check(7, tmp_path, "--steps", "60", min_share=0.4)
 
 
 @pytest.mark.slow

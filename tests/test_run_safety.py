@@ -363,3 +363,14 @@ def test_demo_replaces_only_what_a_demo_wrote(capsys, tmp_path, monkeypatch):
     one_error(*run_cli(capsys, "demo", "--steps", "0"), "--steps")
     one_error(*run_cli(capsys, "demo", "--video", "--steps", "0"), "--steps")
     assert snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_a_batch_too_large_for_memory_is_the_users_error(capsys, tmp_path, monkeypatch):
+    """The allocator failing (here for real: 10^9 samples of 8x8 latents, 238 GB) is one error line that says how
+    much was asked, what is free and what batch to try, not an internal error; the run keeps its files."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "align", "--batch-size", "1000000000", "--steps", "1", "--eval-samples", "2",
+                        "--sample-steps", "4", "--no-tensorboard", "--no-progress", "--out", "r")
+    one_error(code, err, "ran out of memory")
+    assert "--batch-size" in err.splitlines()[-1] and "GB" in err.splitlines()[-1]
+    assert (tmp_path / "r" / "chaintune_run.json").is_file()  # the run is there to read, not half-deleted

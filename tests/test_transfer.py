@@ -402,3 +402,22 @@ def test_cli_transfer_end_to_end(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "f" / "forgetting.json").read_text())
     assert len(res["forgetting"]) == 3 and len(res["handover"]) == 11
     assert res["bank_path"] == info["bank"]  # the run's own bank settings: its cached bank is reused
+
+
+def test_a_killed_bank_write_leaves_nothing_behind(tmp_path):
+    """A bank write killed mid-way leaves its temp folder in the cache; the next writer of that bank removes it
+    under the bank's lock (issue 22: the .tmp stayed forever)."""
+    m = tiny_unet_model()
+    cfg = BankConfig(size=4, steps=3, seed=5)
+    from chaintune.transfer.bank import bank_dir, bank_settings
+
+    path = bank_dir(tmp_path, bank_settings(m, cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    leftover = path.parent / f".{path.name}.k1ll3d.tmp"
+    leftover.mkdir()
+    (leftover / "bank.safetensors").write_bytes(b"\0" * 100)
+    other = tmp_path / ".someone-else.tmp"  # not this bank's: left alone
+    other.write_text("x")
+    b = build_bank(m, cfg, tmp_path)
+    assert b.generated and not leftover.exists() and other.exists()
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == [other.name]

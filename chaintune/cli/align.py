@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from chaintune.cli.options import config_command
-from chaintune.options import field_help
+from chaintune.options import INT64, field_help
 from chaintune.training.config import AlignConfig, ChainConfig, OptimConfig, RunConfig
 
 
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         digit: Annotated[int, typer.Option(help="Digit the reward asks for.")] = 3,
         baseline: Annotated[str, typer.Option(help="Baseline estimator run briefly beside RLR ('' to skip).")]
         = "reinforce",
-        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=INT64[1])] = 0,
         video: Annotated[bool, typer.Option("--video", help="The text-to-video demo instead: builtin:moving-digits "
                                             "aligned to prompt fidelity with RLR and full backprop (--steps default "
                                             "30 then); before/after clips as GIFs.")] = False,

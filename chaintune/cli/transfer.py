@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from chaintune.cli.options import config_command
+from chaintune.options import INT64
 from chaintune.transfer.config import TransferConfig
 
 
@@ -40,7 +41,7 @@ def register(app: typer.Typer) -> None:
         timesteps: Annotated[int, typer.Option(help="Number of timesteps on the loss grid.", min=2)] = 20,
         samples: Annotated[int, typer.Option(help="Images per hand-over threshold for FID (0: skip).", min=0)] = 500,
         steps: Annotated[int, typer.Option(help="Sampling steps of the hand-over chain.", min=2)] = 50,
-        seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=INT64[1])] = 0,
         allow_pickle: Annotated[bool, typer.Option(
             help="Allow pickled (.bin/.pt) model weights and a TorchScript inception:/path; only for files you "
             "trust (loading them runs code).")] = False,

@@ -201,12 +201,13 @@ class ControlledModel(DiffusionModel):
             {"condition": self.condition, "conditioning_scale": self.conditioning_scale}) + "\n")
 
 
-def load_controlnet_into(base: DiffusionModel, directory: str | Path) -> ControlledModel:
-    """``base`` steered by the ``ControlNetModel`` saved in ``directory`` (its condition kind from META_FILE)."""
+def load_controlnet_into(base: DiffusionModel, directory: str | Path, **options) -> ControlledModel:
+    """``base`` steered by the ``ControlNetModel`` saved in ``directory`` (its condition kind from META_FILE);
+    ``options`` go to ``from_pretrained`` (``use_safetensors=True`` where pickles are not allowed)."""
     from diffusers import ControlNetModel
 
     directory = Path(directory)
-    cn = ControlNetModel.from_pretrained(str(directory), torch_dtype=base.dtype).to(base.device).eval()
+    cn = ControlNetModel.from_pretrained(str(directory), torch_dtype=base.dtype, **options).to(base.device).eval()
     cn.requires_grad_(False)  # loaded to sample; a trainer makes what it trains trainable itself
     meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
     return ControlledModel(base, cn, meta.get("condition", "edges"), float(meta.get("conditioning_scale", 1.0)),
@@ -218,8 +219,9 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
     """A ControlNet as a :class:`ControlledModel`: a ``chaintune controlnet`` run, its ``model/`` (any
     ``*ControlNetPipeline`` directory chaintune wrote), or a bare ``ControlNetModel`` directory over ``base``."""
     import chaintune
-    from chaintune.backends import check_safe_weights
+    from chaintune.backends.files import check_model_dir, read_json, reading_model
     from chaintune.backends.run_dir import is_run_dir, read_run_info
+    from chaintune.utils.io import pickle_allowed
 
     path = Path(model_id).expanduser()
     if is_run_dir(path):
@@ -229,24 +231,28 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
         path = path / "model"
     if not path.is_dir():
         raise ChaintuneError(f"--controlnet {model_id}: no such run or directory")
-    check_safe_weights(path, allow_pickle)
+    check_model_dir(path, allow_pickle)  # JSON that parses, no pickle without the opt-in, complete safetensors
+    safe = {} if pickle_allowed(allow_pickle) else {"use_safetensors": True}
     if (path / "controlnet" / "config.json").exists():
-        index = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        index = read_json(path / "model_index.json").get("_class_name", "")
         if index == "StableDiffusionControlNetPipeline":
             from chaintune.backends.sd import load_sd
 
-            model = load_controlnet_into(load_sd(path, str(path)), path / "controlnet")
+            with reading_model(path):
+                model = load_controlnet_into(load_sd(path, str(path), **safe), path / "controlnet", **safe)
         elif index == "StableDiffusionXLControlNetPipeline":
             from chaintune.backends.sdxl import load_sdxl
 
-            model = load_controlnet_into(load_sdxl(path, str(path)), path / "controlnet")
+            with reading_model(path):
+                model = load_controlnet_into(load_sdxl(path, str(path), **safe), path / "controlnet", **safe)
         else:
             model = chaintune.load(str(path), allow_pickle=allow_pickle)
-    elif (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get(
-            "_class_name") == "ControlNetModel":
+    elif (path / "config.json").exists() and read_json(path / "config.json").get("_class_name") == "ControlNetModel":
         if base is None:
             raise ChaintuneError(f"{path} is a bare ControlNetModel: give the base model it was trained on")
-        model = load_controlnet_into(chaintune.load(base, allow_pickle=allow_pickle), path)
+        base_model = chaintune.load(base, allow_pickle=allow_pickle)
+        with reading_model(path):
+            model = load_controlnet_into(base_model, path, **safe)
     else:
         raise ChaintuneError(f"{path} holds no ControlNet (no controlnet/ nor a ControlNetModel config.json)")
     if not isinstance(model, ControlledModel):

@@ -125,14 +125,15 @@ class PixelCondModel(DiffusionModel):
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_pixel_cond(path: str | Path, source: str = "") -> DiffusionModel:
-    """The base of ``path``; with a ``controlnet/`` beside it, the controlled model (base + ControlNet)."""
+def load_pixel_cond(path: str | Path, source: str = "", **options) -> DiffusionModel:
+    """The base of ``path``; with a ``controlnet/`` beside it, the controlled model (base + ControlNet).
+    ``options`` go to ``from_pretrained`` (``use_safetensors=True`` where pickles are not allowed)."""
     path = Path(path)
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), **options)
     sched = DDPMScheduler.from_pretrained(str(path / "scheduler"))
     base = PixelCondModel(unet, sched, source=source or str(path))
     if (path / "controlnet" / "config.json").exists():
         from chaintune.controlnet.model import load_controlnet_into
 
-        return load_controlnet_into(base, path / "controlnet")
+        return load_controlnet_into(base, path / "controlnet", **options)
     return base

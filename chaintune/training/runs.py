@@ -118,9 +118,7 @@ def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = F
     path = Path(path)
     if resume and overwrite:
         raise ChaintuneError("--resume continues the run and --overwrite deletes it: give one of them")
-    if path.is_symlink() and not path.exists():
-        raise ChaintuneError(f"--out {path} is a broken link (to {os.readlink(path)}); give a folder")
-    check_output_dir(path)  # not a file, not under one
+    check_output_dir(path)  # not a file or a broken link, nor under one
     busy = path.is_dir() and not _only_leftovers(path)
     if busy and (overwrite or resume):
         _check_not_an_input(path, inputs)

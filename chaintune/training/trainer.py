@@ -338,9 +338,17 @@ class Trainer:
                 break
             den.train()
             row = {}
-            for n_micro, metrics in obj.updates(self, step):
-                row.update(metrics)
-                row.update(self._apply(n_micro, step))
+            try:
+                for n_micro, metrics in obj.updates(self, step):
+                    row.update(metrics)
+                    row.update(self._apply(n_micro, step))
+            except Exception as e:  # the allocator failing is the batch being too large for this machine
+                from chaintune.training.planner import is_out_of_memory, out_of_memory_error
+
+                if not is_out_of_memory(e):
+                    raise
+                opt.zero_grad(set_to_none=True)
+                raise out_of_memory_error(e, opt_cfg.batch_size, opt_cfg.grad_accum, self.device, step) from None
             done = step + 1
             row.update(lr=lr_sched.get_last_lr()[0], time=time.time() - t0)
             if isinstance(row.get(obj.progress_key), float):

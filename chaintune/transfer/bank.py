@@ -11,10 +11,12 @@ A run whose settings match an existing manifest loads it instead of sampling.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,21 +139,53 @@ def build_bank(model: DiffusionModel, cfg: BankConfig | None = None, root: str |
     check_output_dir(root, flag="the knowledge-bank cache", fix="set CHAINTUNE_CACHE or --bank-dir to a folder")
     settings = bank_settings(model, cfg)
     path = bank_dir(root, settings)
-    mpath = path / "manifest.json"
-    if mpath.exists() and not regenerate:
-        try:
-            manifest = json.loads(mpath.read_text())
-            if {k: manifest.get(k) for k in settings} == settings:
-                return _load(path, manifest)
-        except (OSError, ValueError, KeyError):
-            pass  # a corrupt cache entry is simply regenerated
-    images, latents, labels = _generate(model, cfg, progress)
-    manifest = {**settings, "config": asdict(cfg), "image_shape": list(images.shape[1:]),
-                "latent_shape": list(latents.shape[1:])}
-    tensors = {"images": images.contiguous(), "latents": latents.contiguous()}
-    if labels is not None:
-        tensors["labels"] = labels.contiguous()
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / "bank.safetensors"))
-        save_json(tmp / "manifest.json", manifest)
+    if not regenerate and (cached := _cached(path, settings)) is not None:
+        return cached
+    with _writing(path):  # one writer per bank: a second process waits, then finds the first one's bank
+        if not regenerate and (cached := _cached(path, settings)) is not None:
+            return cached
+        images, latents, labels = _generate(model, cfg, progress)
+        manifest = {**settings, "config": asdict(cfg), "image_shape": list(images.shape[1:]),
+                    "latent_shape": list(latents.shape[1:])}
+        tensors = {"images": images.contiguous(), "latents": latents.contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels.contiguous()
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / "bank.safetensors"))
+            save_json(tmp / "manifest.json", manifest)
     return KnowledgeBank(images, latents, labels, manifest, path, generated=True)
+
+
+def _cached(path: Path, settings: dict) -> KnowledgeBank | None:
+    """The bank stored at ``path`` when its manifest matches ``settings``; None (regenerate) when absent or corrupt."""
+    mpath = path / "manifest.json"
+    if not mpath.exists():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text())
+        if {k: manifest.get(k) for k in settings} == settings:
+            return _load(path, manifest)
+    except (OSError, ValueError, KeyError):
+        pass  # a corrupt cache entry is simply regenerated
+    return None
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Hold an exclusive lock (``flock`` on ``.NAME.lock`` beside the bank, released by the kernel on any exit) and
+    remove what killed writes of this bank left (``.NAME.*.tmp``, ``.NAME.old-*``): no live writer can own them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX: no lock, no cleanup
+            yield
+            return
+        for leftover in [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.old-*")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        yield
