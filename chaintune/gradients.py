@@ -21,7 +21,7 @@ def estimate_gradient(
     prompts=None,
     guidance_scale: float | None = None,
     scheduler: str | object = "ddim",
-    baseline: str = "batch",
+    baseline: str = "prompt",
     checkpoint: bool = True,
     return_stats: bool = False,
     **estimator_kwargs,

@@ -39,7 +39,7 @@ class EstimationContext:
     generator: torch.Generator | None = None
     conditions: Conditions | None = None
     checkpoint: bool = True
-    baseline: str = "batch"  # one of BASELINES, see advantages()
+    baseline: str = "prompt"  # one of BASELINES, see advantages()
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     # A context under which ``model.denoise_fn`` runs the reference (base) policy, e.g.
     # ``lambda: base_model_weights(model, frozen_copy)``; estimators with a KL penalty to the reference need it.
@@ -82,6 +82,9 @@ class Estimator:
 
     name = "estimator"
     needs_differentiable_reward = False
+    # whether it has likelihood-ratio terms, whose variance a reward baseline lowers (``EstimationContext.baseline``);
+    # align then draws prompts in groups so that a per-prompt baseline has samples to compare within
+    uses_baseline = False
     _tracker: PerPromptStatTracker | None = None
 
     def _init_tracker(self, tracker_buffer: int, tracker_min_count: int) -> None:
@@ -178,7 +181,10 @@ def advantages(rewards: torch.Tensor, cond: Conditions | None = None, kind: str 
 
     Leave-one-out (unbiased: b_k is independent of sample k): ``'batch'`` uses the other samples of
     the batch; ``'prompt'`` the other samples of the same prompt/label (falling back to the batch when
-    a prompt appears once); ``'none'`` returns the rewards. ``normalize`` then divides by the batch
+    a prompt appears once, or when the model takes no conditions: then it *is* ``'batch'``); ``'none'``
+    returns the rewards. ``'prompt'`` is the default: on a prompt model the reward's variance between
+    prompts stays in every batch-baseline advantage and is removed by the per-prompt one
+    (:func:`chaintune.diagnostics.variance_split`). ``normalize`` then divides by the batch
     std (DDPO's choice: rescales the step size, keeps the direction's expectation).
 
     Normalised, as the reference implementations (slightly biased: the sample is in its own

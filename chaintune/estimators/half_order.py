@@ -64,6 +64,7 @@ def final_step_pathwise(ctx: EstimationContext, x_last: torch.Tensor, noises, co
 
 class HalfOrder(Estimator):
     name = "half-order"
+    uses_baseline = True
 
     def __init__(self, h: int = 2, normalize_advantages: bool = False, tracker_buffer: int = 16,
                  tracker_min_count: int = 16):

@@ -30,6 +30,7 @@ from chaintune.training.distributed import shared_plan
 
 class Reinforce(Estimator):
     name = "reinforce"
+    uses_baseline = True
 
     def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, normalize_advantages: bool = True,
                  step_fraction: float = 1.0, final_step: str = "skip", adv_clip: float = 5.0,

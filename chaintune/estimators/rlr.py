@@ -52,10 +52,11 @@ from chaintune.training.distributed import shared_plan
 
 class RLR(Estimator):
     name = "rlr"
+    uses_baseline = True
 
     def __init__(self, h: int = 2, j: str | tuple[int, int] = "uniform", sigma: float = 1e-3,
                  zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9,
-                 spans: int = 1, tracker_buffer: int = 16, tracker_min_count: int = 16):
+                 spans: int = 1, fo: bool = True, tracker_buffer: int = 16, tracker_min_count: int = 16):
         if h < 1:
             raise ChaintuneError(f"h must be >= 1, got {h}")
         if spans < 1:
@@ -74,6 +75,7 @@ class RLR(Estimator):
         self.sigma = sigma
         self.zo = zo
         self.ho = ho
+        self.fo = fo
         self.shared_perturbation = shared_perturbation
         self.norm_decay = norm_decay
         self.spans = spans
@@ -120,8 +122,15 @@ class RLR(Estimator):
         else:
             for i in range(end - self.h + 1, end + 1):
                 modes[i] = StepGrad.PERTURBED
-        modes[-1] = StepGrad.PATHWISE if differentiable else StepGrad.PERTURBED
+        modes[-1] = self._final_mode(differentiable)
         return modes
+
+    def _final_mode(self, differentiable: bool) -> StepGrad:
+        """Step 1: first-order (zeroth-order for a black-box reward); nothing with ``fo=False`` (an ablation that
+        isolates the other terms, e.g. to measure each term's signal-to-noise ratio)."""
+        if not self.fo:
+            return StepGrad.NONE
+        return StepGrad.PATHWISE if differentiable else StepGrad.PERTURBED
 
     # the estimate ---------------------------------------------------------------------------------
     def updates(self, ctx: EstimationContext):
@@ -129,10 +138,10 @@ class RLR(Estimator):
             yield from self._averaged_updates(ctx)
             return
         self.check(ctx)
-        differentiable = bool(getattr(ctx.reward, "differentiable", False))
+        differentiable = bool(getattr(ctx.reward, "differentiable", False)) and self.fo
         params = [p for _, p in ctx.params]
         j = shared_plan([self.sample_j(ctx.steps, ctx.generator)], params)[0]  # sharded: the first process's
-        modes = self.plan(ctx.steps, j=j, differentiable=differentiable)
+        modes = self.plan(ctx.steps, j=j, differentiable=bool(getattr(ctx.reward, "differentiable", False)))
         lr_pos = [i for i, m in enumerate(modes) if m == StepGrad.LIKELIHOOD]
         ho_norm: list[float] = []
 
@@ -190,7 +199,8 @@ class RLR(Estimator):
         modes = [StepGrad.PERTURBED if self.zo else StepGrad.NONE] * T
         for i in covered:
             modes[i] = StepGrad.NONE
-        modes[-1] = StepGrad.PATHWISE if differentiable else StepGrad.PERTURBED
+        modes[-1] = self._final_mode(differentiable)
+        differentiable = differentiable and self.fo  # from here: whether the reward's gradient is taken
         # likelihood-ratio terms: (weight, span). With ZO on, a covered position outside span i gets a
         # one-step likelihood ratio in G_i (it ran unperturbed), weight (m - covered) / m.
         terms = [(counts[j] / m, spans[j], j) for j in sorted(counts)]

@@ -229,6 +229,8 @@ class AlignObjective(Objective):
                                video_shape=chain.video_shape)
         run.threads_for(model)  # the retention bank below samples under the rule
         self.prompts = self._prompts(model)
+        pool = self.prompts is not None or chain.labels is not None  # conditions drawn from a pool can repeat
+        self.group_size = cfg.group_size_for(uses_baseline=pool and self.estimator.uses_baseline)
         self.frozen = None
         needs_reference = cfg.guards.kl_weight > 0 or (cfg.estimator.name == "grpo" and cfg.estimator.kl_coef > 0)
         if needs_reference and cfg.optim.peft == "none":  # LoRA needs no copy: the base is the adapters switched off
@@ -313,7 +315,7 @@ class AlignObjective(Objective):
         cfg, chain, guards, gen = self.cfg, self.cfg.chain, self.cfg.guards, run.generator
         ctxs = [EstimationContext(model=self.model, reward=self.reward, n=cfg.optim.batch_size,
                                   steps=chain.sample_steps, eta=chain.eta, scheduler=self.sched, generator=gen,
-                                  conditions=self._conditions(cfg.optim.batch_size, gen, cfg.group_size),
+                                  conditions=self._conditions(cfg.optim.batch_size, gen, self.group_size),
                                   checkpoint=cfg.optim.gradient_checkpointing, baseline=cfg.estimator.baseline,
                                   autocast=run.autocast, reference=self._reference)
                 for _ in range(cfg.optim.grad_accum)]

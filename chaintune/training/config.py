@@ -89,9 +89,11 @@ class ChainConfig:
     prompt_file: str | None = option(None, "Prompt file: .txt (one a line, # comments), .json list, or "
                                      "builtin:NAME (text models).")
     group_size: int | None = option(None, "Samples drawn per prompt (or label) in a training batch, consecutive: "
-                                    "GRPO's group (batch_size must be a multiple). Default: 4 for --estimator grpo "
-                                    "or --baseline group (a sample alone in its group gets advantage 0, so one per "
-                                    "prompt trains nothing; 4 leaves 4-8 groups in a 16-32 batch), else 1 "
+                                    "GRPO's group, the per-prompt baseline's comparison set (batch_size must be a "
+                                    "multiple). Default: 4 for --estimator grpo, --baseline group, and estimators "
+                                    "with likelihood-ratio terms under --baseline prompt on a model with prompts or "
+                                    "labels (a sample alone in its group gets advantage 0 from group and the batch "
+                                    "baseline from prompt; 4 leaves 4-8 groups in a 16-32 batch), else 1 "
                                     "(independent draws).", min=1)
     labels: list[int] | None = option(None, "A class label to train on (repeatable; class-conditional models).",
                                       key="label")
@@ -122,6 +124,8 @@ class EstimatorConfig:
     zo: bool = option(False, "rlr: zeroth-order on all remaining steps (the paper's unbiased eq. 6; high variance "
                       "at large d).")
     ho: bool = option(True, "rlr: the half-order span (--no-ho = the paper's 'without HO' ablation).")
+    fo: bool = option(True, "rlr: the first-order last step (--no-fo: an ablation that leaves step 1 out; with "
+                      "--no-ho and --no-zo it isolates one term, e.g. to measure its signal-to-noise ratio).")
     # benchmarks/defaults.py: 4 spans (with j uniform, lr 1e-4, cosine, 150 steps, KL 0.01): 94-95% on digit:1,7;
     # 1 span: nn-distance 1.4-1.6x the base's at step 25 on digit:4,7,9 (the hacking guard rolls such runs back)
     spans: int = option(4, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
@@ -133,10 +137,15 @@ class EstimatorConfig:
                                "log-probs (DDPO / Flow-GRPO's convention and default).", gt=0)
     kl_coef: float = option(0.0, "grpo: weight of the per-step closed-form KL to the reference (base) policy "
                             "(Flow-GRPO's beta; needs the base model).", min=0)
-    baseline: str = option("batch", "Reward baseline of likelihood-ratio terms: batch | prompt | none (leave-one-out, "
-                           "unbiased) | group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
+    # benchmarks/chain_diagnostics.py and the video ranking (docs/results.md, "Which estimator when"): on
+    # builtin:moving-digits a per-prompt baseline made DDPO learn prompt fidelity where the batch one did not; on a
+    # model without prompts or labels it is the batch baseline exactly, so the image results are unchanged
+    baseline: str = option("prompt", "Reward baseline of likelihood-ratio terms, leave-one-out (unbiased): prompt "
+                           "(the other samples of the same prompt/label; align draws them in groups, see "
+                           "--group-size; without conditions it is batch) | batch | none; normalised as the "
+                           "references: group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
                            "running buffer). grpo always uses group.",
-                           choices=("batch", "prompt", "none", "group", "tracker"))
+                           choices=("prompt", "batch", "none", "group", "tracker"))
     tracker_buffer: int = option(16, "baseline tracker: rewards kept per prompt (DDPO: 16).", min=1)
     tracker_min_count: int = option(16, "baseline tracker: below this many buffered rewards a prompt uses batch "
                                     "statistics (DDPO: 16).", min=0)
@@ -214,10 +223,19 @@ class AlignConfig:
 
     @property
     def group_size(self) -> int:
-        """Samples per prompt/label in a training batch (``chain.group_size``, or its estimator-dependent default)."""
+        """Samples per prompt/label in a training batch on a model without a prompt pool, or whatever the estimator
+        (``chain.group_size``, or 4 for GRPO's groups); :meth:`group_size_for` is the whole rule."""
+        return self.group_size_for(uses_baseline=False)
+
+    def group_size_for(self, uses_baseline: bool) -> int:
+        """Samples per prompt/label in a training batch: ``chain.group_size``; else 4 for GRPO and ``--baseline
+        group``, and for an estimator with likelihood-ratio terms (``uses_baseline``) under ``--baseline prompt`` on
+        a model that draws prompts or labels (the caller knows); else 1 (independent draws)."""
         if self.chain.group_size is not None:
             return self.chain.group_size
-        return 4 if self.estimator.name == "grpo" or self.estimator.baseline == "group" else 1
+        if self.estimator.name == "grpo" or self.estimator.baseline == "group":
+            return 4
+        return 4 if uses_baseline and self.estimator.baseline == "prompt" else 1
 
     def validate(self) -> None:
         """Cross-field rules (each option's own type and range are checked by chaintune.options.check)."""
