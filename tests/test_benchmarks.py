@@ -187,3 +187,29 @@ def test_controlnet_quick(tmp_path):
     assert {"settings", "metric", "runs", "summary"} <= set(res)
     assert {r["method"] for r in res["runs"]} == {"diff-tuning", "plain"}
     assert all(len(r["condition_iou"]) == len(r["steps"]) for r in res["runs"])
+
+
+def test_chain_diagnostics_quick(tmp_path):
+    res = _run("chain_diagnostics", tmp_path)
+    assert {r["target"] for r in res["decided"]} == {"image", "video"}
+    for d in res["decided"]:
+        assert {"total_effect", "late_share", "where", "span_range", "initial"} <= set(d)
+    assert [v["target"] for v in res["variance"]] == ["video"]  # only the prompt model has prompts to split by
+    estimators = {r["estimator"] for r in res["terms"] if r["target"] == "video"}
+    assert {"full backprop (reference)", "FO term (step 1)", "span term, 1 span [prompt]", "ZO terms [batch]",
+            "ddpo, 1st epoch [prompt]"} <= estimators
+    assert all({"snr", "cos_mean", "cos_single", "norm"} <= set(r) for r in res["terms"])
+
+
+def test_which_estimator_quick_reuses_finished_runs(tmp_path):
+    """Stage 1 picks an LR on the selection seed, stage 2 runs the reported seeds; a second call with --reuse runs
+    nothing again and gives the same table."""
+    partial = tmp_path / "runs.json"
+    res = _run("which_estimator", tmp_path, "--domain", "video", "--workers", "1", "--partial", str(partial),
+               "--name", "which_estimator")
+    assert {r["stage"] for r in res["runs"]} == {"select", "report"}
+    assert {r["seed"] for r in res["runs"] if r["stage"] == "select"} == {3}
+    assert [r["method"] for r in res["table"]] and all(r["seeds"] == 1 for r in res["table"])
+    again = _run("which_estimator", tmp_path, "--domain", "video", "--workers", "1", "--reuse", str(partial),
+                 "--name", "which_estimator")
+    assert again["table"] == res["table"]

@@ -276,3 +276,27 @@ def test_validate_reward_output():
     nan_sum = WeightedSum([(1.0, FunctionReward(lambda images: torch.full((images.shape[0],), float("nan"))))])
     with pytest.raises(ChaintuneError, match="non-finite"):
         nan_sum(torch.rand(2, 1, 8, 8))
+
+
+def test_blackbox_wraps_any_registered_reward():
+    """blackbox:SPEC scores exactly SPEC on the 8-bit image (or clip), with no gradient, and keeps SPEC's held-out
+    twin and metrics; an unregistered SPEC (or a module:function, which would import unseen code) is refused."""
+    import torch
+
+    from chaintune.errors import ChaintuneError
+    from chaintune.rewards import get_reward
+    from chaintune.rewards.evaluation import heldout_spec
+
+    for spec, x in (("digit:3", torch.rand(5, 1, 8, 8)), ("smoothness", torch.rand(3, 8, 1, 16, 16))):
+        box, inner = get_reward(f"blackbox:{spec}"), get_reward(spec)
+        assert not box.differentiable
+        x = x.requires_grad_(True)
+        got = box(x)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, inner((x.detach() * 255).round() / 255).detach())
+        assert not torch.equal(got, inner(x).detach())  # it is the 8-bit image that is scored
+    assert heldout_spec("blackbox:smoothness") == "smoothness-heldout"
+    assert heldout_spec("blackbox:digit:3") == "digit-heldout:3"
+    for bad in ("blackbox:nope", "blackbox:", "blackbox:os:system"):
+        with pytest.raises(ChaintuneError, match="registered reward"):
+            get_reward(bad)

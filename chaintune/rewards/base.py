@@ -221,6 +221,25 @@ class WeightedSum(Reward):
         return total if self.differentiable else total.detach()
 
 
+class BlackBox(Reward):
+    """``blackbox:SPEC``: any reward as a black box, scored on what a file on disk holds (8-bit pixels), without
+    its gradient. Why: the estimators compared on a black-box reward (a rater behind an API, a non-differentiable
+    pipeline) should differ from the differentiable comparison only in what they may use; wrapping the same reward
+    keeps its signal and its held-out twin. Works for images and videos alike (the inner reward checks the shape)."""
+
+    differentiable = False
+
+    def __init__(self, inner: Reward, spec: str = "") -> None:
+        self.inner = inner
+        self.needs_prompts, self.needs_labels = inner.needs_prompts, inner.needs_labels
+        self.name = f"blackbox:{spec or inner.name}"
+
+    def __call__(self, images, prompts=None, labels=None, metadata=None) -> torch.Tensor:
+        with torch.no_grad():
+            saved = (images.detach().float().clamp(0, 1) * 255).round() / 255
+            return self.inner(saved.to(images.dtype), prompts, labels, metadata).detach()
+
+
 def _check_real(values: torch.Tensor, name: str) -> None:
     """Refuse complex values: casting them to float drops the imaginary part without a word."""
     if values.is_complex():

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from chaintune.errors import ChaintuneError, unknown_name, user_code_error
+from chaintune.errors import ChaintuneError, shown, unknown_name, user_code_error
 from chaintune.rewards.base import FunctionReward, Reward, WeightedSum
 
 if TYPE_CHECKING:
@@ -115,6 +115,34 @@ def _digit_metrics(family: str, judge: str) -> MetricsFn:
     return metrics
 
 
+def _blackbox_spec(arg: str | None) -> str:
+    """SPEC of ``blackbox:SPEC``: a registered reward (a module:function would import code unseen by the
+    --trust-code guard; wrap your own function in Python: ``BlackBox(FunctionReward(fn))``)."""
+    spec = (arg or "").strip()
+    if not spec or family_of(spec) is None:
+        raise ChaintuneError(f"blackbox:SPEC takes a registered reward (e.g. blackbox:smoothness, "
+                             f"blackbox:digit:3), got {shown(spec)}")
+    return spec
+
+
+def _blackbox(arg: str | None):
+    from chaintune.rewards.base import BlackBox
+
+    spec = _blackbox_spec(arg)
+    return BlackBox(_resolve_one(spec), spec)
+
+
+def _blackbox_heldout(arg: str | None) -> str | None:
+    """The inner reward's held-out twin, as it is (the judge sees the samples, it is not trained on)."""
+    fam = family_of(_blackbox_spec(arg))
+    return fam[1].heldout(fam[2]) if fam is not None and fam[1].heldout is not None else None
+
+
+def _blackbox_metrics(arg: str | None, images, prompts, labels) -> dict[str, float]:
+    fam = family_of(_blackbox_spec(arg))
+    return {} if fam is None or fam[1].metrics is None else fam[1].metrics(fam[2], images, prompts, labels)
+
+
 def _register_builtins() -> None:
     from chaintune.rewards import builtin, scale
 
@@ -145,6 +173,9 @@ def _register_builtins() -> None:
                     "HPSv2 x100 (needs hpsv2 + open-clip-torch), local checkpoint; needs prompts", True)
     register_reward("imagereward", scale.ImageRewardReward, "imagereward:ckpt=FILE,med_config=FILE",
                     "ImageReward (needs image-reward), local checkpoint; needs prompts", True)
+    register_reward("blackbox", _blackbox, "blackbox:SPEC",
+                    "reward SPEC as a black box: scored on the 8-bit image (or clip), no gradient reaches it",
+                    heldout=_blackbox_heldout, metrics=_blackbox_metrics)
     from chaintune.rewards import video  # rewards on videos [n, F, C, H, W] (chaintune.rewards.video)
 
     register_reward("frames", video.frames_reward, "frames:AGG[/K]:SPEC",
