@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,19 @@ METHODS: dict[str, dict] = {
     "full backprop": {"estimator": "full-backprop"},
     "zeroth-order": {"estimator": "zeroth-order"},
 }
+def method_options(label: str) -> dict | None:
+    """A method's estimator options: METHODS, or the families budgets.py picks from: ``rlr h=H``, ``truncated k=K``."""
+    if label in METHODS:
+        return METHODS[label]
+    m = re.fullmatch(r"rlr h=(\d+)", label)
+    if m:
+        return {"estimator": "rlr", "h": int(m.group(1))}
+    m = re.fullmatch(r"truncated k=(\d+)", label)
+    if m:
+        return {"estimator": "truncated-backprop", "k": int(m.group(1))}
+    return None
+
+
 DEFAULT_METHODS = {
     "image": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop"],
     "image-blackbox": ["rlr", "ddpo", "grpo", "zeroth-order"],
@@ -104,7 +118,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--memory", action="store_true", help="also measure one estimate's peak memory per method")
     a = p.parse_args(argv)
     a.method_list = [m for m in (a.methods or ",".join(DEFAULT_METHODS[a.domain])).split(",") if m]
-    bad = [m for m in a.method_list if m not in METHODS]
+    bad = [m for m in a.method_list if method_options(m) is None]
     if bad:
         p.error(f"unknown methods {bad}; choose from {list(METHODS)}")
     a.lr_list = [float(x) for x in a.lrs.split(",") if x]
@@ -130,7 +144,7 @@ def run_config(args, method: str, lr: float, seed: int, steps: int, out: Path):
 
     opts = dict(domain_options(args), steps=steps, lr=lr, seed=seed, out=str(out), save_every=0, tensorboard=False,
                 progress=False, report=False, device="cpu")
-    opts.update(METHODS[method])
+    opts.update(method_options(method))
     return AlignConfig.from_dict(opts)
 
 
@@ -160,7 +174,7 @@ def _run(job: tuple) -> dict:
     return {"domain": args.domain, "method": method, "lr": lr, "seed": seed, "steps": steps, "stage": stage,
             "evals": evals, "sec_per_step": med, "wall_seconds": time.time() - t0,
             "guard_events": info.get("hacking", []), "final_model": info.get("final_model"),
-            "config": {k: v for k, v in METHODS[method].items()}}
+            "config": dict(method_options(method))}
 
 
 def _key(r: dict) -> tuple:
