@@ -51,13 +51,25 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
         model: Annotated[str, typer.Option(help=field_help(ChainConfig, "model"))] = "builtin:digits",
-        memory_budget: Annotated[str, typer.Option(help="Memory budget, e.g. 24GB, 512MB.")] = "24GB",
+        memory_budget: Annotated[str, typer.Option("--memory-budget", "--memory",
+                                                   help="Memory budget, e.g. 24GB, 512MB.")] = "24GB",
         sample_steps: Annotated[int, typer.Option(help=field_help(ChainConfig, "sample_steps"))] = 50,
         batch_size: Annotated[int, typer.Option(help="Samples per micro-batch to plan for.")] = 1,
         peft: Annotated[str, typer.Option(help=field_help(OptimConfig, "peft"))] = "lora",
         device: Annotated[str | None, typer.Option(help=field_help(RunConfig, "device"))] = None,
+        reward: Annotated[str | None, typer.Option(
+            help="Also recommend an estimator and its settings for this reward within the budget, from the measured "
+            "rankings (docs/results.md, 'Which estimator when'); measures where along the chain it is decided.")]
+        = None,
     ):
-        """Measure one half-order and one zeroth-order step and print h* for a memory budget (paper's formula)."""
+        """Measure one half-order and one zeroth-order step and print h* for a memory budget (paper's formula);
+        with --reward, the estimator and settings to use."""
+        if reward is not None:
+            from chaintune.training.recommend import format_recommendation, recommend
+
+            typer.echo(format_recommendation(recommend(model, reward, memory_budget, sample_steps=sample_steps,
+                                                       batch_size=batch_size, peft=peft, device=device)))
+            return
         from chaintune.training.planner import format_plan, plan_memory
 
         typer.echo(format_plan(plan_memory(model, memory_budget, sample_steps=sample_steps, batch_size=batch_size,

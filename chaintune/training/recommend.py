@@ -1,0 +1,214 @@
+"""Which estimator for my model, my reward and my memory: the measured answer, applied to the user's own setting.
+
+:func:`recommend` measures what it needs on the user's model (the planner's probe of one tracked step with and
+without gradient checkpointing, and of a zeroth-order step; optionally where along the chain the reward is
+decided, :func:`chaintune.diagnostics.decision_profile`), estimates the peak memory and the work per sample of the
+best configuration of every estimator family within the budget, and then follows the ranking measured for that
+situation — reward differentiable or black box x memory loose (full backprop fits without checkpointing) or
+tight — to the first family that fits. The rankings and their numbers are :data:`RANKINGS`, from
+``benchmarks/which_estimator.py`` and ``benchmarks/budgets.py`` (docs/results.md, "Which estimator when").
+
+Memory model (validated against measured peaks in docs/results.md): B_h is one tracked step's saved activations
+(``measure_step``), B_c the same under gradient checkpointing, B_z a stored step (latents, mean, noise), all at
+the planned batch and linear in it. Full backprop holds T x B_h (T x B_c + B_h checkpointed, per micro-batch);
+truncated backprop K x B_h + T x B_z; RLR (h + 1) x B_h + T x B_z (the first-order step and one span, the
+rollout's latents kept to replay spans); DDPO and GRPO B_h + T x B_z. Work per sample counts denoiser
+evaluations (a forward 1, a backward 2).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+from chaintune.errors import ChaintuneError
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A measured ranking of estimator families for one situation, best first, and where it was measured."""
+
+    families: tuple[str, ...]
+    evidence: str
+
+
+# (reward kind, memory) -> the measured ranking. Updated from docs/results.md, "Which estimator when"; every entry
+# names the runs behind it (3 seeds each, the LR chosen on a fourth seed, a held-out judge).
+RANKINGS: dict[tuple[str, str], Ranking] = {
+    ("differentiable", "loose"): Ranking(
+        ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
+        "digit:5 at 4,800 samples: full backprop 100% 5s, RLR h=2 95.8%, h=1 91.7%, DDPO 27.6%, AlignProp 8.3% "
+        "(base 7.3%); also first at equal wall-clock"),
+    ("differentiable", "tight"): Ranking(
+        ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
+        "checkpointed, micro-batched full backprop computes the same gradient as full backprop within RLR h=2's "
+        "memory, at more compute per sample"),
+    ("black-box", "loose"): Ranking(
+        ("ddpo", "grpo", "rlr", "zeroth-order"),
+        "digit-blackbox:5 at 4,800 samples: DDPO 27.6% 5s, RLR 9.4%, zeroth-order 7.3% (base 7.3%)"),
+    ("black-box", "tight"): Ranking(
+        ("ddpo", "grpo", "rlr", "zeroth-order"),
+        "black-box rewards get no pathwise terms, so memory does not change the ranking"),
+}
+
+
+@dataclass
+class Option:
+    """One estimator family's best configuration within the budget (``fits`` False: its smallest one did not)."""
+
+    family: str
+    label: str
+    flags: dict
+    peak: int
+    work: float  # denoiser evaluations per sample (forward 1, backward 2)
+    fits: bool
+
+
+@dataclass
+class Recommendation:
+    situation: tuple[str, str]
+    choice: Option | None
+    why: str
+    options: list[Option] = field(default_factory=list)
+    budget: int = 0
+    fixed: int = 0
+    steps: int = 0
+    batch_size: int = 0
+    decided: dict | None = None  # DecisionProfile.as_dict() of the reward on this model
+
+    def flags(self) -> list[str]:
+        """``chaintune align`` flags of the choice (what differs from align's defaults, plus the estimator)."""
+        from chaintune.options import flat_values
+        from chaintune.training.config import AlignConfig
+
+        if self.choice is None:
+            return []
+        defaults = flat_values(AlignConfig())
+        out: list[str] = []
+        for name, value in self.choice.flags.items():
+            if value is None or (name != "estimator" and defaults.get(name) == value):
+                continue
+            flag = "--" + name.replace("_", "-")
+            out += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+        return out
+
+
+def _options(b_h: int, b_c: int, b_z: int, steps: int, batch: int, left: int, differentiable: bool,
+             decided=None) -> list[Option]:
+    """The best configuration of each family within ``left`` bytes (memory model in the module docstring)."""
+    T, opts = steps, []
+    if differentiable:
+        full = T * b_h
+        if full <= left:
+            opts.append(Option("full-backprop", "full backprop", {"estimator": "full-backprop",
+                               "gradient_checkpointing": False}, full, 3 * T, True))
+        else:
+            per_sample = (T * b_c + b_h) / batch
+            micro = max((m for m in range(1, batch + 1) if batch % m == 0 and m * per_sample <= left), default=0)
+            m = micro or 1
+            opts.append(Option("full-backprop", f"full backprop, checkpointed, micro-batch {m} x {batch // m}",
+                               {"estimator": "full-backprop", "gradient_checkpointing": True, "batch_size": m,
+                                "grad_accum": batch // m}, int(m * per_sample), 4 * T, micro > 0))
+        ks = [k for k in range(1, T + 1) if k * b_h + T * b_z <= left]
+        k = max(ks, default=1)
+        opts.append(Option("truncated-backprop", f"truncated backprop k={k}", {"estimator": "truncated-backprop",
+                           "k": k}, k * b_h + T * b_z, T + 3 * k, bool(ks)))
+    hs = [h for h in range(1, T) if (h + int(differentiable)) * b_h + T * b_z <= left]
+    h = max(hs, default=1)
+    flags = {"estimator": "rlr", "h": h}
+    if decided is not None and T >= 3:
+        a, b = decided.span_range(h)
+        flags["j"] = f"{a},{b}"
+    opts.append(Option("rlr", f"rlr h={h}" + (f" j={flags['j']}" if "j" in flags else ""), flags,
+                       (h + int(differentiable)) * b_h + T * b_z, T + 2 + 4 * 3 * h, bool(hs)))
+    lr_peak = b_h + T * b_z
+    opts.append(Option("ddpo", "ddpo", {"estimator": "reinforce"}, lr_peak, 4 * T - 3, lr_peak <= left))
+    opts.append(Option("grpo", "grpo", {"estimator": "grpo"}, lr_peak, 4 * T - 3, lr_peak <= left))
+    if not differentiable:
+        opts.append(Option("zeroth-order", "zeroth-order", {"estimator": "zeroth-order"}, T * b_z, T, T * b_z <= left))
+    return opts
+
+
+def choose(options: list[Option], differentiable: bool, loose: bool) -> tuple[tuple[str, str], Option | None, str]:
+    """The situation, the first family of its measured ranking whose configuration fits, and why."""
+    situation = ("differentiable" if differentiable else "black-box", "loose" if loose else "tight")
+    ranking = RANKINGS[situation]
+    by = {o.family: o for o in options}
+    for fam in ranking.families:
+        o = by.get(fam)
+        if o is not None and o.fits:
+            return situation, o, f"{situation[0]} reward, {situation[1]} memory: {ranking.evidence}"
+    return situation, None, "nothing fits the budget: lower --batch-size or --sample-steps, or use --peft lora"
+
+
+def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int = 50, batch_size: int = 8,
+              peft: str = "lora", device: str | None = None, decided: bool = True,
+              decided_samples: int = 16) -> Recommendation:
+    """Recommend an estimator and its settings for ``reward`` on ``model_id`` within ``budget`` (module docstring)."""
+    import torch
+
+    import chaintune
+    from chaintune.rewards import get_reward
+    from chaintune.training.adapters import apply_peft
+    from chaintune.training.planner import measure_step, parse_bytes
+
+    for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
+        if value < least:
+            raise ChaintuneError(f"{flag} must be >= {least}, got {value}")
+    budget_b = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+    rew = get_reward(reward)  # an unknown reward fails before the model loads
+    differentiable = bool(getattr(rew, "differentiable", False))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = chaintune.load(model_id, device=dev)
+    apply_peft(model.denoiser, peft)
+    weights = sum(p.numel() * p.element_size() for m in model.modules().values() for p in m.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.denoiser.parameters() if p.requires_grad)
+    fixed = weights + 4 * trainable  # grads, two Adam moments, one perturbation copy
+    left = budget_b - fixed
+    if left <= 0:
+        raise ChaintuneError(f"memory budget {budget_b / 2**30:.2f} GiB is below the model's fixed cost "
+                             f"{fixed / 2**30:.2f} GiB (weights + optimizer state); use --peft lora or a larger budget")
+    b_h, b_z = measure_step(model, batch_size, checkpoint=False)
+    b_c, _ = measure_step(model, batch_size, checkpoint=True)
+    profile = None
+    if decided:
+        from chaintune.diagnostics import decision_profile
+
+        with torch.no_grad():
+            profile = decision_profile(model, rew, n=decided_samples, steps=sample_steps,
+                                       generator=torch.Generator().manual_seed(0))
+    options = _options(b_h, b_c, b_z, sample_steps, batch_size, left, differentiable, profile)
+    loose = any(o.family == "full-backprop" and o.fits and not o.flags["gradient_checkpointing"] for o in options)
+    situation, choice, why = choose(options, differentiable, loose)
+    if choice is not None:
+        choice.flags.update({"model": model_id, "reward": reward, "sample_steps": sample_steps, "peft": peft,
+                             **({"batch_size": batch_size} if "batch_size" not in choice.flags else {})})
+    return Recommendation(situation, choice, why, options, budget_b, fixed, sample_steps, batch_size,
+                          profile.as_dict() if profile is not None else None)
+
+
+def _fmt(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(b) < 1024 or unit == "TB":
+            return f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TB"
+
+
+def format_recommendation(r: Recommendation) -> str:
+    lines = [f"situation            {r.situation[0]} reward, {r.situation[1]} memory "
+             f"(budget {_fmt(r.budget)}, fixed {_fmt(r.fixed)}, T = {r.steps}, batch {r.batch_size})"]
+    if r.decided is not None:
+        d = r.decided
+        lines.append(f"reward decided       {d['where']} (share in the data half of the chain {d['late_share']:.2f}; "
+                     f"RLR span range j = {d['span_range'][0]},{d['span_range'][1]})")
+    lines.append("options within the budget (estimated peak above the fixed cost, denoiser evaluations per sample):")
+    for o in r.options:
+        lines.append(f"  {'fits ' if o.fits else 'no   '} {o.label:<48s} {_fmt(o.peak):>10s} {o.work:>7.0f}")
+    if r.choice is None:
+        lines.append(f"recommendation       none: {r.why}")
+    else:
+        lines.append(f"recommendation       {r.choice.label}")
+        lines.append(f"why                  {r.why}")
+        lines.append(f"run                  chaintune align {shlex.join(r.flags())}")
+    return "\n".join(lines)
