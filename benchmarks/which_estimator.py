@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     p.add_argument("--partial", type=Path, default=None, help="append finished runs here (JSON list)")
     p.add_argument("--reuse", type=Path, action="append", default=[], help="a --partial file of earlier runs")
+    p.add_argument("--reuse-ranking", type=Path, action="append", default=[],
+                   help="a result of `alignment.py --ranking` on this domain's settings: its runs are taken too")
     p.add_argument("--steps", type=int, default=None, help="override the domain's optimizer steps")
     p.add_argument("--name", default=None, help="result file stem (default which_DOMAIN)")
     p.add_argument("--memory", action="store_true", help="also measure one estimate's peak memory per method")
@@ -177,6 +179,32 @@ def _run(job: tuple) -> dict:
             "config": dict(method_options(method))}
 
 
+# `alignment.py --ranking` labels of the same estimator configurations (their options beyond the estimator's own are
+# AlignConfig's defaults there too)
+LEGACY_LABELS = {"rlr h=1": "rlr", "ddpo (reinforce)": "ddpo", "grpo (batch group)": "grpo",
+                 "full-backprop": "full backprop", "alignprop k=1": "alignprop k=1", "rlr h=2": "rlr h=2",
+                 "zeroth-order": "zeroth-order"}
+
+
+def legacy_runs(path: Path, args) -> list[dict]:
+    """The runs of an `alignment.py --ranking` result as this script's runs (same settings checked: reward, steps,
+    batch, chain length)."""
+    data = json.loads(path.read_text())
+    cfg, dom = data["config"], domain_options(args)
+    pairs = (("reward", "reward"), ("batch", "batch_size"), ("sample_steps", "sample_steps"),
+             ("eval_every", "eval_every"), ("eval_samples", "eval_samples"))
+    same = all(cfg[a] == dom[b] for a, b in pairs)
+    if not same:
+        raise SystemExit(f"{path}: not this domain's settings ({cfg['reward']}, batch {cfg['batch']}, T "
+                         f"{cfg['sample_steps']})")
+    out = []
+    for r in [*data.get("stage1", []), *data.get("stage2", [])]:
+        if r.get("evals") and r["method"] in LEGACY_LABELS:
+            out.append({**r, "domain": args.domain, "method": LEGACY_LABELS[r["method"]], "steps": cfg["steps"],
+                        "stage": "report" if r["seed"] in args.seed_list else "select", "from": str(path)})
+    return out
+
+
 def _key(r: dict) -> tuple:
     return r["domain"], r["method"], r["lr"], r["seed"], r["steps"]
 
@@ -184,7 +212,7 @@ def _key(r: dict) -> tuple:
 def run_jobs(args, jobs: list[tuple]) -> list[dict]:
     import multiprocessing as mp
 
-    done = {}
+    done = {_key(r): r for f in args.reuse_ranking for r in legacy_runs(f, args)}
     for f in args.reuse:
         if f.exists():
             for r in json.loads(f.read_text()):
@@ -323,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
         stage2 = run_jobs(args, sorted([job(m, chosen[m], s, full, "report") for m in chosen for s in args.seed_list],
                                        key=lambda j: -_COST.get(j[1], 1)))
     runs = stage1 + stage2
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "reuse", "partial")},
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "reuse", "partial", "reuse_ranking")},
               "domain": {"name": args.domain, **domain_options(args), "judge": DOMAINS[args.domain]["judge"]},
               "machine": C.machine(), "chosen_lr": chosen, "table": summarize(args, runs, chosen), "runs": runs,
               "failed": [r for r in runs if "error" in r]}
