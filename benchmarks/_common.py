@@ -110,8 +110,8 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]], title: 
 def measure_in_child(fn: Callable[[], dict | None]) -> dict:
     """Run ``fn`` in a forked child; return its result dict plus ``peak_mib`` (see module docstring)
     and ``seconds``. Errors come back as ``{"error": ...}``. One probe for every benchmark and
-    ``chaintune plan``: :func:`chaintune.training.planner.measure_peak`."""
-    from chaintune.training.planner import measure_peak
+    ``chaintune plan``: :func:`chaintune.plan.memory.measure_peak`."""
+    from chaintune.plan.memory import measure_peak
 
     res = measure_peak(fn)
     if "peak_bytes" in res:

@@ -1,6 +1,6 @@
 """Reward alignment of builtin:digits to ``digit:3``: RLR, its ablations and the baselines at equal steps.
 
-Every method runs ``chaintune.training.align`` for the same number of optimizer steps, batch size,
+Every method runs ``chaintune.align`` for the same number of optimizer steps, batch size,
 sampling steps, learning rate (AdamW, gradient-norm clip 1.0, all 1.1M UNet parameters) and seed:
 
 =====================  ==================================================================
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def config(args, label: str, out: Path):
-    from chaintune.training.align import AlignConfig
+    from chaintune.align import AlignConfig
 
     opts = dict(model="builtin:digits", reward="digit:3", steps=args.steps, batch_size=args.batch,
                 sample_steps=args.sample_steps, lr=args.lr, eval_every=args.eval_every,
@@ -181,8 +181,8 @@ def peak_memory(cfg) -> dict:
     import torch
 
     import chaintune
+    from chaintune.align import estimator_from_config
     from chaintune.options import flat_values
-    from chaintune.training.align import estimator_from_config
 
     v = flat_values(cfg)
     model = chaintune.load(v["model"])
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         return ranking_main(args)
     C.setup_threads(1)
     import chaintune
+    from chaintune.align import align, read_metrics
     from chaintune.options import flat_values
-    from chaintune.training.align import align, read_metrics
 
     t_start = time.time()
     base = chaintune.load("builtin:digits")
@@ -331,7 +331,7 @@ def plot(result: dict, path) -> None:
 
 
 def ranking_config(args, label: str, lr: float, seed: int, out: Path):
-    from chaintune.training.align import AlignConfig
+    from chaintune.align import AlignConfig
 
     opts = dict(model="builtin:digits", reward=args.reward, steps=args.steps, batch_size=args.batch,
                 sample_steps=args.sample_steps, lr=lr, eval_every=args.eval_every, eval_samples=args.eval_samples,
@@ -345,8 +345,8 @@ def _ranking_run(job: tuple) -> dict:
     """One alignment run (in a worker process): its eval curve on the training clock."""
     args, label, lr, seed, out = job
     C.setup_threads(1)
+    from chaintune.align import align, read_metrics
     from chaintune.options import flat_values
-    from chaintune.training.align import align, read_metrics
 
     cfg = ranking_config(args, label, lr, seed, Path(out))
     t0 = time.time()
@@ -380,8 +380,8 @@ def _delivered(run: dict) -> dict:
     """The evaluation whose weights the run saves as its model (``final_model best``, the default; with ``last``
     the final one): the best held-out reward among the evaluations without a hacking alarm, found by replaying
     the trainer's guard over the logged evaluations in order (the trainer keeps a best only when there is none)."""
-    from chaintune.training.align import HackingGuard
-    from chaintune.training.config import GuardConfig
+    from chaintune.align import HackingGuard
+    from chaintune.align.config import GuardConfig
 
     evals = run.get("evals", [])
     if not evals or run.get("config", {}).get("final_model") == "last" or "eval/heldout_reward" not in evals[0]:

@@ -1,7 +1,7 @@
 """Equal memory: what each estimator can run within a memory budget, and what that costs in time (issue 23).
 
 For a domain of ``which_estimator.py`` (its model, reward, batch and chain length) this measures, with the planner's
-probe (:func:`chaintune.training.planner.measure_peak`: a forked child's peak RSS above the loaded model on CPU, the
+probe (:func:`chaintune.plan.memory.measure_peak`: a forked child's peak RSS above the loaded model on CPU, the
 allocator's peak on CUDA), the peak memory of ONE gradient estimate of every candidate configuration, and its
 seconds per sample (interleaved repetitions, so drifting load hits all alike):
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import chaintune
+    from chaintune.align import AlignConfig, estimator_from_config
     from chaintune.diagnostics import grouped_conditions
-    from chaintune.training.align import AlignConfig, estimator_from_config
 
     t_start = time.time()
     dom = dict(DOMAINS[args.domain]["align"])

@@ -57,7 +57,7 @@ try:
 except ImportError:  # run as a script
     import _common as C  # type: ignore[no-redef]
 
-# Every training option pinned (the demo's RLR settings: chaintune/training/demo.py, RLR_DEMO + DEMO_DEFAULTS).
+# Every training option pinned (the demo's RLR settings: chaintune/align/demo.py, RLR_DEMO + DEMO_DEFAULTS).
 BASE = dict(model="builtin:digits", estimator="rlr", h=1, zo=False, ho=True, j="10,20", spans=4, sigma=1e-3,
             shared_perturbation=False, baseline="batch", kl_weight=0.01, kl_samples=4, retention_weight=0.0,
             lr=1e-4, lr_schedule="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, ema_decay=0.0,
@@ -144,9 +144,9 @@ def run_one(spec: dict) -> dict:
     import torch
 
     import chaintune
+    from chaintune.align import AlignConfig, align_run, read_metrics
     from chaintune.metrics import nearest_real_distance, pairwise_diversity
     from chaintune.sampling import chain_scheduler, sample
-    from chaintune.training.align import AlignConfig, align_run, read_metrics
 
     opts = spec["opts"]
     cfg = AlignConfig.from_dict(opts)

@@ -4,7 +4,7 @@
 evaluation, so each run shows what it does by itself: some pass through a short excursion (nn-distance
 above 1.3x the base model's at step 25, back to 1.0-1.1x by step 75) and end as good digits, others keep
 drifting and end as noise. This script feeds each run's evaluations, in order, to the guard the trainer uses
-(:class:`chaintune.training.align.HackingGuard`) and asks, for a patience of p evaluations in a row
+(:class:`chaintune.align.HackingGuard`) and asks, for a patience of p evaluations in a row
 (``--hacking-patience``): when would the guard have acted?
 
 A run *ends hacked* when its final evaluation breaks the guard's own bounds (nn-distance above 1.3x the base
@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from chaintune.training.config import GuardConfig
+from chaintune.align.config import GuardConfig
 
 try:
     from benchmarks import _common as C
@@ -69,7 +69,7 @@ def load_curves(args) -> list[dict]:
 
 def replay(evals: list[dict], patience: int) -> dict:
     """When the guard, fed these evaluations, would first act (None: never), and its first alarm."""
-    from chaintune.training.align import HackingGuard
+    from chaintune.align import HackingGuard
 
     guard = HackingGuard(TOLERANCE, COLLAPSE)
     streak, first_alarm = 0, None

@@ -13,7 +13,7 @@ the epsilon models, the flow-matching SDE chain (FlowMatchEulerDiscreteScheduler
 Per family, per trainable set (LoRA rank 4 on the attention projections, or all weights), per chain length T
 and per estimator (full backprop with and without gradient checkpointing, AlignProp = truncated backprop
 k = 1, DDPO = REINFORCE, RLR h = 1 and h = 2) one estimate of n samples runs through
-:func:`chaintune.training.planner.measure_peak` (the probe ``chaintune plan`` uses): on CPU a forked child
+:func:`chaintune.plan.memory.measure_peak` (the probe ``chaintune plan`` uses): on CPU a forked child
 reports its peak RSS above the loaded model, on CUDA the allocator's peak. The time ratio is the estimate's
 time over a no-grad sampling of the same T steps. A configuration past ``--timeout`` seconds or
 ``--max-gib`` of extra memory is killed and recorded as skipped, with the reason.
@@ -357,9 +357,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     C.setup_threads(1)
     import chaintune
+    from chaintune.adapters import apply_lora
+    from chaintune.plan.memory import measure_peak
     from chaintune.rewards import FunctionReward
-    from chaintune.training.adapters import apply_lora
-    from chaintune.training.planner import measure_peak
 
     t_start = time.time()
     dtype = getattr(torch, args.dtype)
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "dtype": args.dtype, "quick": args.quick, "timeouts_s": sorted(timeouts),
                              "max_gib": args.max_gib, "reward": "mean brightness of the stand-in decode",
                              "lora": "rank 4 on to_q, to_k, to_v, to_out.0"},
-                  "method": "one chaintune.estimate_gradient per row via chaintune.training.planner.measure_peak: "
+                  "method": "one chaintune.estimate_gradient per row via chaintune.plan.memory.measure_peak: "
                             "forked child, peak RSS above the loaded model (CPU) or allocator peak (CUDA); "
                             "time_ratio = estimate seconds / no-grad sampling seconds at the same T",
                   "machine": C.machine(), "models": models, "rows": rows,
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _planner_view(m: StandIn, args, budget: int) -> dict:
     """What ``chaintune plan`` measures on this model (one tracked step, same probe), and the h* it would pick
     for the ``--max-gib`` budget at each T: to set against the measured RLR rows."""
-    from chaintune.training.planner import h_star, measure_step
+    from chaintune.plan.memory import h_star, measure_step
 
     try:
         b_h, b_z = measure_step(m, args.n, checkpoint=False, timeout=args.timeout)

@@ -148,8 +148,8 @@ def choose_rule(rows: list[dict], thread_counts: list[int]) -> dict:
 _DEMO_RUN = """
 import json, sys, tempfile
 from pathlib import Path
-from chaintune.training.demo import demo_config
-from chaintune.training.align import align_run
+from chaintune.align.demo import demo_config
+from chaintune.align import align_run
 steps, policy = int(sys.argv[1]), sys.argv[2] == "rule"
 with tempfile.TemporaryDirectory() as tmp:
     cfg = demo_config("rlr", 3, steps, Path(tmp), 0, eval_every=0, eval_samples=8, report=False, progress=False)

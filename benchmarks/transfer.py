@@ -190,7 +190,7 @@ def pretrained_base(spec: str, resolution: int | None = None, num_classes: int |
 
     if not spec.startswith("pretrain:"):
         return chaintune.load(spec), spec
-    from chaintune.training.pretrain import PretrainConfig, pretrain
+    from chaintune.pretrain import PretrainConfig, pretrain
 
     settings = pretrain_preset or _defaults()["pretrain"]
     cfg_path = Path(chaintune.__file__).resolve().parent / "configs" / settings["recipe"]

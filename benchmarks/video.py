@@ -11,7 +11,7 @@ projections, or all weights) and per estimator of ``benchmarks/scale.py``'s ``ME
 with and without gradient checkpointing, AlignProp = truncated backprop k = 1, DDPO = REINFORCE, RLR h = 1 and
 h = 2. The reward is a differentiable video reward from the registry (``--memory-reward``, default
 ``moving-digit``: log p(prompt's digit) of every frame's ink-centroid crop), so the first-order estimators
-backpropagate through it. Each configuration runs through :func:`chaintune.training.planner.measure_peak` (the
+backpropagate through it. Each configuration runs through :func:`chaintune.plan.memory.measure_peak` (the
 probe ``chaintune plan`` and ``scale.py`` use): on CPU a forked child reports its peak RSS above the loaded
 model, on CUDA the allocator's peak. ``time_ratio`` is the estimate's seconds over a no-grad sampling of the
 same n clips and T steps (the "no-grad sampling" row: fastest of 3 runs, largest peak). A configuration
@@ -22,7 +22,7 @@ AlignProp's, DDPO's) memory is flat in T and grows with frames only as one chain
 backprop without checkpointing grows linearly in T x frames, with checkpointing linearly in T at a much smaller
 slope. ``growth`` in the JSON is each method's slope in MiB per chain step.
 
-**align** — ``chaintune.training.align.align`` for every estimator in ``--methods`` (RLR at AlignConfig's
+**align** — ``chaintune.align.align`` for every estimator in ``--methods`` (RLR at AlignConfig's
 defaults, AlignProp = truncated backprop k = 1, DDPO = REINFORCE, GRPO, full backprop; everything else is
 AlignConfig's default: all weights train (peft none), KL guard 0.01, hacking guard with rollback, best-evaluation
 final model) on reward ``--reward`` (default ``moving-digit``, prompt fidelity) for ``--align-steps`` steps of
@@ -162,9 +162,9 @@ def run_memory(args, state: dict, save) -> None:
     import torch
 
     import chaintune
+    from chaintune.adapters import apply_lora
+    from chaintune.plan.memory import measure_peak
     from chaintune.rewards import get_reward
-    from chaintune.training.adapters import apply_lora
-    from chaintune.training.planner import measure_peak
 
     mem = state["memory"]
     rows, models = mem["rows"], mem["models"]
@@ -316,7 +316,7 @@ def print_memory(result: dict) -> None:
 
 
 def align_config(args, label: str, seed: int, out: Path, prompt_file: str | None):
-    from chaintune.training.align import AlignConfig
+    from chaintune.align import AlignConfig
 
     opts = dict(model=args.model, reward=args.reward, steps=args.align_steps, batch_size=args.batch,
                 sample_steps=args.sample_steps, eval_every=args.eval_every, eval_samples=args.eval_samples,
@@ -346,8 +346,8 @@ def evals_of(metrics: list[dict], samples_per_step: int) -> list[dict]:
 
 def run_align(args, state: dict, save) -> None:
     import chaintune
+    from chaintune.align import align, read_metrics
     from chaintune.options import flat_values
-    from chaintune.training.align import align, read_metrics
 
     runs = state["align"]["runs"]
     done = {(r["method"], r["seed"]) for r in runs if r.get("evals")}
@@ -452,11 +452,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> dict:
         result = {"config": config, "machine": C.machine(), **state,
-                  "method": {"memory": "one chaintune.estimate_gradient per row via chaintune.training.planner."
+                  "method": {"memory": "one chaintune.estimate_gradient per row via chaintune.plan.memory."
                                        "measure_peak: forked child, peak RSS above the loaded model (CPU) or allocator "
                                        "peak (CUDA); time_ratio = estimate seconds / no-grad sampling seconds at the "
                                        "same frames and T; estimators from benchmarks/scale.py METHODS",
-                             "align": "chaintune.training.align.align per method and seed; evals from metrics.jsonl; "
+                             "align": "chaintune.align.align per method and seed; evals from metrics.jsonl; "
                                       "seconds = training-loop clock (evaluations included), train_seconds = "
                                       "evaluations excluded (benchmarks/alignment.step_seconds)"},
                   "seconds": round(time.time() - t_start + old.get("seconds", 0), 1)}

@@ -23,7 +23,7 @@ of the model each run delivers (the best evaluation the guard kept) and of its l
 deviation over seeds; the judge at equal wall-clock (each run's curve read at the time the fastest method needs
 for the whole budget, on the training loop's own clock, from runs that shared the machine's load: ``--workers``
 concurrent processes of one thread each); and the peak memory of one gradient estimate
-(:func:`chaintune.training.planner.measure_peak`). ``--budgets`` adds the equal-memory comparison (see
+(:func:`chaintune.plan.memory.measure_peak`). ``--budgets`` adds the equal-memory comparison (see
 ``budgets.py``'s configurations).
 
 Runs append to ``--partial`` as they finish; ``--reuse FILE`` takes finished runs (same domain, method, LR, seed
@@ -144,7 +144,7 @@ def domain_options(args) -> dict:
 
 
 def run_config(args, method: str, lr: float, seed: int, steps: int, out: Path):
-    from chaintune.training.align import AlignConfig
+    from chaintune.align import AlignConfig
 
     opts = dict(domain_options(args), steps=steps, lr=lr, seed=seed, out=str(out), save_every=0, tensorboard=False,
                 progress=False, report=False, device="cpu")
@@ -156,7 +156,7 @@ def _run(job: tuple) -> dict:
     """One alignment run in a worker process: its evaluations on the training loop's clock."""
     args, method, lr, seed, steps, stage, out = job
     C.setup_threads(1)
-    from chaintune.training.align import align_run
+    from chaintune.align import align_run
 
     cfg = run_config(args, method, lr, seed, steps, Path(out))
     t0 = time.time()
@@ -247,7 +247,7 @@ def _summary(r: dict, judge: str) -> str:
 def choose_lr(args, stage1: list[dict]) -> dict[str, float]:
     """Per method: the LR whose stage-1 run ends with the best judge among those whose realism distance stays within
     the hacking guard's tolerance of the base model's (else the least unrealistic)."""
-    from chaintune.training.config import GuardConfig
+    from chaintune.align.config import GuardConfig
 
     judge, realism = DOMAINS[args.domain]["judge"], DOMAINS[args.domain]["realism"]
     tol = GuardConfig().realism_tolerance
@@ -308,8 +308,8 @@ def measure_memory(args) -> dict[str, float]:
     import torch
 
     import chaintune
+    from chaintune.align import estimator_from_config
     from chaintune.diagnostics import grouped_conditions
-    from chaintune.training.align import estimator_from_config
 
     opts = domain_options(args)
     model = chaintune.load(opts["model"], device="cpu")

@@ -211,7 +211,7 @@ def tiny_sdxl_model(seed: int = 0):
 
 def tiny_t5_tokenizer(max_length: int = 16):
     """A T5 (Unigram) tokenizer over printable ASCII, one token per character, built offline."""
-    from chaintune.training.pretrain import char_tokenizer
+    from chaintune.pretrain.objective import char_tokenizer
 
     return char_tokenizer(max_length)
 

@@ -3,7 +3,7 @@
 Every process builds the same tiny model and the same pre-drawn batch (x_T and all step noise for
 ``N`` samples, from one seed), takes its own slice of it, computes the full-backprop gradient
 (pathwise through every step: deterministic given the noise) in ``micro`` micro-batches, and
-averages with :func:`chaintune.training.trainer.reduce_gradients` through a real ``accelerate``
+averages with :func:`chaintune.run.trainer.reduce_gradients` through a real ``accelerate``
 Accelerator. The union of the slices is the whole batch, so the result must equal the one-process
 gradient on all ``N`` samples; an AdamW step after it must give the same parameters too. Each rank
 also repeats the step with its slice split into two micro-batches (gradient accumulation).
@@ -24,9 +24,9 @@ STEPS = 4  # chain steps
 
 def setup(seed: int = 0):
     """The tiny LoRA model, the full batch's noise, and a differentiable reward (same on every rank)."""
+    from chaintune.adapters import apply_lora
     from chaintune.rewards import FunctionReward
     from chaintune.testing import tiny_unet_model
-    from chaintune.training.adapters import apply_lora
 
     model = tiny_unet_model(seed=seed)
     apply_lora(model.denoiser, rank=2)
@@ -59,7 +59,7 @@ def accumulate(model, reward, x_T, noises, idx: list[int], micro: int) -> int:
 
 def one_step(model, params, acc, n_micro: int, lr: float = 1e-2) -> dict:
     """Reduce, record the gradient, take one AdamW step, record the parameters."""
-    from chaintune.training.trainer import reduce_gradients
+    from chaintune.run.trainer import reduce_gradients
 
     reduce_gradients(params, acc, n_micro)
     grads = [p.grad.detach().clone() for p in params]
@@ -130,8 +130,8 @@ def run(out: str | Path, world: int = 2, port: int | None = None, start_method: 
     import torch.multiprocessing as mp
 
     import chaintune.estimators  # noqa: F401  (imported before forking, so children start warm)
+    import chaintune.run.trainer  # noqa: F401
     import chaintune.testing  # noqa: F401
-    import chaintune.training.trainer  # noqa: F401
 
     if port is None:
         with socket.socket() as s:

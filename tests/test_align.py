@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import chaintune
-from chaintune.training.align import AlignConfig, align, read_metrics
+from chaintune.align import AlignConfig, align, read_metrics
 
 # final_model="last": these tests check what training wrote; the default keeps the best held-out evaluation,
 # which after 3 toy steps may be the base model itself (tests/test_hacking.py covers that)
@@ -85,9 +85,9 @@ def test_rlr_on_a_black_box_reward_says_what_it_falls_back_to(tmp_path, capsys):
 
 
 def test_kl_is_zero_before_any_update():
+    from chaintune.adapters import apply_lora
+    from chaintune.align import kl_to_base
     from chaintune.sampling import chain_scheduler
-    from chaintune.training.adapters import apply_lora
-    from chaintune.training.align import kl_to_base
 
     model = chaintune.load("builtin:digits")
     apply_lora(model.denoiser, rank=2)
@@ -109,9 +109,9 @@ def test_config_file_and_flags(tmp_path, monkeypatch):
 
 
 def test_rlr_and_schedule_options_reach_the_trainer(tmp_path, monkeypatch):
+    from chaintune.align import estimator_from_config
     from chaintune.cli.main import main
     from chaintune.errors import ChaintuneError
-    from chaintune.training.align import estimator_from_config
 
     est = estimator_from_config(AlignConfig.from_dict(dict(estimator="rlr", h=2, j="10,20", spans=3, zo=True)))
     assert (est.h, est.spans, est.zo) == (2, 3, True)
@@ -132,7 +132,7 @@ def test_rlr_and_schedule_options_reach_the_trainer(tmp_path, monkeypatch):
 
 def test_planner_formula_and_cli(capsys):
     from chaintune.cli.main import main
-    from chaintune.training.planner import h_star
+    from chaintune.plan.memory import h_star
 
     # paper: h* = floor((B - B_z (T-1)) / (B_h - B_z)), capped by the variance bound
     assert h_star(1000, 110, 10, 50) == (1000 - 10 * 49) // 100
@@ -143,7 +143,7 @@ def test_planner_formula_and_cli(capsys):
 
 
 def test_demo_runs_and_prints_table(tmp_path, capsys):
-    from chaintune.training.demo import run_demo
+    from chaintune.align.demo import run_demo
 
     rows = run_demo(tmp_path / "demo", steps=3, digit=3, eval_samples=8, batch_size=8)
     out = capsys.readouterr().out

@@ -12,11 +12,11 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import chaintune
+from chaintune.adapters import apply_lora
 from chaintune.backends.flux import FluxModel, pack_latents, unpack_latents
 from chaintune.chain import log_prob, prepare_scheduler, run_chain
 from chaintune.rewards import FunctionReward
 from chaintune.testing import tiny_flux_model
-from chaintune.training.adapters import apply_lora
 from chaintune.transfer import TransferConfig, transfer
 
 BRIGHTNESS = FunctionReward(lambda images: images.mean(dim=(1, 2, 3)), differentiable=True, name="brightness")

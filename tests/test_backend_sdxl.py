@@ -11,10 +11,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import chaintune
+from chaintune.adapters import apply_lora
 from chaintune.backends.sdxl import SDXLModel
 from chaintune.rewards import FunctionReward
 from chaintune.testing import tiny_sdxl_model
-from chaintune.training.adapters import apply_lora
 from chaintune.transfer import TransferConfig, transfer
 from chaintune.transfer.forgetting import analyze
 

@@ -11,12 +11,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import chaintune
+from chaintune.adapters import apply_lora
 from chaintune.backends.wan import VIDEO_SHAPE_ENV, WanModel, flow_chain_scheduler
 from chaintune.errors import ChaintuneError
 from chaintune.rewards import FramesReward, FunctionReward, get_reward
 from chaintune.sampling import chain_scheduler
 from chaintune.testing import tiny_wan_model
-from chaintune.training.adapters import apply_lora
 from chaintune.transfer import TransferConfig, transfer
 
 BRIGHTNESS = FunctionReward(lambda images: images.mean(dim=(1, 2, 3)), differentiable=True, name="brightness")
@@ -107,7 +107,7 @@ def test_lora_weights_load_with_wan_pipelines_own_loader(tmp_path):
         for n, p in tuned.denoiser.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    from chaintune.training.adapters import lora_state_dict
+    from chaintune.adapters import lora_state_dict
 
     assert tuned.save_lora_weights(tmp_path, lora_state_dict(tuned.denoiser)) is True
     plain, base = tiny_wan_model(), tiny_wan_model()

@@ -10,6 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import chaintune
+from chaintune.adapters import apply_lora
 from chaintune.chain import (
     DeterministicStepError,
     add_noise,
@@ -22,7 +23,6 @@ from chaintune.chain import (
 from chaintune.prompts import StagedModel, StagePrompts, load_prompts
 from chaintune.rewards import FunctionReward
 from chaintune.testing import tiny_dit_model, tiny_flow_model, tiny_sd_model, tiny_unet_model
-from chaintune.training.adapters import apply_lora
 
 BRIGHTNESS = FunctionReward(lambda images: images.mean(dim=(1, 2, 3)), differentiable=True, name="brightness")
 
@@ -252,7 +252,7 @@ def test_vae_chunk_decodes_identically():
 
 
 def test_make_optimizer_eight_bit_falls_back_with_a_warning():
-    from chaintune.training.optim import eight_bit_available, make_optimizer
+    from chaintune.run.optim import eight_bit_available, make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     assert type(make_optimizer([p], lr=1e-3, weight_decay=0.01)) is torch.optim.AdamW

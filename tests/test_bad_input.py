@@ -631,7 +631,7 @@ def test_sample_takes_the_lock_on_its_out(capsys, user_files):
     """A second writer into one --out is refused with the holder's pid, and writes nothing."""
     import os
 
-    from chaintune.training.runs import RunLock
+    from chaintune.run.rundir import RunLock
 
     lock = RunLock(user_files / "out").acquire()  # another sampler, as an flock on the folder
     try:
@@ -671,7 +671,7 @@ def test_plan_suggests_the_configuration_it_measured(capsys, tmp_path, monkeypat
     import typer
 
     from chaintune.cli.main import app
-    from chaintune.training.planner import MemoryPlan, format_plan, suggested_flags
+    from chaintune.plan.memory import MemoryPlan, format_plan, suggested_flags
 
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(capsys, "plan", "--sample-steps", "50", "--batch-size", "2")

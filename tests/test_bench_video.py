@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _tiny_video_model(path: Path) -> Path:
     from chaintune.backends.wan import WanModel
-    from chaintune.training.config import ArchConfig
-    from chaintune.training.pretrain import build_wan_video
+    from chaintune.pretrain import build_wan_video
+    from chaintune.pretrain.config import ArchConfig
 
     torch.manual_seed(0)
     arch = ArchConfig(denoiser="wan", num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=16,

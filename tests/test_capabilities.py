@@ -138,8 +138,8 @@ def test_transfer_and_forgetting_on_every_backend(name, tmp_path):
 
 def test_a_run_saved_as_an_adapter_only_loads_over_its_base(tmp_path):
     """The layout older versions wrote (chaintune_run.json + adapter/ over base_model) still loads."""
-    from chaintune.training.adapters import apply_lora
-    from chaintune.training.runs import RUN_MARKER, _save_adapter, read_run_info, write_run_info
+    from chaintune.adapters import apply_lora
+    from chaintune.run.rundir import RUN_MARKER, _save_adapter, read_run_info, write_run_info
 
     base = tiny_flow_model()
     base.save(tmp_path / "base")

@@ -17,7 +17,7 @@ def tiny_pixel_model(seed: int = 0):
     from diffusers import DDPMScheduler
 
     from chaintune.controlnet.pixel import PixelCondModel, build_cond_unet
-    from chaintune.training.config import ArchConfig
+    from chaintune.pretrain.config import ArchConfig
 
     torch.manual_seed(seed)
     unet = build_cond_unet(ArchConfig(resolution=16, block_out_channels=[8, 16], num_classes=10, norm_num_groups=4))

@@ -5,7 +5,7 @@ gather and scatter the sharded model and optimizer.
 
 Every run draws its sampling noise from one pre-drawn pool (as tests/dist_helpers.py) and its plan (RLR's
 span, the perturbation seed) from the same generator seed, so the union and the halves see the same samples;
-with a generator per process, the plan is rank 0's (``chaintune.training.distributed.shared_plan``).
+with a generator per process, the plan is rank 0's (``chaintune.distributed.shared_plan``).
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def _step(name: str, rank: int, world: int, acc, mesh=None, gen_seed: int = 7, r
     """One estimate by ``name`` on this rank's share of the pool (sharded on ``mesh`` if given), reduced,
     then one AdamW step. Returns full (gathered) gradients and parameters by name."""
     from chaintune.estimators import EstimationContext, get_estimator
-    from chaintune.training.trainer import reduce_gradients
+    from chaintune.run.trainer import reduce_gradients
 
     est_kw, ctx_kw, mirrored, micro = CASES[name]
     model, pool, reward = _setup()
     if mesh is not None:
-        from chaintune.training.distributed import shard_model
+        from chaintune.distributed import shard_model
 
         shard_model(model.denoiser, mesh, min_params=MIN_PARAMS)
     est = get_estimator(name, **est_kw)
@@ -109,7 +109,7 @@ def _step(name: str, rank: int, world: int, acc, mesh=None, gen_seed: int = 7, r
     if mesh is not None:
         out["sharded"] = sum(p.to_local().numel() < p.numel() for p in params)
     if mesh is not None:
-        from chaintune.training.distributed import grads_finite
+        from chaintune.distributed import grads_finite
 
         out["finite"] = grads_finite(params)
         with torch.no_grad():
@@ -123,8 +123,8 @@ def _step(name: str, rank: int, world: int, acc, mesh=None, gen_seed: int = 7, r
 def _checkpoint_round_trip(model, opt, mesh, rank: int) -> dict:
     """Gather the full state dicts on rank 0, then load them into a fresh, differently initialised sharded
     model and optimizer (rank 0 holds the state, the others pass ``{}``) and gather again."""
+    from chaintune import distributed as dist_
     from chaintune.testing import tiny_unet_model
-    from chaintune.training import distributed as dist_
 
     sd = dist_.full_state_dict(model.denoiser)
     osd = dist_.full_optimizer_state_dict(model.denoiser, opt)
@@ -172,10 +172,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def _run(out, world: int = 2) -> dict:
     import torch.multiprocessing as mp
 
+    import chaintune.distributed  # noqa: F401
     import chaintune.estimators  # noqa: F401  (imported before forking, so children start warm)
+    import chaintune.run.trainer  # noqa: F401
     import chaintune.testing  # noqa: F401
-    import chaintune.training.distributed  # noqa: F401
-    import chaintune.training.trainer  # noqa: F401
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

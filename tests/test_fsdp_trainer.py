@@ -45,7 +45,7 @@ target_reward.differentiable = True
 
 
 def _config(model_dir: Path, out: Path, case: str, world: int, **over):
-    from chaintune.training.config import AlignConfig
+    from chaintune.align.config import AlignConfig
 
     values = {"model": str(model_dir), "reward": REWARD, "steps": STEPS, "batch_size": N // world, "sample_steps": 4,
               "eta": 1.0, "lr": LR, "lr_schedule": "constant", "eval_every": 0, "eval_samples": 4,
@@ -89,8 +89,8 @@ def _pooled_noise():
 def _worker(rank: int, world: int, port: int, jobs: list, report: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
-    from chaintune.training import distributed
-    from chaintune.training.align import align_run
+    from chaintune import distributed
+    from chaintune.align import align_run
 
     join_ranks(rank, world, port)
     distributed.DEFAULT_MIN_PARAMS = MIN_PARAMS
@@ -113,8 +113,8 @@ def _worker(rank: int, world: int, port: int, jobs: list, report: str) -> None:
 def _launch(jobs: list, report: Path, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
+    import chaintune.align.objective  # noqa: F401
     import chaintune.estimators  # noqa: F401  (imported before forking, so children start warm)
-    import chaintune.training.align  # noqa: F401
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -125,8 +125,8 @@ def _launch(jobs: list, report: Path, world: int = 2) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
+    from chaintune.align import align_run
     from chaintune.testing import tiny_unet_model
-    from chaintune.training.align import align_run
 
     root = tmp_path_factory.mktemp("fsdp_trainer")
     model_dir = root / "tiny"
@@ -175,7 +175,7 @@ def test_the_sharded_runs_were_sharded(runs):
 def test_sharded_run_equals_one_unsharded_process_on_the_union(runs, case):
     from diffusers import UNet2DModel
 
-    from chaintune.training.align import read_metrics
+    from chaintune.align import read_metrics
 
     sharded, ref = runs[f"{case}/sharded"], runs[f"{case}/ref"]
     # the whole gradient's norm (clip_grad_norm_ over the shards), step by step
@@ -250,8 +250,8 @@ def test_sharded_resume_is_bit_exact(runs):
 ])
 def test_fsdp_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys, over, message):
     import chaintune
+    from chaintune.align import align_run
     from chaintune.errors import ChaintuneError
-    from chaintune.training.align import align_run
 
     class Loaded(Exception):
         pass

@@ -7,9 +7,9 @@ import json
 import torch
 
 import chaintune
-from chaintune.training.align import HackingGuard, align_run
-from chaintune.training.config import AlignConfig
-from chaintune.training.trainer import format_summary
+from chaintune.align import HackingGuard, align_run
+from chaintune.align.config import AlignConfig
+from chaintune.run.trainer import format_summary
 
 # no KL guard, an LR that hacks digit:3 within ~10 steps at batch 8 (measured: nn-distance 0.126 -> 0.21)
 HACKING = {"reward": "digit:3", "estimator": "rlr", "lr": 1e-4, "kl_weight": 0.0, "spans": 1, "lr_schedule": "constant",
@@ -56,7 +56,7 @@ def test_patience_acts_only_on_alarms_in_a_row():
     """hacking_patience = 2: an alarm followed by a clean evaluation never acts; two in a row do."""
     from types import SimpleNamespace
 
-    from chaintune.training.trainer import Evaluation, Trainer
+    from chaintune.run.trainer import Evaluation, Trainer
 
     lines: list[str] = []
     t = SimpleNamespace(objective=SimpleNamespace(on_alarm="stop", max_rollbacks=0, alarm_patience=2), state={},

@@ -10,9 +10,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from chaintune.align.config import AlignConfig
 from chaintune.errors import ChaintuneError
 from chaintune.options import from_dict, option, section, specs, to_dict
-from chaintune.training.config import AlignConfig, PretrainConfig
+from chaintune.pretrain.config import PretrainConfig
 from chaintune.transfer.config import TransferConfig
 
 COMMANDS = {"align": AlignConfig, "transfer": TransferConfig, "pretrain": PretrainConfig}
@@ -106,7 +107,7 @@ def test_repeated_option_names_are_a_declaration_error():
 
 
 def test_estimator_reads_only_its_own_options():
-    from chaintune.training.align import estimator_from_config
+    from chaintune.align import estimator_from_config
 
     est = estimator_from_config(AlignConfig.from_dict({"estimator": "zeroth-order", "sigma": 0.01,
                                                        "shared_perturbation": True}))
@@ -123,9 +124,9 @@ def test_estimator_reads_only_its_own_options():
 def test_refl_default_range_follows_the_chain_length(tiny_unet_model):
     """ReFL's default stop range is the last quarter of *this* chain (it assumed 50 steps before)."""
     import chaintune
+    from chaintune.adapters import apply_lora
+    from chaintune.align import estimator_from_config
     from chaintune.rewards import FunctionReward
-    from chaintune.training.adapters import apply_lora
-    from chaintune.training.align import estimator_from_config
 
     est = estimator_from_config(AlignConfig.from_dict({"estimator": "refl"}))
     m = __import__("copy").deepcopy(tiny_unet_model)

@@ -312,8 +312,8 @@ def test_rlr_released_final_eta_on_a_flow_model():
 
 
 def test_config_passes_the_new_options():
-    from chaintune.training.align import estimator_from_config
-    from chaintune.training.config import AlignConfig
+    from chaintune.align import estimator_from_config
+    from chaintune.align.config import AlignConfig
 
     est = estimator_from_config(AlignConfig.from_dict({"estimator": "grpo", "kl_coef": 0.04, "inner_epochs": 2}))
     assert isinstance(est, GRPO) and est.kl_coef == 0.04 and est.inner_epochs == 2

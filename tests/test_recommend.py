@@ -14,7 +14,7 @@ import typer
 
 from chaintune.cli.main import app
 from chaintune.errors import ChaintuneError
-from chaintune.training.recommend import RANKINGS, _options, choose
+from chaintune.plan.recommend import RANKINGS, _options, choose
 
 MB = 2**20
 
@@ -73,7 +73,7 @@ def test_plan_recommends_from_measurements_on_a_real_model(capsys, budget, expec
 
 
 def test_plan_says_when_nothing_fits(capsys):
-    from chaintune.training.recommend import recommend
+    from chaintune.plan.recommend import recommend
 
     with pytest.raises(ChaintuneError, match="below the model's fixed cost"):
         recommend("builtin:digits", "digit:5", "1MB", sample_steps=20, batch_size=32, peft="none", decided=False)

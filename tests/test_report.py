@@ -11,7 +11,7 @@ import torch
 
 from chaintune.cli.main import main
 from chaintune.errors import ChaintuneError
-from chaintune.report import build_report, metric_series, read_metrics, sample_grids
+from chaintune.run.report import build_report, metric_series, read_metrics, sample_grids
 from chaintune.utils.images import save_grid
 
 
@@ -102,7 +102,7 @@ def test_cli_report(run_dir, tmp_path, capsys):
 
 def test_metric_directions_colour_hacking_red():
     """A rising nn-distance (hacking) is bad, a rising share good; spreads and bookkeeping are neither."""
-    from chaintune.report import metric_direction
+    from chaintune.run.report import metric_direction
 
     assert metric_direction("eval/nn_distance") == -1 and metric_direction("eval/fid") == -1
     assert metric_direction("eval/class_share") == 1 and metric_direction("eval/heldout_reward") == 1
@@ -131,7 +131,7 @@ def test_report_compares_with_the_delivered_model_and_leaves_noise_uncoloured(ru
 
 
 def test_change_noise():
-    from chaintune.report import change_noise
+    from chaintune.run.report import change_noise
 
     assert change_noise("eval/heldout_reward", -2.0, -1.0, (0.3, 0.4)) == pytest.approx(1.0)
     assert change_noise("eval/class_share", 0.5, 0.5, n=64) == pytest.approx(2 * (0.5 / 64) ** 0.5)

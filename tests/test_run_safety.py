@@ -88,7 +88,7 @@ def test_overwrite_deletes_only_after_inputs_are_valid(capsys, tmp_path, monkeyp
 
 
 def test_run_lock_admits_one_writer(tmp_path):
-    from chaintune.training.runs import RunLock
+    from chaintune.run.rundir import RunLock
 
     tmp_path.joinpath("r").mkdir()
     first = RunLock(tmp_path / "r").acquire()
@@ -132,7 +132,7 @@ def test_two_concurrent_writers_cannot_both_proceed(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import chaintune.training.checkpoint as ck
+    import chaintune.run.checkpoint as ck
     WHEN = sys.argv[1]
     if WHEN == "pruning":  # SIGKILL after the old checkpoint was renamed, before it is deleted
         import shutil
@@ -206,7 +206,7 @@ def test_resume_refuses_a_changed_experiment(capsys, tmp_path, monkeypatch):
 
 
 def test_restore_is_strict_about_names_and_shapes(tmp_path):
-    from chaintune.training import checkpoint as ckpt
+    from chaintune.run import checkpoint as ckpt
 
     def parts(module):
         opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
@@ -268,7 +268,7 @@ def test_overwrite_removes_only_chaintunes_own_entries(capsys, tmp_path, monkeyp
         place.unlink()
         if place.parent.name == ".git":
             place.parent.rmdir()
-    from chaintune.training.runs import foreign_entries
+    from chaintune.run.rundir import foreign_entries
 
     assert foreign_entries(run) == []  # everything a finished run holds is chaintune's
     assert run_cli(capsys, "align", *TINY, "--out", "run", "--overwrite")[0] == 0
@@ -322,11 +322,11 @@ def test_a_run_killed_before_its_marker_resumes(capsys, tmp_path, monkeypatch):
     same_weights(tmp_path / "full", stuck)
     assert not list(stuck.glob(".*"))
 
-    from chaintune.training.trainer import Trainer
+    from chaintune.run.trainer import Trainer
 
     order = []
     monkeypatch.setattr(Trainer, "_status", lambda self, status, **kw: order.append("marker"))
-    import chaintune.training.checkpoint as ck
+    import chaintune.run.checkpoint as ck
 
     monkeypatch.setattr(ck, "save_config", lambda *a, **k: order.append("config"))
     def stop(self):  # once the run folder is made
@@ -340,7 +340,7 @@ def test_a_run_killed_before_its_marker_resumes(capsys, tmp_path, monkeypatch):
 def test_leftovers_of_killed_overwrites_are_removed(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, "align", *TINY, "--out", "r")[0] == 0
-    from chaintune.training.runs import TRASH_PREFIX
+    from chaintune.run.rundir import TRASH_PREFIX
 
     (tmp_path / "r" / f"{TRASH_PREFIX}ab12cd34").mkdir()  # killed while deleting an overwritten run
     (tmp_path / "r" / f"{TRASH_PREFIX}ab12cd34" / "model.bin").write_bytes(b"\0" * 1000)

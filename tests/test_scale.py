@@ -47,7 +47,7 @@ def test_plan_on_saved_tiny_models(factory, tmp_path, capsys):
 def test_measure_peak_sees_an_allocation_and_a_timeout():
     import torch
 
-    from chaintune.training.planner import measure_peak
+    from chaintune.plan.memory import measure_peak
 
     res = measure_peak(lambda: {"s": float(torch.ones(64, 2**18).sum())})  # 64 MiB of float32
     assert res["peak_bytes"] >= 60 * 2**20 and res["s"] > 0

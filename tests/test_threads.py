@@ -23,7 +23,7 @@ def two_threads():
 
 
 def _record_threads(monkeypatch) -> list[int]:
-    from chaintune.training.trainer import Trainer
+    from chaintune.run.trainer import Trainer
 
     seen: list[int] = []
     apply = Trainer._apply
@@ -40,7 +40,7 @@ def test_demo_trains_on_one_thread_for_a_small_model(tmp_path, monkeypatch, two_
     """`chaintune demo` and the Python API's trainers apply the rule (issue 22: the demo ran torch's two threads and
     stalled 100x on a loaded machine); ``thread_policy=False`` leaves torch's setting to the caller."""
     monkeypatch.delenv("CHAINTUNE_THREADS", raising=False)
-    from chaintune.training.demo import run_demo
+    from chaintune.align.demo import run_demo
 
     seen = _record_threads(monkeypatch)
     run_demo(tmp_path / "demo", steps=1, baseline=None, eval_samples=4, batch_size=4)
@@ -55,7 +55,7 @@ def test_demo_trains_on_one_thread_for_a_small_model(tmp_path, monkeypatch, two_
 
 
 def _step_seconds(out, **kw) -> float:
-    from chaintune.training.align import AlignConfig, align_run
+    from chaintune.align import AlignConfig, align_run
 
     cfg = AlignConfig.from_dict(dict(model="builtin:digits", reward="digit:3", steps=8, batch_size=16, sample_steps=10,
                                      eval_every=0, eval_samples=4, save_every=0, tensorboard=False, progress=False,

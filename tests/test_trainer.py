@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from chaintune.errors import ChaintuneError
-from chaintune.training.config import PretrainConfig
-from chaintune.training.pretrain import PretrainObjective
-from chaintune.training.trainer import Trainer, format_summary
+from chaintune.pretrain import PretrainObjective
+from chaintune.pretrain.config import PretrainConfig
+from chaintune.run.trainer import Trainer, format_summary
 
 TINY_PRETRAIN = {"dataset": "digits:train", "block_out_channels": [8, 16], "norm_num_groups": 4, "steps": 4,
                  "batch_size": 8, "warmup_steps": 1, "save_every": 2, "eval_every": 2, "eval_samples": 4,
@@ -71,8 +71,8 @@ def _load_weights(ckpt):
 
 
 def test_summary_names_the_evaluation_metrics(tmp_path):
-    from chaintune.training.align import align_run
-    from chaintune.training.config import AlignConfig
+    from chaintune.align import align_run
+    from chaintune.align.config import AlignConfig
 
     cfg = AlignConfig.from_dict({"steps": 2, "batch_size": 4, "sample_steps": 4, "eval_every": 2,
                                  "eval_samples": 8, "tensorboard": False, "progress": False,
@@ -86,8 +86,8 @@ def test_existing_run_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "keep.txt").write_text("mine")
     import chaintune
-    from chaintune.training.align import align
-    from chaintune.training.config import AlignConfig
+    from chaintune.align import align
+    from chaintune.align.config import AlignConfig
 
     monkeypatch.setattr(chaintune, "load", lambda *a, **k: pytest.fail("loaded the model first"))
     with pytest.raises(ChaintuneError, match="already holds files"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from chaintune.adapters import apply_peft
 from chaintune.backends.base import Conditions
 from chaintune.chain import add_noise
 from chaintune.errors import ChaintuneError
 from chaintune.testing import tiny_dit_model, tiny_sd_model, tiny_unet, tiny_unet_model
-from chaintune.training.adapters import apply_peft
 from chaintune.transfer import (
     BankConfig,
     TransferConfig,

@@ -13,8 +13,8 @@ import chaintune
 from chaintune.backends.wan import VIDEO_SHAPE_FILE, WanModel
 from chaintune.data.moving import all_prompts, parse_prompt
 from chaintune.errors import ChaintuneError
-from chaintune.training.config import ArchConfig, PretrainConfig
-from chaintune.training.pretrain import build_wan_video, pretrain
+from chaintune.pretrain import build_wan_video, pretrain
+from chaintune.pretrain.config import ArchConfig, PretrainConfig
 
 TINY = dict(denoiser="wan", resolution=16, frames=4, num_layers=1, num_attention_heads=2, attention_head_dim=12,
             ffn_dim=16, patch_size=4, text_dim=16)
@@ -105,7 +105,7 @@ def test_builtin_prompt_set_is_what_the_model_was_trained_on():
 
 
 def _align_tiny(tmp_path, pixel_wan, name, **opts):
-    from chaintune.training.align import AlignConfig, align, read_metrics
+    from chaintune.align import AlignConfig, align, read_metrics
 
     if not (tmp_path / "m").exists():
         pixel_wan.save(tmp_path / "m")
@@ -126,7 +126,7 @@ def test_grpo_draws_groups_of_prompts_so_it_trains_on_a_model_with_many_prompts(
 
 
 def test_group_size_must_divide_the_batch():
-    from chaintune.training.align import AlignConfig
+    from chaintune.align import AlignConfig
 
     with pytest.raises(ChaintuneError, match="multiple of group_size"):
         AlignConfig.from_dict({"batch_size": 6, "group_size": 4}).validate()
@@ -137,7 +137,7 @@ def test_group_size_must_divide_the_batch():
 def test_a_video_run_shows_strips_and_an_animated_preview_in_its_report(pixel_wan, tmp_path):
     from PIL import Image
 
-    from chaintune.report import render_report
+    from chaintune.run.report import render_report
 
     _align_tiny(tmp_path, pixel_wan, "rep", estimator="rlr", eval_every=1, eval_samples=2, report=True)
     samples = tmp_path / "rep" / "samples"
@@ -177,7 +177,7 @@ def test_aligning_the_video_model_to_faster_motion_raises_the_heldout_motion_jud
     8 clips: the held-out twin (displacement by cross-correlation of the frames, never trained on) rises. Measured,
     seeds 0/1/2: reward +0.23/+0.25/+0.30 px/frame, held-out +0.076/+0.065/+0.075. Speed is bought with digit
     shape (identity 0.66-0.77 -> 0.45-0.48; the guard flagged nn-distance 1.34x the base in one seed)."""
-    from chaintune.training.align import AlignConfig, align, read_metrics
+    from chaintune.align import AlignConfig, align, read_metrics
 
     cfg = AlignConfig.from_dict(dict(model="builtin:moving-digits", reward="motion", estimator="full-backprop", lr=3e-4,
                                      steps=6, batch_size=8, sample_steps=10, eval_every=6, eval_samples=16,

@@ -1,6 +1,6 @@
 """Reading a chaintune run directory as a model id (``chaintune.load("runs/X")``).
 
-Writing runs is the trainers' business (``chaintune.training.runs``); reading them lives here, beside
+Writing runs is the trainers' business (``chaintune.run.rundir``); reading them lives here, beside
 the other model loaders, so loading a model never imports the training package's run machinery.
 
 A run holds ``chaintune_run.json`` (:data:`RUN_MARKER`) and either ``model/`` (the tuned model as a
@@ -66,8 +66,8 @@ def _apply_adapter(model: DiffusionModel, adapter: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from chaintune.adapters import apply_lora
     from chaintune.backends.files import check_safetensors, read_json, reading_model
-    from chaintune.training.adapters import apply_lora
 
     cfg = read_json(adapter / "adapter_config.json")
     rank = cfg.get("r") or 4

@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
+from chaintune.align.config import AlignConfig, ChainConfig
 from chaintune.cli.options import config_command
 from chaintune.options import INT64, field_help
-from chaintune.training.config import AlignConfig, ChainConfig, OptimConfig, RunConfig
+from chaintune.run.config import OptimConfig, RunConfig
 
 
 def _align(cfg: AlignConfig, *, resume: bool, overwrite: bool) -> None:
-    from chaintune.training.align import align_run
-    from chaintune.training.trainer import format_summary
+    from chaintune.align.objective import align_run
+    from chaintune.run.trainer import format_summary
 
     typer.echo(format_summary(align_run(cfg, overwrite=overwrite, resume=resume)))
 
@@ -39,11 +40,11 @@ def register(app: typer.Typer) -> None:
     ):
         """Align builtin:digits to 'digit:K' with RLR and a baseline; print a before/after table."""
         if video:
-            from chaintune.training.demo import run_video_demo
+            from chaintune.align.demo import run_video_demo
 
             run_video_demo(out or Path("runs/demo-video"), steps=30 if steps is None else steps, seed=seed)
             return
-        from chaintune.training.demo import run_demo
+        from chaintune.align.demo import run_demo
 
         run_demo(out or Path("runs/demo"), steps=150 if steps is None else steps, digit=digit,
                  baseline=baseline or None, seed=seed)
@@ -65,12 +66,12 @@ def register(app: typer.Typer) -> None:
         """Measure one half-order and one zeroth-order step and print h* for a memory budget (paper's formula);
         with --reward, the estimator and settings to use."""
         if reward is not None:
-            from chaintune.training.recommend import format_recommendation, recommend
+            from chaintune.plan.recommend import format_recommendation, recommend
 
             typer.echo(format_recommendation(recommend(model, reward, memory_budget, sample_steps=sample_steps,
                                                        batch_size=batch_size, peft=peft, device=device)))
             return
-        from chaintune.training.planner import format_plan, plan_memory
+        from chaintune.plan.memory import format_plan, plan_memory
 
         typer.echo(format_plan(plan_memory(model, memory_budget, sample_steps=sample_steps, batch_size=batch_size,
                                            peft=peft, device=device)))

@@ -142,11 +142,11 @@ def _check_sample_outputs(out: Path, num: int, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _locked_out(out: Path) -> Iterator[None]:
-    """Hold ``out`` for the command, locked as the trainers lock a run (:class:`~chaintune.training.runs.RunLock`,
+    """Hold ``out`` for the command, locked as the trainers lock a run (:class:`~chaintune.run.rundir.RunLock`,
     an ``flock`` on the folder), so that two samplers into one folder never interleave their files. The folders
     created for it are removed again when the command fails before writing into them."""
     from chaintune.errors import ChaintuneError
-    from chaintune.training.runs import RunLock
+    from chaintune.run.rundir import RunLock
     from chaintune.utils.io import lock_holder
 
     made = [p for p in (out, *out.parents) if not p.exists()]

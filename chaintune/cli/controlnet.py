@@ -10,7 +10,7 @@ from chaintune.controlnet.config import ControlNetConfig
 
 def _controlnet(cfg: ControlNetConfig, *, resume: bool, overwrite: bool) -> None:
     from chaintune.controlnet.trainer import train_controlnet
-    from chaintune.training.trainer import format_summary
+    from chaintune.run.trainer import format_summary
 
     res = train_controlnet(cfg, cfg.run.out, overwrite=overwrite, resume=resume)
     typer.echo(format_summary(res).replace(f"chaintune sample --model {res.out})",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 
 from chaintune.cli.options import config_command
-from chaintune.training.config import PretrainConfig
+from chaintune.pretrain.config import PretrainConfig
 
 
 def _pretrain(cfg: PretrainConfig, *, resume: bool, overwrite: bool) -> None:
-    from chaintune.training.pretrain import OBJECTIVES
-    from chaintune.training.trainer import Trainer, format_summary
+    from chaintune.pretrain.objective import OBJECTIVES
+    from chaintune.run.trainer import Trainer, format_summary
 
     res = Trainer(cfg, OBJECTIVES[cfg.arch.denoiser](cfg), out=cfg.run.out, overwrite=overwrite, resume=resume).fit()
     typer.echo(format_summary(res))

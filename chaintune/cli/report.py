@@ -14,6 +14,6 @@ def register(app: typer.Typer) -> None:
         run_dir: Annotated[Path, typer.Argument(help="A run directory written by align/transfer (runs/X).")],
     ):
         """Write RUN_DIR/report.html: config, metric curves, sample grids and a metric table (opens offline)."""
-        from chaintune.report import build_report
+        from chaintune.run.report import build_report
 
         typer.echo(str(build_report(run_dir)))

@@ -13,7 +13,7 @@ from chaintune.transfer.config import TransferConfig
 
 
 def _transfer(cfg: TransferConfig, *, resume: bool, overwrite: bool) -> None:
-    from chaintune.training.trainer import format_summary
+    from chaintune.run.trainer import format_summary
     from chaintune.transfer.trainer import transfer
 
     typer.echo(format_summary(transfer(cfg, cfg.run.out, overwrite=overwrite, resume=resume)))

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from chaintune.backends.base import Conditions
-from chaintune.training.config import PretrainConfig
-from chaintune.training.pretrain import PretrainObjective
-from chaintune.training.trainer import Trainer
+from chaintune.pretrain.config import PretrainConfig
+from chaintune.pretrain.objective import PretrainObjective
+from chaintune.run.trainer import Trainer
 
 __all__ = ["CondPretrainObjective", "pretrain_digits_cond"]
 

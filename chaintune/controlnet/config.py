@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from chaintune.errors import ChaintuneError
 from chaintune.options import option, section
-from chaintune.training.config import EvalConfig, OptimConfig, RunConfig
+from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
 
 METHODS = ("diff-tuning", "plain")
 TIMESTEP_LAWS = ("psi", "uniform")

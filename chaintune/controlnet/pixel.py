@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from chaintune.backends.base import Conditions, DiffusionModel
-from chaintune.training.config import ArchConfig
+from chaintune.pretrain.config import ArchConfig
 
 __all__ = ["PIPELINE_CLASS", "PixelCondModel", "build_cond_unet", "load_pixel_cond", "class_tokens"]
 

@@ -38,7 +38,7 @@ from chaintune.controlnet.conditions import condition_iou, extract
 from chaintune.controlnet.config import ControlNetConfig
 from chaintune.controlnet.model import ControlledModel, new_controlnet
 from chaintune.errors import ChaintuneError
-from chaintune.training.trainer import Evaluation, Objective, RunResult, Trainer
+from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.timesteps import sample_timesteps
 
 __all__ = ["ControlNetObjective", "train_controlnet", "sample_controlled", "control_images"]

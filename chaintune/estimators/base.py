@@ -21,9 +21,9 @@ import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, run_chain
+from chaintune.distributed import comm_device, is_sharded, local_shard, shard_group
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.baselines import PerPromptStatTracker, group_keys, group_normalized
-from chaintune.training.distributed import comm_device, is_sharded, local_shard, shard_group
 
 
 @dataclass
@@ -233,7 +233,7 @@ class Perturbation:
     forming the estimate, so memory stays flat in the number of steps. On exit the parameters
     are restored bit-exactly from a copy of the trainable subset.
 
-    Sharded parameters (FSDP2 DTensors, :mod:`chaintune.training.distributed`): a forward all-gathers
+    Sharded parameters (FSDP2 DTensors, :mod:`chaintune.distributed`): a forward all-gathers
     every process's shard, so all processes must perturb with the same ``u_i`` at the same steps. The
     seed is therefore taken from the first process; each process draws the full-shape ``u_i`` (the same
     numbers as unsharded) and perturbs only its shard. The estimate's scale is averaged over processes in

@@ -20,7 +20,7 @@ times |d sigma|; here it is the exact per-step KL (the same formula for DDPM/DDI
 
 The reference policy comes from the context: ``ctx.reference()`` is a context manager under which
 ``ctx.model.denoise_fn`` runs the base model (LoRA adapters disabled, or a frozen copy swapped in;
-see ``chaintune.training.align.base_model_weights``). It is required when ``kl_coef > 0``.
+see ``chaintune.align.base_model_weights``). It is required when ``kl_coef > 0``.
 Works for DDPM-style chains (DDIM eta > 0; the deterministic last step is skipped, as DDPO does)
 and for flow models (every SDE step is stochastic, the last one included, as in Flow-GRPO).
 The context's ``baseline`` is not read: GRPO's baseline is the group normalisation.

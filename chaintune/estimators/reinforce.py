@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from chaintune.chain import StepGrad, prepare_scheduler
+from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
-from chaintune.training.distributed import shared_plan
 
 
 class Reinforce(Estimator):

@@ -37,6 +37,7 @@ from collections import Counter
 import torch
 
 from chaintune.chain import StepGrad, run_chain
+from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import (
     EstimationContext,
@@ -47,7 +48,6 @@ from chaintune.estimators.base import (
     rollout,
 )
 from chaintune.estimators.ppo import ppo_objective
-from chaintune.training.distributed import shared_plan
 
 
 class RLR(Estimator):

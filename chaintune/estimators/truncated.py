@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from chaintune.chain import StepGrad
+from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
-from chaintune.training.distributed import shared_plan
 
 
 class TruncatedBackprop(Estimator):

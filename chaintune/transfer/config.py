@@ -7,7 +7,7 @@ from pathlib import Path
 
 from chaintune.errors import ChaintuneError
 from chaintune.options import option, section
-from chaintune.training.config import EvalConfig, OptimConfig, RunConfig
+from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
 
 METHODS = ("diff-tuning", "plain")
 TIMESTEP_MODES = ("sampling", "weighting")

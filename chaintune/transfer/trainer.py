@@ -27,7 +27,7 @@ import torch
 
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
-from chaintune.training.trainer import Evaluation, Objective, RunResult, Trainer
+from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.bank import KnowledgeBank, build_bank
 from chaintune.transfer.conditioning import target_conditions
 from chaintune.transfer.config import FEW_SHOT_RETENTION_WINS, UNCONDITIONAL_RETENTION, TransferConfig

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from chaintune.backends.unet import UNetModel
 from chaintune.chain import add_noise, training_target
 from chaintune.errors import ChaintuneError
-from chaintune.training.config import ArchConfig, PretrainConfig
-from chaintune.training.trainer import Evaluation, Objective, Trainer
+from chaintune.pretrain.config import ArchConfig, PretrainConfig
+from chaintune.run.trainer import Evaluation, Objective, Trainer
 
 __all__ = ["PretrainConfig", "build_unet", "build_wan_video", "char_tokenizer", "check_unet_arch", "check_wan_arch",
            "pretrain"]

@@ -10,7 +10,7 @@ process, and the final gradient must still be the mean over processes of each pr
 * zeroth-order terms: :class:`chaintune.estimators.base.Perturbation` shares one seed across processes (a
   forward all-gathers every shard, so all must perturb alike), perturbs each shard with the slice of the
   full-shape direction, and writes the process mean of its scale, so they arrive averaged too;
-* :func:`chaintune.training.trainer.reduce_gradients` then only divides sharded gradients by the number
+* :func:`chaintune.run.trainer.reduce_gradients` then only divides sharded gradients by the number
   of micro-batches (no second all-reduce).
 
 Every process must run the same sequence of forwards and backwards through the sharded modules (FSDP's
@@ -20,7 +20,7 @@ positions) must therefore agree across processes. Each process draws its plan fr
 one its samples come from) and :func:`shared_plan` replaces it by the first process's, so the samples
 still differ per process while the plan is one.
 
-:class:`chaintune.training.trainer.Trainer` does all of this under ``--fsdp`` (``RunConfig.fsdp``):
+:class:`chaintune.run.trainer.Trainer` does all of this under ``--fsdp`` (``RunConfig.fsdp``):
 shards ``model.denoiser`` after the objective's ``prepare``, builds AdamW over the shards, checkpoints
 full (gathered) tensors in the unsharded format, and exports a plain diffusers model through an
 unsharded twin (:func:`meta_copy`, :func:`unsharded_copy`).

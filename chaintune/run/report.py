@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from chaintune.errors import ChaintuneError
-from chaintune.training.runs import RUN_MARKER, read_run_info
+from chaintune.run.rundir import RUN_MARKER, read_run_info
 from chaintune.utils.io import atomic_file
 
 REPORT_NAME = "report.html"

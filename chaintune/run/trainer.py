@@ -15,7 +15,7 @@ DDP's hooks would not see); gradients are all-reduced explicitly after accumulat
 estimator is exact under ``accelerate launch``. Each process draws its own samples.
 
 Sharded (``--fsdp``, ``RunConfig.fsdp``, full fine-tuning only): after the objective's ``prepare`` the
-denoiser is sharded with FSDP2 (:func:`chaintune.training.distributed.shard_model`), so each of N
+denoiser is sharded with FSDP2 (:func:`chaintune.distributed.shard_model`), so each of N
 processes holds 1/N of the weights, gradients, AdamW moments, EMA and best-evaluation weights. The
 estimators stay exact (their plans are the first process's, the samples each process's own); the
 non-finite check and gradient clipping see the whole gradient; checkpoints and ``best/`` hold full
@@ -39,7 +39,7 @@ import torch
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values, to_dict
-from chaintune.training.config import LR_SCHEDULES
+from chaintune.run.config import LR_SCHEDULES
 
 __all__ = ["Evaluation", "Objective", "RunResult", "Trainer", "reduce_gradients", "format_summary"]
 
@@ -112,11 +112,11 @@ def reduce_gradients(params: list[torch.nn.Parameter], acc: Any, n_micro: int) -
 
     Every process contributes a gradient for every parameter (zeros where its estimator wrote
     none), so the collective calls match across processes. Sharded parameters (FSDP2 DTensors, see
-    :mod:`chaintune.training.distributed`) already hold the process average of their shard: FSDP
+    :mod:`chaintune.distributed`) already hold the process average of their shard: FSDP
     reduce-scatters (averages) backpropagated gradients and ``Perturbation.accumulate`` averages its
     zeroth-order terms, so they are only divided by ``n_micro`` (an all-reduce would sum different shards).
     """
-    from chaintune.training.distributed import is_sharded
+    from chaintune.distributed import is_sharded
 
     for p in params:
         if p.grad is None:
@@ -213,7 +213,7 @@ class Trainer:
         try:
             self.sharded = self._fsdp()  # an impossible --fsdp fails before the model loads
             if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
-                from chaintune.training.runs import RunLock, check_run_dir
+                from chaintune.run.rundir import RunLock, check_run_dir
 
                 check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, inputs=_input_paths(cfg))
                 self.lock = RunLock(self.out)
@@ -229,13 +229,13 @@ class Trainer:
             obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
             self.threads_for(obj.model)
             if self.out is not None and self.main:
-                from chaintune.training.runs import prepare_run_dir
+                from chaintune.run.rundir import prepare_run_dir
 
                 prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
                 if not self.resume or not (self.out / "config.yaml").exists():
                     # the marker first, then the config: a run killed at any moment is recognisably a run, which
                     # --resume (it starts over before its first checkpoint) and --overwrite accept
-                    from chaintune.training import checkpoint as ckpt
+                    from chaintune.run import checkpoint as ckpt
 
                     self._status_base = {"command": obj.command, "name": self.name, **obj.info(),
                                          "config": flat_values(cfg)}
@@ -259,17 +259,17 @@ class Trainer:
     def _status(self, status: str, **extra) -> None:
         if self.out is None or not self.main or not self._status_base:
             return
-        from chaintune.training.runs import write_run_info
+        from chaintune.run.rundir import write_run_info
 
         write_run_info(self.out, {**self._status_base, "status": status, **extra})
 
     def _train(self) -> RunResult:
         from diffusers.optimization import get_scheduler
 
-        from chaintune.training import checkpoint as ckpt
-        from chaintune.training.adapters import apply_peft
-        from chaintune.training.logging import RunLogger
-        from chaintune.training.optim import make_optimizer
+        from chaintune.adapters import apply_peft
+        from chaintune.run import checkpoint as ckpt
+        from chaintune.run.logging import RunLogger
+        from chaintune.run.optim import make_optimizer
         from chaintune.utils.progress import progress
 
         cfg, obj, out, main = self.cfg, self.objective, self.out, self.main
@@ -277,7 +277,7 @@ class Trainer:
         den = obj.model.denoiser
         self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
         if self.sharded:  # after adapters, before the optimizer and EMA (they hold the shards)
-            from chaintune.training import distributed
+            from chaintune import distributed
 
             self._skeleton = distributed.meta_copy(den)
             distributed.shard_model(den, distributed.default_mesh(self.device),
@@ -343,7 +343,7 @@ class Trainer:
                     row.update(metrics)
                     row.update(self._apply(n_micro, step))
             except Exception as e:  # the allocator failing is the batch being too large for this machine
-                from chaintune.training.planner import is_out_of_memory, out_of_memory_error
+                from chaintune.plan.memory import is_out_of_memory, out_of_memory_error
 
                 if not is_out_of_memory(e):
                     raise
@@ -387,14 +387,14 @@ class Trainer:
             result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
         exported = self._export() if out is not None else None  # sharded: gathered by every process
         if out is not None and main:
-            from chaintune.training.runs import save_tuned_model
+            from chaintune.run.rundir import save_tuned_model
 
             save_tuned_model(out, exported, opt_cfg.peft, opt_cfg.lora_rank)
             final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
             self._status("finished", final=final)
             logger.close()
             if cfg.run.report:
-                from chaintune.report import build_report
+                from chaintune.run.report import build_report
 
                 build_report(out)
         return result
@@ -403,7 +403,7 @@ class Trainer:
         """Average, check, clip and apply one update; a non-finite gradient is skipped (and counted)."""
         params, opt, cfg = self.params, self.optimizer, self.cfg
         reduce_gradients(params, self.acc, n_micro)
-        from chaintune.training.distributed import grads_finite
+        from chaintune.distributed import grads_finite
 
         if not grads_finite(params):  # sharded: every process checks its shard and all agree
             self.state["bad_steps"] += 1
@@ -459,7 +459,7 @@ class Trainer:
         obj = self.objective
         if not self.sharded:
             return obj.export() if self.main else None
-        from chaintune.training.distributed import full_state_dict, unsharded_copy
+        from chaintune.distributed import full_state_dict, unsharded_copy
 
         den = obj.model.denoiser
         state = full_state_dict(den)  # rank 0 (the main process) only
@@ -473,7 +473,7 @@ class Trainer:
 
     def _load_params(self, values: list[torch.Tensor]) -> None:
         """Load weights kept by :meth:`_keep_best` (each process's shard when sharded)."""
-        from chaintune.training.distributed import is_sharded
+        from chaintune.distributed import is_sharded
 
         with torch.no_grad():
             for p, v in zip(self.params, values, strict=True):
@@ -484,7 +484,7 @@ class Trainer:
         """Remember the best evaluation's weights (they are what was evaluated: the EMA's when there is one) and
         write them as OUT/best, a model id. Sharded: each process keeps its shard; every process takes part in
         gathering the full weights the main process writes."""
-        from chaintune.training.distributed import is_sharded
+        from chaintune.distributed import is_sharded
 
         self.best = {"step": step, "score": ev.score, "metrics": dict(ev.metrics),
                      "params": [(p.to_local() if is_sharded(p) else p).detach().to("cpu", copy=True)
@@ -497,7 +497,7 @@ class Trainer:
             return
         from safetensors.torch import save_file
 
-        from chaintune.training.runs import save_tuned_model, write_run_info
+        from chaintune.run.rundir import save_tuned_model, write_run_info
         from chaintune.utils.io import atomic_dir
 
         names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
@@ -517,8 +517,8 @@ class Trainer:
         """The best evaluation kept in OUT/best, for a resumed run (None if unreadable: it is then re-found)."""
         from safetensors.torch import load_file
 
-        from chaintune.training.distributed import is_sharded, local_shard
-        from chaintune.training.runs import read_run_info
+        from chaintune.distributed import is_sharded, local_shard
+        from chaintune.run.rundir import read_run_info
 
         try:
             weights, info = load_file(str(path / "trainable.safetensors")), read_run_info(path)
@@ -634,8 +634,8 @@ def _exists(name: str) -> bool:
 def check_resumable(cfg: Any, out: Path) -> None:
     """A finished run is never restarted by ``--resume``: it needs a checkpoint to continue from and more
     ``--steps`` than it ran (a finished run without one keeps its model; train further from it with --model)."""
-    from chaintune.training import checkpoint as ckpt
-    from chaintune.training.runs import read_run_info
+    from chaintune.run import checkpoint as ckpt
+    from chaintune.run.rundir import read_run_info
 
     try:
         info = read_run_info(out)
@@ -661,7 +661,7 @@ def check_resume_config(cfg: Any, out: Path) -> None:
     The reference is the config recorded in the run's status file (what the checkpoints were made
     with), so an edited ``config.yaml`` is caught too."""
     from chaintune.options import flat_values, from_dict
-    from chaintune.training.runs import read_run_info
+    from chaintune.run.rundir import read_run_info
 
     try:
         recorded = read_run_info(out).get("config")

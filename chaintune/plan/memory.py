@@ -269,7 +269,7 @@ def h_star(budget_left: int, b_h: int, b_z: int, steps: int, v_h: float | None =
 def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_size: int = 1, peft: str = "lora",
                 device: str | None = None, v_h: float | None = None, v_z: float | None = None) -> MemoryPlan:
     import chaintune
-    from chaintune.training.adapters import apply_peft
+    from chaintune.adapters import apply_peft
 
     for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
         if value < least:  # checked before the model loads; 0 samples would fail deep inside the measurement
@@ -312,8 +312,8 @@ def suggested_flags(p: MemoryPlan) -> list[str]:
     """``chaintune align`` flags that run the configuration this plan measured, at the h it reports: the estimator
     and h, and every measured option (model, T, batch, PEFT method, checkpointing, device) whose value differs
     from align's default, so that pasted into align they give the run whose memory was measured."""
+    from chaintune.align.config import AlignConfig
     from chaintune.options import flat_values
-    from chaintune.training.config import AlignConfig
 
     defaults = flat_values(AlignConfig())
     measured = {"model": p.model, "estimator": "rlr", "h": p.h_star, "sample_steps": p.steps,

@@ -10,7 +10,7 @@ Layout::
       adapter/             LoRA only: adapter weights (peft format; plus diffusers' LoRA format where the
                            pipeline has a loader, SD and SD3: ``pipe.load_lora_weights("runs/X/adapter")``)
       samples/             sample grids at each evaluation
-      checkpoints/         resumable training state (see chaintune.training.checkpoint)
+      checkpoints/         resumable training state (see chaintune.run.checkpoint)
       tb/                  tensorboard logs
 
 ``chaintune.load("runs/X")`` loads ``model/`` when present, else the base model plus ``adapter/``
@@ -257,7 +257,7 @@ def save_tuned_model(path: Path, model, peft: str, lora_rank: int | None = None)
         _save_adapter(path / "adapter", model, lora_rank)
         if sum(p.numel() for p in den.parameters()) > MERGE_LIMIT:
             return
-        from chaintune.training.adapters import merge_lora
+        from chaintune.adapters import merge_lora
 
         model = model.with_denoiser(merge_lora(copy.deepcopy(den)))
     with atomic_dir(path / "model") as tmp:
@@ -269,7 +269,7 @@ def _save_adapter(target: Path, model, rank: int | None) -> None:
     where the backend's pipeline has a LoRA loader (``model.save_lora_weights``)."""
     from safetensors.torch import save_file
 
-    from chaintune.training.adapters import lora_state_dict
+    from chaintune.adapters import lora_state_dict
 
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model.denoiser).items()}
     with atomic_dir(target) as tmp:

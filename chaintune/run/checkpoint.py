@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from chaintune.distributed import gather_full, is_sharded, local_shard, rank_world
 from chaintune.errors import ChaintuneError
-from chaintune.training.distributed import gather_full, is_sharded, local_shard, rank_world
 from chaintune.utils.io import atomic_dir, atomic_file, save_json
 
 

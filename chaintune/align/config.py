@@ -1,78 +1,11 @@
-"""Config sections every trainer shares: optimisation, evaluation and the run itself.
-
-A trainer's config (``AlignConfig``, ``TransferConfig``, ``PretrainConfig``) embeds these with
-its own defaults (``section(OptimConfig, lr=1e-4)``); see :mod:`chaintune.options` for how they
-become CLI flags and config-file keys. Torch-free.
-"""
+"""``chaintune align``'s options: the chain, the estimator, the guards, evaluation and the run. Torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from chaintune.options import option, section
-
-PEFT_METHODS = ("none", "lora", "bitfit", "difffit")
-# our names -> diffusers.optimization.get_scheduler's (all with linear warm-up over warmup_steps)
-LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-@dataclass
-class OptimConfig:
-    """What is trained and how: steps, batch, AdamW, LR schedule, EMA, PEFT, precision, memory."""
-
-    steps: int = option(100, "Optimizer steps.", min=1)
-    batch_size: int = option(32, "Samples per micro-batch.", min=1)
-    grad_accum: int = option(1, "Micro-batches per optimizer step (gradients are averaged).", min=1)
-    lr: float = option(3e-4, "AdamW learning rate.", gt=0)
-    lr_schedule: str = option("constant", "LR after warm-up: constant | cosine | linear (both decay to 0 at the "
-                              "last step).", choices=tuple(LR_SCHEDULES))
-    warmup_steps: int = option(0, "Linear LR warm-up steps.", min=0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
-    max_grad_norm: float = option(1.0, "Clip the gradient to this norm (0: no clipping).", min=0)
-    ema_decay: float = option(0.0, "Decay of an EMA of the trainable weights, which is then what is evaluated "
-                              "and saved (0: no EMA).", min=0, max=1)
-    peft: str = option("none", "Which weights train: none (all) | lora | bitfit | difffit.", choices=PEFT_METHODS)
-    lora_rank: int = option(4, "LoRA rank.", min=1)
-    mixed_precision: str = option("no", "no | fp16 | bf16 (autocast; adapters and optimizer state stay fp32).",
-                                  choices=MIXED_PRECISION)
-    gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
-    eight_bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a "
-                                  "warning).")
-
-
-@dataclass
-class EvalConfig:
-    """When and how much to evaluate (held-out seeds; a sample grid each time)."""
-
-    eval_every: int = option(25, "Evaluate every N steps (0: only at the end).", min=0)
-    eval_samples: int = option(64, "Samples per evaluation.", min=1)
-    final_model: str = option("last", "Which weights the run saves as model/: last (the last step's) | best (the "
-                              "evaluation with the best held-out score; also kept as OUT/best, a model id).",
-                              choices=("last", "best"))
-
-
-@dataclass
-class RunConfig:
-    """The run directory and its bookkeeping: seed, device, logging, checkpoints, failure policy."""
-
-    out: str = option("runs/run", "Run directory (it becomes a model id).")
-    seed: int = option(0, "Random seed.", min=0)
-    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the best available).")
-    log_every: int = option(1, "Log training metrics every N steps.", min=1)
-    save_every: int = option(50, "Write a resumable checkpoint every N steps and at the end (0: none).", min=0)
-    keep_checkpoints: int = option(2, "Checkpoints kept (the newest).", min=1)
-    max_bad_steps: int = option(5, "Skip a non-finite update with a warning; stop after this many in a row.",
-                                min=1)
-    tensorboard: bool = option(True, "Write tensorboard logs under OUT/tb (when tensorboard is installed).")
-    progress: bool = option(True, "Show a progress bar with ETA and the current loss/reward.")
-    report: bool = option(True, "Write OUT/report.html at the end (config, metric curves, sample grids).")
-    fsdp: bool = option(False, "Full fine-tuning sharded over the processes of `accelerate launch` (FSDP2): each "
-                        "of N processes holds 1/N of the weights, gradients and AdamW state; only with --peft none "
-                        "(one process: no sharding).")
-
-
-# ------------------------------------------------------------------------------------ align
+from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
 
 
 @dataclass
@@ -170,7 +103,7 @@ class GuardConfig:
     kl_samples: int = option(4, "Samples per KL estimate.", min=1)
     retention_weight: float = option(0.0, "Weight of a denoising loss on base-model samples.", min=0)
     retention_samples: int = option(64, "Base-model samples generated for the retention loss.", min=1)
-    # the hacking guard (chaintune.training.align.HackingGuard): its thresholds are the acceptance bounds of
+    # the hacking guard (chaintune.align.HackingGuard): its thresholds are the acceptance bounds of
     # issue 13 (samples that stay digits: nn-distance <= 1.3x the base model's) and a halving of diversity
     on_hacking: str = option("rollback", "When an evaluation shows reward hacking: off | warn | stop (keep the best "
                              "checkpoint) | rollback (back to the best checkpoint with half the LR; stop after "
@@ -269,72 +202,3 @@ class AlignConfig:
                                  f"{self.chain.stage_boundaries!r}") from None
         if not 0 <= b1 <= b2 <= 1:
             raise ChaintuneError(f"stage_boundaries must satisfy 0 <= b1 <= b2 <= 1, got {b1},{b2}")
-
-
-# ------------------------------------------------------------------------------------ pretrain
-
-
-@dataclass
-class ArchConfig:
-    """The pixel-space denoiser and its noise schedule (how the built-in models are made): a UNet2DModel DDPM
-    on images, or a Wan transformer (flow matching) on text-to-video clips."""
-
-    denoiser: str = option("unet", "Architecture: unet (UNet2DModel DDPM on images) | wan (pixel-space "
-                           "WanTransformer3DModel with a UMT5 prompt encoder, flow matching, on video clips).",
-                           choices=("unet", "wan"))
-    resolution: int = option(8, "Image (frame) size in pixels.", min=4)
-    frames: int = option(8, "wan: frames per clip.", min=1)
-    num_layers: int = option(4, "wan: transformer blocks.", min=1)
-    num_attention_heads: int = option(4, "wan: attention heads.", min=1)
-    attention_head_dim: int = option(16, "wan: width of one head (a multiple of 6: 3D RoPE splits it in three).",
-                                     min=6)
-    ffn_dim: int = option(128, "wan: feed-forward width.", min=1)
-    patch_size: int = option(2, "wan: spatial patch size (patches are 1 frame x P x P pixels).", min=1)
-    text_dim: int = option(32, "wan: width of the (frozen, randomly initialised) UMT5 prompt encoder.", min=2)
-    text_layers: int = option(2, "wan: transformer layers of the prompt encoder (0: each token's embedding as is).",
-                              min=0)
-    flow_shift: float = option(1.0, "wan: flow_shift of the saved UniPC scheduler (the chain's Euler shift).", gt=0)
-    block_out_channels: list[int] = option(factory=lambda: [32, 64, 64], help="Channels per UNet level.")
-    layers_per_block: int = option(1, "ResNet layers per UNet block.", min=1)
-    attention: bool = option(True, "Self-attention in the second level.")
-    norm_num_groups: int = option(16, "GroupNorm groups.", min=1)
-    num_classes: int | None = option(None, "Class-conditional with this many classes (one extra null class is "
-                                     "added for guidance).", min=1)
-    num_train_timesteps: int = option(1000, "Diffusion timesteps.", min=2)
-    beta_schedule: str = option("squaredcos_cap_v2", "Noise schedule (a diffusers DDPMScheduler beta_schedule).",
-                                choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
-    prediction_type: str = option("epsilon", "What the UNet predicts.", choices=("epsilon", "v_prediction"))
-
-
-@dataclass
-class PretrainConfig:
-    """Every option of ``chaintune pretrain``: a small pixel DDPM from scratch."""
-
-    dataset: str = option("digits:train", "Dataset id: digits:train, glyphs, digits-fewshot:K, or a folder; "
-                          "moving-digits:train (procedural clips with prompts) for --denoiser wan.")
-    label_dropout: float = option(0.1, "Share of labels (prompts) replaced by the null class (the empty prompt) for "
-                                  "classifier-free guidance.", min=0, max=1)
-    arch: ArchConfig = section(ArchConfig)
-    optim: OptimConfig = section(OptimConfig, steps=4000, batch_size=128, lr=3e-4, warmup_steps=200,
-                                 lr_schedule="cosine", ema_decay=0.999, gradient_checkpointing=False)
-    eval: EvalConfig = section(EvalConfig, eval_every=0, eval_samples=64)
-    run: RunConfig = section(RunConfig, out="runs/pretrain", log_every=20, save_every=0)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> PretrainConfig:
-        from chaintune.options import from_dict
-
-        return from_dict(cls, values, "pretrain option")
-
-    def validate(self) -> None:
-        from chaintune.errors import ChaintuneError
-        from chaintune.options import check
-
-        check(self)
-        if self.optim.peft != "none":
-            raise ChaintuneError("pretrain trains every weight from scratch (peft none)")
-        video = self.dataset.partition(":")[0] == "moving-digits"
-        if video != (self.arch.denoiser == "wan"):
-            raise ChaintuneError("--denoiser wan trains on video clips (--dataset moving-digits:train) and "
-                                 f"moving-digits needs --denoiser wan; got --denoiser {self.arch.denoiser} "
-                                 f"--dataset {self.dataset}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from chaintune.align.config import AlignConfig
 from chaintune.errors import ChaintuneError
-from chaintune.training.align import AlignConfig
 
 # RLR's demo settings, chosen by measurement (1 thread, 150 steps, batch 32; README, "RLR in practice"). Its
 # half-order term is the noise source: one span's likelihood ratio has gradient norm ~40-110 at paper steps
@@ -54,7 +54,7 @@ def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
     files; its runs are chaintune runs), never a file of the user's."""
     import json
 
-    from chaintune.training.runs import check_run_dir
+    from chaintune.run.rundir import check_run_dir
     from chaintune.utils.io import check_output_dir
 
     check_output_dir(out)
@@ -108,7 +108,7 @@ def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | 
 
     ``overrides`` replace demo settings (any AlignConfig field, e.g. ``eval_samples``). Each row's "after" is the
     model the run delivers (``model/``: the best evaluation the hacking guard kept), with the step it is from."""
-    from chaintune.training.align import align_run
+    from chaintune.align.objective import align_run
 
     out = Path(out)
     if steps < 1:
@@ -191,7 +191,7 @@ def run_video_demo(out: str | Path, steps: int = 30, methods: tuple[str, ...] = 
     """Align builtin:moving-digits with each method for ``steps`` steps; print a before/after table of the
     reward, its held-out twin and the video judge, and write before/after clips as animated GIFs (the "after" of
     each method is the model its run delivers, as in :func:`run_demo`)."""
-    from chaintune.training.align import align_run
+    from chaintune.align.objective import align_run
 
     out = Path(out)
     if steps < 1:

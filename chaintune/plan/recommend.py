@@ -78,8 +78,8 @@ class Recommendation:
 
     def flags(self) -> list[str]:
         """``chaintune align`` flags of the choice (what differs from align's defaults, plus the estimator)."""
+        from chaintune.align.config import AlignConfig
         from chaintune.options import flat_values
-        from chaintune.training.config import AlignConfig
 
         if self.choice is None:
             return []
@@ -148,9 +148,9 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     import torch
 
     import chaintune
+    from chaintune.adapters import apply_peft
+    from chaintune.plan.memory import measure_step, parse_bytes
     from chaintune.rewards import get_reward
-    from chaintune.training.adapters import apply_peft
-    from chaintune.training.planner import measure_step, parse_bytes
 
     for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
         if value < least:

@@ -2,7 +2,7 @@
 
 Each optimizer step: every micro-batch runs the chosen estimator (which accumulates -grad J into
 ``.grad``); the guards add their gradients (KL to the base model's transitions, a retention loss
-on base-model samples); the skeleton (:mod:`chaintune.training.trainer`) averages over
+on base-model samples); the skeleton (:mod:`chaintune.run.trainer`) averages over
 micro-batches and processes, checks, clips and applies. Evaluation on held-out seeds scores the
 samples with what the reward family declares (:mod:`chaintune.rewards.evaluation`): the reward,
 its held-out twin, diversity and the family's realism measures.
@@ -14,18 +14,18 @@ import contextlib
 import copy
 import inspect
 import json
-import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from chaintune.align.config import AlignConfig, ChainConfig, EstimatorConfig
+from chaintune.align.guard import HackingGuard
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values
-from chaintune.training.config import AlignConfig, ChainConfig, EstimatorConfig
-from chaintune.training.trainer import Evaluation, Objective, Trainer
+from chaintune.run.trainer import Evaluation, Objective, Trainer
 
 __all__ = ["AlignConfig", "align", "estimator_from_config", "kl_to_base", "retention_loss", "read_metrics"]
 
@@ -118,83 +118,6 @@ def retention_loss(model, bank: torch.Tensor, gen: torch.Generator, n: int) -> t
     xt = add_noise(model.scheduler, x0, noise, t)
     pred = model.model_output(xt, t, model.default_conditions(n) if not model.conditional else Conditions())
     return torch.nn.functional.mse_loss(pred.float(), training_target(model.scheduler, x0, noise, t).float())
-
-
-class HackingGuard:
-    """Tells reward hacking from progress by what the reward cannot see.
-
-    The first evaluation (the base model) is the reference. A later evaluation raises an alarm when
-    (1) the samples leave the data: the family's realism distance (nn-distance to real digits for the
-        built-ins, else ``eval/base_distance``: each sample's distance to the nearest base-model sample,
-        at thumbnail size) exceeds ``tolerance`` x the base model's;
-    (2) they collapse: diversity falls below ``collapse`` x the base model's; or
-    (3) the held-out reward falls while the training reward keeps rising: it drops by more than half of
-        its gain over the base below its best, and by more than twice the standard error of the difference
-        (a fall within sampling noise is not one), at a training reward no lower than at that best.
-    The trainer then warns, stops or rolls back to the best evaluation (``--on-hacking``).
-    """
-
-    def __init__(self, tolerance: float, collapse: float):
-        self.tolerance, self.collapse = tolerance, collapse
-        self.base: dict | None = None
-        self.best: dict | None = None  # the evaluation with the highest held-out reward so far
-        self._thumbs: torch.Tensor | None = None
-        self._base_spread = 0.0
-
-    @staticmethod
-    def _thumbnails(images: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        x = images.detach().float().cpu()
-        n = x.shape[0]
-        x = x.flatten(0, 1) if x.dim() == 5 else x  # videos [n, F, C, H, W]: every frame, then one vector a video
-        if x.shape[-1] > 16:
-            x = F.interpolate(x, size=(16, 16), mode="area")
-        return x.reshape(n, -1)
-
-    def base_distance(self, images: torch.Tensor) -> float:
-        """Mean distance to the nearest base-model sample (RMS per pixel); for the base itself, leave-one-out."""
-        x = self._thumbnails(images)
-        scale = x.shape[1] ** 0.5
-        if self._thumbs is None:
-            self._thumbs = x
-            d = torch.cdist(x, x)
-            d.fill_diagonal_(float("inf"))
-            self._base_spread = float(d.min(1).values.mean() / scale) if len(x) > 1 else 0.0
-            return self._base_spread
-        return float(torch.cdist(x, self._thumbs).min(1).values.mean() / scale)
-
-    def alarm(self, m: dict) -> str | None:
-        if self.base is None:
-            self.base = dict(m)
-            return None
-        key = "eval/nn_distance" if "eval/nn_distance" in m else "eval/base_distance"
-        r0, r = self.base.get(key), m.get(key)
-        if r0 and r is not None and r > self.tolerance * r0:
-            return f"{key.removeprefix('eval/')} {r:.3g} is {r / r0:.2f}x the base model's {r0:.3g}"
-        d0, d = self.base.get("eval/diversity"), m.get("eval/diversity")
-        if d0 and d is not None and d < self.collapse * d0:
-            return f"diversity {d:.3g} fell below {self.collapse:g}x the base model's {d0:.3g} (collapse)"
-        h = m.get("eval/heldout_reward")
-        if h is None:
-            return None
-        if self.best is not None:
-            h0, hb = self.base["eval/heldout_reward"], self.best["eval/heldout_reward"]
-            se = math.hypot(m.get("eval/heldout_reward_se", 0.0), self.best.get("eval/heldout_reward_se", 0.0))
-            if h < hb - max(0.5 * abs(hb - h0), 2 * se) and m["eval/reward"] >= self.best["eval/reward"]:
-                return (f"held-out reward fell to {h:.3g} (best {hb:.3g}) while the training reward rose to "
-                        f"{m['eval/reward']:.3g}")
-        if self.best is None or h > self.best["eval/heldout_reward"]:
-            self.best = dict(m)
-        return None
-
-    def state_dict(self) -> dict:
-        thumbs = None if self._thumbs is None else self._thumbs.tolist()
-        return {"base": self.base, "best": self.best, "thumbs": thumbs, "spread": self._base_spread}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.base, self.best, self._base_spread = state.get("base"), state.get("best"), state.get("spread", 0.0)
-        self._thumbs = None if state.get("thumbs") is None else torch.tensor(state["thumbs"])
 
 
 class AlignObjective(Objective):
@@ -379,13 +302,13 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, sh
           thread_policy: bool = True) -> Path:
     """Run reward alignment; returns the run directory (a model id for ``chaintune.load``).
 
-    ``thread_policy=False`` leaves torch's CPU thread count alone (see :class:`~chaintune.training.trainer.Trainer`)."""
+    ``thread_policy=False`` leaves torch's CPU thread count alone (see :class:`~chaintune.run.trainer.Trainer`)."""
     return align_run(cfg, overwrite=overwrite, resume=resume, show_progress=show_progress,
                      thread_policy=thread_policy).out
 
 
 def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,
               thread_policy: bool = True):
-    """Like :func:`align`, returning the :class:`~chaintune.training.trainer.RunResult` (history, final metrics)."""
+    """Like :func:`align`, returning the :class:`~chaintune.run.trainer.RunResult` (history, final metrics)."""
     return Trainer(cfg, AlignObjective(cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
                    show_progress=show_progress, thread_policy=thread_policy).fit()
