@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, is_flow_scheduler, make_scheduler, run_chain
 from chaintune.errors import ChaintuneError
+from chaintune.utils.devices import free_bytes
 
 
 def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddim"):
@@ -158,3 +160,36 @@ def _concat(parts: list[Trajectory]) -> Trajectory:
             "prompts": None if prompts[0] is None else sum(prompts, []),
         },
     )
+
+
+def check_conditions(m, *, label: int | None, prompt: str | None, steps: int) -> None:
+    """--label/--prompt/--steps against what the loaded model takes."""
+    if label is not None:
+        if not m.takes_labels:
+            raise ChaintuneError(f"{m.kind} model {m.source!r} is not class-conditional; drop --label")
+        if not 0 <= label < m.num_classes:
+            raise ChaintuneError(f"--label must be in 0..{m.num_classes - 1} for {m.source!r}, got {label}")
+    if prompt is not None and not m.takes_prompts:
+        what = "class labels (--label)" if m.takes_labels else "no conditions"
+        raise ChaintuneError(f"{m.kind} model {m.source!r} takes {what}, not prompts; drop --prompt")
+    config = getattr(m.scheduler, "config", None)
+    limit = config.get("num_train_timesteps") if hasattr(config, "get") else None
+    if isinstance(limit, int) and steps > limit:
+        raise ChaintuneError(f"--steps must be at most {limit} (the model's training timesteps), got {steps}")
+
+
+def check_sample_memory(m, num: int, steps: int) -> None:
+    """Refuse a --num whose samples cannot be held in memory: ``chaintune.sample`` keeps every sample's whole chain
+    (latents, means, noise and x0-predictions of each of the ``steps`` steps) and its image until they are written,
+    so the count is bounded by the free memory of the device the model is on."""
+    free = free_bytes(m.device)
+    if free is None:
+        return
+    latent = math.prod(m.latent_shape) * torch.finfo(m.dtype).bits // 8
+    image = math.prod(m.pixel_shape) * 4 * (getattr(m, "num_frames", 1) if m.produces_video else 1)
+    need = num * ((4 * steps + 2) * latent + image)
+    if need > free:
+        fits = max(0, free // ((4 * steps + 2) * latent + image))
+        raise ChaintuneError(f"--num {num} needs about {need / 2**30:,.1f} GiB to hold the samples' chains at --steps "
+                             f"{steps}, and {free / 2**30:,.1f} GiB is free on {m.device}; sample at most {fits} at "
+                             "a time (into several --out folders, with different --seed)")

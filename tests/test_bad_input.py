@@ -454,7 +454,7 @@ def _png_header(width: int, height: int) -> bytes:
 def test_bad_condition_image_is_refused_before_any_model_loads(capsys, user_files, monkeypatch, kind, needle):
     import os
 
-    import chaintune.controlnet.model as cn_model
+    import chaintune.backends.controlled as cn_model
 
     def no_loading(*a, **kw):
         raise AssertionError("the ControlNet was loaded before the condition image was checked")

@@ -16,7 +16,7 @@ FAST = {"tensorboard": False, "report": False, "progress": False, "save_every": 
 def tiny_pixel_model(seed: int = 0):
     from diffusers import DDPMScheduler
 
-    from chaintune.controlnet.pixel import PixelCondModel, build_cond_unet
+    from chaintune.backends.pixel_cond import PixelCondModel, build_cond_unet
     from chaintune.pretrain.config import ArchConfig
 
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def _digits(n: int, channels: int = 1):
 
 @pytest.mark.parametrize("which", ["pixel", "sd", "sdxl"])
 def test_new_controlnet_is_an_exact_noop(which):
-    from chaintune.controlnet.model import ControlledModel, new_controlnet
+    from chaintune.backends.controlled import ControlledModel, new_controlnet
     from chaintune.controlnet.trainer import control_images
     from chaintune.testing import tiny_sd_model, tiny_sdxl_model
 
@@ -60,7 +60,7 @@ def test_new_controlnet_is_an_exact_noop(which):
 
 
 def test_pixel_base_takes_control_at_full_resolution():
-    from chaintune.controlnet.model import conditioning_embedding_channels, new_controlnet
+    from chaintune.backends.controlled import conditioning_embedding_channels, new_controlnet
     from chaintune.testing import tiny_sd_model
 
     base = tiny_pixel_model()
@@ -70,7 +70,7 @@ def test_pixel_base_takes_control_at_full_resolution():
 
 
 def test_controlnet_needs_a_unet2dcondition_base(tiny_unet_model):
-    from chaintune.controlnet.model import new_controlnet
+    from chaintune.backends.controlled import new_controlnet
 
     with pytest.raises(ChaintuneError, match="UNet2DConditionModel"):
         new_controlnet(tiny_unet_model)
@@ -153,7 +153,7 @@ class _Recorder:
 def test_trained_controlnet_round_trips_through_the_diffusers_pipeline(tmp_path):
     from diffusers import StableDiffusionControlNetPipeline
 
-    from chaintune.controlnet.model import load_controlled
+    from chaintune.backends.controlled import load_controlled
     from chaintune.controlnet.trainer import control_images, sample_controlled, train_controlnet
     from chaintune.testing import tiny_sd_model
 
@@ -275,7 +275,7 @@ def test_sample_condition_without_controlnet_is_refused(tmp_path):
 def test_builtin_digits_cond_loads_with_its_class_tokens():
     import chaintune
     from chaintune.backends import ASSETS
-    from chaintune.controlnet.pixel import PixelCondModel
+    from chaintune.backends.pixel_cond import PixelCondModel
 
     if not (ASSETS / "digits-cond" / "model_index.json").exists():
         pytest.skip("builtin:digits-cond not built in this checkout")
@@ -286,7 +286,7 @@ def test_builtin_digits_cond_loads_with_its_class_tokens():
 
 def test_lora_on_the_controlnet_reaches_the_zero_convolutions(tmp_path):
     """--peft lora: LoRA on attention alone would leave the zero convolutions at zero (a no-op forever)."""
-    from chaintune.controlnet.model import load_controlled
+    from chaintune.backends.controlled import load_controlled
     from chaintune.controlnet.trainer import control_images, train_controlnet
 
     x, y = _digits(16)

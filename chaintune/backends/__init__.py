@@ -114,7 +114,7 @@ PIPELINE_LOADERS = {
     "FluxPipeline": "chaintune.backends.flux:load_flux",
     "WanPipeline": "chaintune.backends.wan:load_wan",
     "StableDiffusionXLPipeline": "chaintune.backends.sdxl:load_sdxl",
-    "ChaintunePixelCondPipeline": "chaintune.controlnet.pixel:load_pixel_cond",
+    "ChaintunePixelCondPipeline": "chaintune.backends.pixel_cond:load_pixel_cond",
 }
 
 

@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         import chaintune
+        from chaintune.sampling import check_conditions, check_sample_memory
+        from chaintune.utils.devices import best_device, check_device
         from chaintune.utils.images import save_grid, save_images
         from chaintune.utils.io import check_output_dir
         from chaintune.utils.threads import apply_thread_policy, threads_from_env
@@ -60,7 +62,7 @@ def register(app: typer.Typer) -> None:
                               guidance_scale=guidance_scale)
         threads_from_env()  # a bad CHAINTUNE_THREADS fails here, not after the model has loaded
         check_output_dir(out)  # before the model loads: cheap errors first
-        dev = _device(device)
+        dev = check_device(device) or best_device()
         with _locked_out(out):
             _check_sample_outputs(out, num, overwrite)  # under the lock: no other sampler writes them meanwhile
             if controlnet is not None or condition is not None:
@@ -73,7 +75,7 @@ def register(app: typer.Typer) -> None:
                 return
             m = chaintune.load(model, device=dev, allow_pickle=allow_pickle, video_shape=video_shape)
             apply_thread_policy(m)  # 1 thread for small models, the free cores for big ones (benchmarks/threads.py)
-            _check_conditions(m, label=label, prompt=prompt, steps=steps)
+            check_conditions(m, label=label, prompt=prompt, steps=steps)
             check_sample_memory(m, num, steps)
             prompts = prompt if prompt is not None else _default_prompts(m, num)
             t0 = time.time()
@@ -171,79 +173,3 @@ def _locked_out(out: Path) -> Iterator[None]:
         raise
     finally:
         lock.release()
-
-
-def check_sample_memory(m, num: int, steps: int) -> None:
-    """Refuse a --num whose samples cannot be held in memory: ``chaintune.sample`` keeps every sample's whole chain
-    (latents, means, noise and x0-predictions of each of the ``steps`` steps) and its image until they are written,
-    so the count is bounded by the free memory of the device the model is on."""
-    import torch
-
-    from chaintune.errors import ChaintuneError
-
-    free = _free_memory(m.device)
-    if free is None:
-        return
-    latent = math.prod(m.latent_shape) * torch.finfo(m.dtype).bits // 8
-    image = math.prod(m.pixel_shape) * 4 * (getattr(m, "num_frames", 1) if m.produces_video else 1)
-    need = num * ((4 * steps + 2) * latent + image)
-    if need > free:
-        fits = max(0, free // ((4 * steps + 2) * latent + image))
-        raise ChaintuneError(f"--num {num} needs about {need / 2**30:,.1f} GiB to hold the samples' chains at --steps "
-                             f"{steps}, and {free / 2**30:,.1f} GiB is free on {m.device}; sample at most {fits} at "
-                             "a time (into several --out folders, with different --seed)")
-
-
-def _free_memory(device) -> int | None:
-    """Bytes free on ``device``: the GPU's free memory, or the host's MemAvailable; None where unknown."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    from chaintune.errors import ChaintuneError
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ChaintuneError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps ...): {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ChaintuneError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ChaintuneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def _check_conditions(m, *, label: int | None, prompt: str | None, steps: int) -> None:
-    """--label/--prompt/--steps against what the loaded model takes."""
-    from chaintune.errors import ChaintuneError
-
-    if label is not None:
-        if not m.takes_labels:
-            raise ChaintuneError(f"{m.kind} model {m.source!r} is not class-conditional; drop --label")
-        if not 0 <= label < m.num_classes:
-            raise ChaintuneError(f"--label must be in 0..{m.num_classes - 1} for {m.source!r}, got {label}")
-    if prompt is not None and not m.takes_prompts:
-        what = "class labels (--label)" if m.takes_labels else "no conditions"
-        raise ChaintuneError(f"{m.kind} model {m.source!r} takes {what}, not prompts; drop --prompt")
-    config = getattr(m.scheduler, "config", None)
-    limit = config.get("num_train_timesteps") if hasattr(config, "get") else None
-    if isinstance(limit, int) and steps > limit:
-        raise ChaintuneError(f"--steps must be at most {limit} (the model's training timesteps), got {steps}")

@@ -12,7 +12,7 @@ def __getattr__(name: str):  # torch-free import of the config (the CLI's --help
 
         return getattr(trainer, name)
     if name == "load_controlled":
-        from chaintune.controlnet.model import load_controlled
+        from chaintune.backends.controlled import load_controlled
 
         return load_controlled
     raise AttributeError(f"module 'chaintune.controlnet' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Pretraining the built-in ``builtin:digits-cond`` base (``chaintune/configs/builtin_digits_cond.yaml``).
 
 It is ``pretrain``'s objective (same config, loss, EMA and run directory) with the class-conditional
-pixel ``UNet2DConditionModel`` of :mod:`chaintune.controlnet.pixel` in place of the ``UNet2DModel``:
+pixel ``UNet2DConditionModel`` of :mod:`chaintune.backends.pixel_cond` in place of the ``UNet2DModel``:
 the label reaches the UNet as a class token in ``encoder_hidden_states`` (dropped to the null token
 with probability ``label_dropout``, for classifier-free guidance). Rebuild the shipped weights with::
 
@@ -26,7 +26,7 @@ class CondPretrainObjective(PretrainObjective):
     """``pretrain`` with a class-token ``UNet2DConditionModel`` (what a ControlNet can be built from)."""
 
     def build_model(self, arch, scheduler):
-        from chaintune.controlnet.pixel import PixelCondModel, build_cond_unet
+        from chaintune.backends.pixel_cond import PixelCondModel, build_cond_unet
 
         return PixelCondModel(build_cond_unet(arch), scheduler, source="pretrain")
 

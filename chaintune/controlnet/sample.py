@@ -31,11 +31,11 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
                    guidance_scale: float | None, batch_size: int, device: str, allow_pickle: bool) -> None:
     import typer
 
+    from chaintune.backends.controlled import load_controlled
     from chaintune.backends.files import reading_model
-    from chaintune.cli.basic import _check_conditions, check_sample_memory
     from chaintune.controlnet.conditions import load_condition_image
-    from chaintune.controlnet.model import load_controlled
     from chaintune.controlnet.trainer import sample_controlled
+    from chaintune.sampling import check_conditions, check_sample_memory
     from chaintune.utils.images import save_grid, save_images
     from chaintune.utils.threads import apply_thread_policy
 
@@ -45,7 +45,7 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
     with reading_model(Path(controlnet)):
         m = load_controlled(controlnet, base=model, device=device, allow_pickle=allow_pickle)
     apply_thread_policy(m)
-    _check_conditions(m, label=label, prompt=prompt, steps=steps)
+    check_conditions(m, label=label, prompt=prompt, steps=steps)
     check_sample_memory(m, num, steps)
     control = condition_from_image(m, image).repeat(num, 1, 1, 1)
     t0 = time.time()

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from chaintune.backends.base import DiffusionModel
+from chaintune.backends.controlled import ControlledModel, new_controlnet
 from chaintune.chain import StepGrad, add_noise, run_chain, training_target
 from chaintune.controlnet.conditions import condition_iou, extract
 from chaintune.controlnet.config import ControlNetConfig
-from chaintune.controlnet.model import ControlledModel, new_controlnet
 from chaintune.errors import ChaintuneError
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.timesteps import sample_timesteps

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from chaintune.data.labelled import LabelledData
+from chaintune.data.video_folder import load_video_folder
 from chaintune.errors import ChaintuneError
 
 FEWSHOT_SEED = 0
@@ -37,34 +39,6 @@ CLASS_RANGE = re.compile(r"^(digits|digits-fewshot)-(\d)to(\d)$")
 VIDEO_DATASET_IDS = ("moving-digits", "moving-digits:train", "moving-digits:test")
 MOVING_DIGITS_SEED = 0
 """Seed of the motions of ``moving-digits:SPLIT`` (fixed: a split is the same clips in every run)."""
-
-
-class LabelledData(tuple):
-    """``(x, labels)`` that also names its labels; still unpacks as a pair, so image callers are unchanged.
-
-    Why: a text model trains each clip on its own prompt, but transfer's data path carries only integer
-    labels. ``classes[i]`` names label i: a class subfolder, or with ``prompted`` the prompt of every sample
-    labelled i (transfer's ``--prompt`` template then defaults to ``{label}``: each sample its own prompt).
-    """
-
-    classes: list[str] | None
-    prompted: bool
-
-    def __new__(cls, x: torch.Tensor, labels: torch.Tensor, classes: list[str] | None = None,
-                prompted: bool = False) -> LabelledData:
-        self = super().__new__(cls, (x, labels))
-        self.classes, self.prompted = classes, prompted
-        return self
-
-    def __getnewargs__(self) -> tuple:  # pickling and copy.copy rebuild through __new__
-        return (*self, self.classes, self.prompted)
-
-    @classmethod
-    def from_prompts(cls, x: torch.Tensor, prompts: list[str]) -> LabelledData:
-        """One prompt per sample -> labels indexing the distinct prompts (in order of first use)."""
-        index: dict[str, int] = {}
-        labels = torch.tensor([index.setdefault(p, len(index)) for p in prompts], dtype=torch.long)
-        return cls(x, labels, list(index), prompted=True)
 
 
 def fewshot_indices(labels: torch.Tensor, k: int, seed: int = FEWSHOT_SEED) -> torch.Tensor:
@@ -169,7 +143,6 @@ def resolve_video(name: str, shape: tuple[int, int, int, int]) -> LabelledData:
         return _moving_digits(name, arg, shape)
     path = Path(name).expanduser()
     if path.is_dir():
-        from chaintune.data.video_folder import load_video_folder
 
         return load_video_folder(path, shape)
     if path.exists():

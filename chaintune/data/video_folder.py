@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from chaintune.data.folder import list_images, listing
-from chaintune.data.registry import LabelledData
+from chaintune.data.labelled import LabelledData
 from chaintune.errors import ChaintuneError
 
 CLIP_SUFFIXES = (".gif", ".webp", ".png", ".apng", ".npy")

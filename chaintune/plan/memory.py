@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from chaintune.errors import ChaintuneError
+from chaintune.utils.devices import free_bytes
 
 _UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -369,23 +370,12 @@ def _requested_bytes(message: str) -> int | None:
     return int(float(m.group(1)) * (1 if unit == "bytes" else _UNITS.get(unit, 1)))
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def out_of_memory_error(e: BaseException, batch_size: int, grad_accum: int, device: torch.device,
                         step: int) -> ChaintuneError:
     """The user's error for a step that ran out of memory: how much the failed allocation asked for, what is free,
     and a batch that should fit (memory grows about linearly with the micro-batch, so the batch is scaled by what
     is free over what was needed), with the same samples per step through --grad-accum."""
-    need, free = _requested_bytes(str(e)), _free_bytes(device)
+    need, free = _requested_bytes(str(e)), free_bytes(device)
     asked = f"an allocation of {_fmt(need)}" if need else "an allocation"
     have = f" with {_fmt(free)} free" if free is not None else ""
     fit = max(1, int(batch_size * free / (free + need))) if need and free is not None else max(1, batch_size // 2)

@@ -15,6 +15,7 @@ and evaluate samples the way the reward's family declares (held-out twin, its ow
     row = reward_evaluation("digit:3")(images)  # {'eval/reward': ..., 'eval/class_share': ..., ...}
 """
 
+from chaintune.rewards import catalog  # noqa: F401, E402 - registers the built-in families
 from chaintune.rewards.base import (
     FunctionReward,
     NetworkReward,

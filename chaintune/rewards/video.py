@@ -42,6 +42,7 @@ from chaintune.rewards.base import (
     _is_users,
     validate_reward_output,
 )
+from chaintune.rewards.registry import family_of, get_reward
 
 __all__ = ["VideoReward", "VideoFunctionReward", "FramesReward", "TemporalConsistencyReward", "is_video_reward",
            "frames_reward", "frames_heldout", "frames_metrics", "AGGREGATIONS"]
@@ -176,8 +177,6 @@ def _parse_frames_arg(arg: str | None) -> tuple[str, int, str]:
 
 def frames_reward(arg: str | None) -> FramesReward:
     """Factory of ``frames:AGG[/K]:SPEC`` for the registry."""
-    from chaintune.rewards.registry import family_of, get_reward
-
     agg, stride, spec = _parse_frames_arg(arg)
     if agg not in AGGREGATIONS:  # checked before SPEC is built (it may load a network)
         raise ChaintuneError(f"frames:AGG:SPEC aggregates with one of {', '.join(AGGREGATIONS)}, got {agg!r}")
@@ -191,8 +190,6 @@ def frames_reward(arg: str | None) -> FramesReward:
 
 def frames_heldout(arg: str | None) -> str | None:
     """``mean:digit:3`` -> ``frames:mean:digit-heldout:3`` (None when SPEC's family has no twin)."""
-    from chaintune.rewards.registry import family_of
-
     _, _, spec = _parse_frames_arg(arg)
     head = (arg or "").partition(":")[0].strip()
     fam = family_of(spec)
@@ -203,8 +200,6 @@ def frames_heldout(arg: str | None) -> str | None:
 def frames_metrics(arg: str | None, videos: torch.Tensor, prompts: list[str] | None,
                    labels: torch.Tensor | None) -> dict[str, float]:
     """SPEC's own metrics (its family's ``metrics``) over all frames of all videos."""
-    from chaintune.rewards.registry import family_of
-
     _, _, spec = _parse_frames_arg(arg)
     fam = family_of(spec)
     if fam is None or fam[1].metrics is None:

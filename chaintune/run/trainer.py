@@ -40,6 +40,7 @@ from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values, to_dict
 from chaintune.run.config import LR_SCHEDULES
+from chaintune.utils.devices import check_device
 
 __all__ = ["Evaluation", "Objective", "RunResult", "Trainer", "reduce_gradients", "format_summary"]
 
@@ -126,24 +127,6 @@ def reduce_gradients(params: list[torch.nn.Parameter], acc: Any, n_micro: int) -
             p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
 
 
-def _device(requested: str | None) -> torch.device | None:
-    """The device asked for, checked now (a missing GPU is the user's to hear about, not a silent CPU run)."""
-    if requested is None:
-        return None
-    try:
-        dev = torch.device(requested)
-    except RuntimeError as e:
-        raise ChaintuneError(f"device {requested!r}: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ChaintuneError(f"device {requested!r}: CUDA is not available on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ChaintuneError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ChaintuneError(f"device {requested!r}: MPS is not available on this machine")
-    return dev
-
-
 class Trainer:
     """Runs an :class:`Objective` under a config with ``optim``/``eval``/``run`` sections.
 
@@ -201,7 +184,7 @@ class Trainer:
         cfg.validate()
         if self.resume and self.out is None:
             raise ChaintuneError("resume needs the run directory (out)")
-        requested = _device(cfg.run.device)
+        requested = check_device(cfg.run.device)
         self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision,
                                cpu=requested is not None and requested.type == "cpu")
         self.device = requested if requested is not None else self.acc.device

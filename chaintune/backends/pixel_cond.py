@@ -26,15 +26,16 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from chaintune.backends.base import Conditions, DiffusionModel
-from chaintune.pretrain.config import ArchConfig
+from chaintune.backends.controlled import load_controlnet_into
 
 __all__ = ["PIPELINE_CLASS", "PixelCondModel", "build_cond_unet", "load_pixel_cond", "class_tokens"]
 
 PIPELINE_CLASS = "ChaintunePixelCondPipeline"
 
 
-def build_cond_unet(arch: ArchConfig) -> UNet2DConditionModel:
-    """The UNet for ``arch`` (the same options as ``pretrain``'s UNet2DModel): plain ResNet blocks at full
+def build_cond_unet(arch) -> UNet2DConditionModel:
+    """The UNet for ``arch``, a :class:`~chaintune.pretrain.config.ArchConfig` (the same options as ``pretrain``'s
+    UNet2DModel; read by attribute, so this backend needs nothing from the trainers): plain ResNet blocks at full
     resolution, cross-attention to the class token below it (and in the middle block)."""
     if not arch.num_classes:
         raise ValueError("a class-conditional UNet needs arch.num_classes")
@@ -124,6 +125,16 @@ class PixelCondModel(DiffusionModel):
                  "scheduler": ["diffusers", type(self.scheduler).__name__]}
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
+    def save_with_controlnet(self, path, controlnet) -> bool:
+        """The base's directory plus ``controlnet/`` (a ``ControlNetModel``), named in ``model_index.json``."""
+        path = Path(path)
+        self.save(path)
+        controlnet.save_pretrained(str(path / "controlnet"), safe_serialization=True)
+        index = json.loads((path / "model_index.json").read_text())
+        index["controlnet"] = ["diffusers", "ControlNetModel"]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return True
+
 
 def load_pixel_cond(path: str | Path, source: str = "", **options) -> DiffusionModel:
     """The base of ``path``; with a ``controlnet/`` beside it, the controlled model (base + ControlNet).
@@ -133,7 +144,5 @@ def load_pixel_cond(path: str | Path, source: str = "", **options) -> DiffusionM
     sched = DDPMScheduler.from_pretrained(str(path / "scheduler"))
     base = PixelCondModel(unet, sched, source=source or str(path))
     if (path / "controlnet" / "config.json").exists():
-        from chaintune.controlnet.model import load_controlnet_into
-
         return load_controlnet_into(base, path / "controlnet", **options)
     return base

@@ -185,16 +185,8 @@ class ControlledModel(DiffusionModel):
     def save(self, path) -> None:
         """A diffusers directory: ``StableDiffusionControlNetPipeline`` / ``StableDiffusionXLControlNetPipeline``
         (base components + ``controlnet/``), or the pixel base's directory plus ``controlnet/``."""
-        from chaintune.controlnet.pixel import PixelCondModel
-
         path, base = Path(path), self.base
-        if isinstance(base, PixelCondModel):
-            base.save(path)
-            self.denoiser.save_pretrained(str(path / "controlnet"), safe_serialization=True)
-            index = json.loads((path / "model_index.json").read_text())
-            index["controlnet"] = ["diffusers", "ControlNetModel"]
-            (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        elif not base.save_with_controlnet(path, self.denoiser):
+        if not base.save_with_controlnet(path, self.denoiser):
             raise ChaintuneError(f"saving a ControlNet over a {type(base).__name__} is not supported (SD 1.x/2.x, SDXL "
                                  "and the pixel base are)")
         (path / "controlnet" / META_FILE).write_text(json.dumps(
