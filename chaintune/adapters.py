@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from chaintune.errors import unknown_name
+
 PEFT_METHODS = ("none", "lora", "bitfit", "difffit")
 
 # attention projections across diffusers' UNet2DModel / UNet2DConditionModel / DiT / SD3 blocks
@@ -63,7 +65,6 @@ def apply_peft(denoiser: nn.Module, method: str, rank: int = 4) -> list[str]:
         return apply_bitfit(denoiser)
     if method == "difffit":
         return apply_difffit(denoiser)
-    from chaintune.errors import unknown_name
 
     raise unknown_name("peft method", method, PEFT_METHODS)
 

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from chaintune.data import digits_split
 from chaintune.errors import InputFileNotFoundError, unknown_name
+from chaintune.utils.io import atomic_file, save_json
 
 CLASSIFIER_DIR = Path(__file__).resolve().parent / "assets" / "classifiers"
 CLASSIFIERS = ("digits-cnn", "digits-mlp")
@@ -98,7 +100,6 @@ def train_classifier(name: str, epochs: int = 60, seed: int = 0, junk_fraction: 
 
     ``junk_fraction`` of each batch is off-manifold junk with a uniform target (see :func:`_junk`).
     """
-    from chaintune.data import digits_split
 
     torch.manual_seed(seed)
     xtr, ytr = digits_split("train")
@@ -125,7 +126,6 @@ def train_classifier(name: str, epochs: int = 60, seed: int = 0, junk_fraction: 
 
 
 def save_classifier(net: nn.Module, name: str, accuracy: float, directory: Path = CLASSIFIER_DIR) -> None:
-    from chaintune.utils.io import atomic_file, save_json
 
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / f"{name}.safetensors", "wb") as f:

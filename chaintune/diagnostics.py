@@ -27,6 +27,11 @@ import torch
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import run_chain
 from chaintune.errors import ChaintuneError
+from chaintune.estimators.base import advantages
+from chaintune.gradients import estimate_gradient
+from chaintune.prompts import load_prompts
+from chaintune.rewards import get_reward, validate_reward_output
+from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
 
 __all__ = ["grouped_conditions", "variance_split", "DecisionProfile", "decision_profile", "gradient_quality"]
 
@@ -36,11 +41,9 @@ def grouped_conditions(model: DiffusionModel, groups: int, per_group: int, gener
     """``groups`` prompts (or labels) drawn from a pool, each repeated ``per_group`` times in a row (what ``align``
     draws with ``--group-size``). The pool: ``prompts``/``labels`` when given, else the model's default prompts, else
     all its labels."""
-    from chaintune.sampling import make_conditions
 
     if prompts is None and labels is None:
         if model.takes_prompts and getattr(model, "default_prompts", None):
-            from chaintune.prompts import load_prompts
 
             prompts = load_prompts(model.default_prompts).prompts
         elif model.takes_labels:
@@ -56,7 +59,6 @@ def grouped_conditions(model: DiffusionModel, groups: int, per_group: int, gener
 
 
 def _score(model: DiffusionModel, reward, x0: torch.Tensor, cond: Conditions) -> torch.Tensor:
-    from chaintune.rewards import validate_reward_output
 
     with torch.no_grad():
         r = reward(model.decode(x0), prompts=cond.prompts, labels=cond.labels)
@@ -73,9 +75,6 @@ def variance_split(model: DiffusionModel, reward, *, groups: int = 16, per_group
     ``between`` the variance of the group means less ``within / per_group`` (unbiased), ``share_between`` =
     between / (between + within). Also the variance of the advantages a batch and a per-prompt leave-one-out
     baseline give on these very samples (:func:`chaintune.estimators.base.advantages`)."""
-    from chaintune.estimators.base import advantages
-    from chaintune.rewards import get_reward
-    from chaintune.sampling import chain_scheduler, sample
 
     if per_group < 2 or groups < 2:
         raise ChaintuneError(f"variance_split needs >= 2 groups of >= 2 samples, got {groups} x {per_group}")
@@ -157,8 +156,6 @@ def decision_profile(model: DiffusionModel, reward, *, n: int = 32, steps: int =
     """For each chain step, redraw only that step's noise (and, once, only x_T) and score how much the reward
     moves: Jansen's total-effect estimator on ``n`` samples, ``T + 1`` partial rollouts (each replayed from the
     stored latent of its step, so the cost is about T/2 full samplings). Deterministic steps (eta 0) score 0."""
-    from chaintune.rewards import get_reward
-    from chaintune.sampling import chain_scheduler, initial_noise, make_conditions
 
     reward = get_reward(reward)
     gen = generator or torch.Generator().manual_seed(0)
@@ -218,7 +215,6 @@ def gradient_quality(model: DiffusionModel, reward, estimators: Mapping[str, obj
       estimate with the reference's mean (what one optimizer step sees);
     * ``norm``: |mean|. Prompt models draw ``n / group_size`` prompts, each ``group_size`` times (as align does).
     Every estimator sees the same rollouts' seeds (``seed + rep``), so differences are the estimators'."""
-    from chaintune.gradients import estimate_gradient
 
     model_params = [p for p in model.denoiser.parameters() if p.requires_grad]
     if not model_params:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from chaintune.errors import ChaintuneError
+
 DEFAULT_MIN_PARAMS = 50_000_000  # ~200 MB in fp32: one all-gather unit (transformer block, UNet down block)
 
 
@@ -69,7 +71,6 @@ def shard_group(params: list[torch.Tensor]) -> Any:
     if mesh.ndim == 1:
         return mesh.get_group()
     if mesh.size() != torch.distributed.get_world_size():
-        from chaintune.errors import ChaintuneError
 
         raise ChaintuneError(f"a {mesh.ndim}-d device mesh must span all processes (FSDP/HSDP data parallel only)")
     return torch.distributed.group.WORLD

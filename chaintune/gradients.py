@@ -6,6 +6,8 @@ import torch
 
 from chaintune.backends.base import DiffusionModel
 from chaintune.estimators import EstimationContext, Estimator, get_estimator
+from chaintune.rewards import get_reward
+from chaintune.sampling import chain_scheduler, make_conditions
 
 
 def estimate_gradient(
@@ -32,8 +34,6 @@ def estimate_gradient(
     expected reward). The parameters' ``.grad`` are left as they were. For PPO-style estimators
     only the first (on-policy) pass is used.
     """
-    from chaintune.rewards import get_reward
-    from chaintune.sampling import chain_scheduler, make_conditions
 
     est = get_estimator(estimator, **estimator_kwargs)
     rew = get_reward(reward)

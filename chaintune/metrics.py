@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chaintune.errors import ChaintuneError
+from chaintune.classifiers import load_classifier
+from chaintune.data import digits_split
+from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
 
 __all__ = ["FeatureNet", "feature_network", "fid_kid", "fid", "kid", "INCEPTION_ENV", "pairwise_diversity",
            "nearest_real_distance"]
@@ -65,7 +68,6 @@ class _TorchScriptInception(nn.Module):
 
 
 def _inception(path: str | None, allow_pickle: bool = False) -> nn.Module:
-    from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
 
     path = path or os.environ.get(INCEPTION_ENV)
     if not path:
@@ -118,13 +120,11 @@ def feature_network(spec: str | nn.Module = "digits-cnn", allow_pickle: bool = F
         return FeatureNet(spec, int(dim), type(spec).__name__)
     name, _, arg = spec.partition(":")
     if name in ("digits-cnn", "digits-mlp"):
-        from chaintune.classifiers import load_classifier
 
         net = load_classifier(name)
         return FeatureNet(net, int(net.feature_dim), name)
     if name == "inception":
         return _inception(arg or None, allow_pickle)
-    from chaintune.errors import unknown_name
 
     raise unknown_name("feature network", spec, ["digits-cnn", "digits-mlp", "inception:PATH"])
 
@@ -192,7 +192,6 @@ def nearest_real_distance(images: torch.Tensor) -> float:
     """
     import torch.nn.functional as F
 
-    from chaintune.data import digits_split
 
     real, _ = digits_split("train", 8)
     x = images.float().cpu()

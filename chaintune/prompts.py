@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 
 from chaintune.backends.base import Conditions
+from chaintune.chain import prepare_scheduler
 from chaintune.data.moving import all_prompts
 from chaintune.errors import ChaintuneError, shown, user_code_error
+from chaintune.sampling import chain_scheduler
+from chaintune.utils.io import check_input_file
 
 __all__ = ["BUILTIN_PROMPTS", "PromptSource", "load_prompts", "StagePrompts", "StagedModel", "STAGES"]
 
@@ -110,7 +113,6 @@ def load_prompts(source: str | Path | Sequence[str] | Callable | PromptSource) -
             raise ChaintuneError(f"unknown builtin prompt set {name!r}; available: {sorted(BUILTIN_PROMPTS)}")
         return PromptSource(BUILTIN_PROMPTS[name], name=source)
     if isinstance(source, (str, Path)):
-        from chaintune.utils.io import check_input_file
 
         path = check_input_file(Path(source).expanduser(), "prompt file")  # a pipe would block the read
         prompts = _read_file(path)
@@ -191,8 +193,6 @@ class StagedModel:
     def _position_map(model, steps, scheduler) -> dict[float, float] | None:
         if steps is None:
             return None
-        from chaintune.chain import prepare_scheduler
-        from chaintune.sampling import chain_scheduler
 
         sched = prepare_scheduler(scheduler if scheduler is not None else chain_scheduler(model, "ddim"), steps)
         return {round(float(t), 3): i / steps for i, t in enumerate(sched.timesteps)}

@@ -12,6 +12,7 @@ from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import StepGrad, Trajectory, is_flow_scheduler, make_scheduler, run_chain
 from chaintune.errors import ChaintuneError
 from chaintune.utils.devices import free_bytes
+from chaintune.utils.progress import progress as progress_bar
 
 
 def chain_scheduler(model: DiffusionModel, scheduler: str | object | None = "ddim"):
@@ -106,7 +107,6 @@ def sample(
     parts = []
     bar = None
     if progress:
-        from chaintune.utils.progress import progress as progress_bar
 
         bar = progress_bar(desc=progress, total=steps * -(-n // bs), leave=False, unit="step")
     with torch.no_grad():

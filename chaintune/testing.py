@@ -12,6 +12,15 @@ from pathlib import Path
 
 import torch
 
+from chaintune.backends.dit import DiTModel
+from chaintune.backends.flow import FlowModel
+from chaintune.backends.flux import FluxModel
+from chaintune.backends.sd import StableDiffusionModel
+from chaintune.backends.sdxl import SDXLModel
+from chaintune.backends.unet import UNetModel
+from chaintune.backends.wan import WanModel
+from chaintune.pretrain.objective import char_tokenizer
+
 
 def tiny_unet(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
     from diffusers import UNet2DModel
@@ -27,7 +36,6 @@ def tiny_unet(sample_size: int = 8, num_class_embeds: int | None = None, seed: i
 def tiny_unet_model(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
     from diffusers import DDPMScheduler
 
-    from chaintune.backends.unet import UNetModel
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     return UNetModel(tiny_unet(sample_size, num_class_embeds, seed), sched, source="tiny-unet")
@@ -100,7 +108,6 @@ def tiny_sd_pipeline(seed: int = 0):
 
 
 def tiny_sd_model(seed: int = 0):
-    from chaintune.backends.sd import StableDiffusionModel
 
     return StableDiffusionModel(tiny_sd_pipeline(seed), source="tiny-sd")
 
@@ -108,7 +115,6 @@ def tiny_sd_model(seed: int = 0):
 def tiny_dit_model(seed: int = 0, num_classes: int = 4):
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    from chaintune.backends.dit import DiTModel
 
     torch.manual_seed(seed)
     dit = DiTTransformer2DModel(
@@ -155,7 +161,6 @@ def tiny_flow_pipeline(seed: int = 0):
 
 def tiny_flow_model(seed: int = 0):
     """A :class:`~chaintune.backends.flow.FlowModel` on :func:`tiny_flow_pipeline` (8 T5 slots)."""
-    from chaintune.backends.flow import FlowModel
 
     return FlowModel(tiny_flow_pipeline(seed), source="tiny-flow", max_sequence_length=8)
 
@@ -204,14 +209,12 @@ def tiny_sdxl_pipeline(seed: int = 0):
 
 def tiny_sdxl_model(seed: int = 0):
     """A :class:`~chaintune.backends.sdxl.SDXLModel` on :func:`tiny_sdxl_pipeline`."""
-    from chaintune.backends.sdxl import SDXLModel
 
     return SDXLModel(tiny_sdxl_pipeline(seed), source="tiny-sdxl")
 
 
 def tiny_t5_tokenizer(max_length: int = 16):
     """A T5 (Unigram) tokenizer over printable ASCII, one token per character, built offline."""
-    from chaintune.pretrain.objective import char_tokenizer
 
     return char_tokenizer(max_length)
 
@@ -244,7 +247,6 @@ def tiny_wan_pipeline(seed: int = 0):
 
 def tiny_wan_model(seed: int = 0):
     """A :class:`~chaintune.backends.wan.WanModel` on :func:`tiny_wan_pipeline`: 5 frames of 16x16 px, 8 tokens."""
-    from chaintune.backends.wan import WanModel
 
     return WanModel(tiny_wan_pipeline(seed), source="tiny-wan", max_sequence_length=8, num_frames=5, height=16,
                     width=16)
@@ -285,6 +287,5 @@ def tiny_flux_pipeline(seed: int = 0):
 
 def tiny_flux_model(seed: int = 0):
     """A :class:`~chaintune.backends.flux.FluxModel` on :func:`tiny_flux_pipeline`: 16x16 px, 8 T5 tokens."""
-    from chaintune.backends.flux import FluxModel
 
     return FluxModel(tiny_flux_pipeline(seed), source="tiny-flux", max_sequence_length=8, height=16, width=16)

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 from chaintune.align.config import AlignConfig
-from chaintune.errors import ChaintuneError
+from chaintune.align.objective import align_run
+from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.run.rundir import check_run_dir
+from chaintune.utils.io import atomic_file, check_output_dir, save_json
 
 # RLR's demo settings, chosen by measurement (1 thread, 150 steps, batch 32; README, "RLR in practice"). Its
 # half-order term is the noise source: one span's likelihood ratio has gradient norm ~40-110 at paper steps
@@ -54,8 +57,6 @@ def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
     files; its runs are chaintune runs), never a file of the user's."""
     import json
 
-    from chaintune.run.rundir import check_run_dir
-    from chaintune.utils.io import check_output_dir
 
     check_output_dir(out)
     marker = out / DEMO_MARKER
@@ -74,7 +75,6 @@ def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
 def _record_demo_outputs(out: Path, files: list[str]) -> None:
     import json
 
-    from chaintune.utils.io import save_json
 
     marker = out / DEMO_MARKER
     try:
@@ -96,7 +96,6 @@ def _samples(cfg: AlignConfig) -> int:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from chaintune.utils.io import atomic_file
 
     with atomic_file(dst, "wb") as f:
         f.write(src.read_bytes())
@@ -108,7 +107,6 @@ def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | 
 
     ``overrides`` replace demo settings (any AlignConfig field, e.g. ``eval_samples``). Each row's "after" is the
     model the run delivers (``model/``: the best evaluation the hacking guard kept), with the step it is from."""
-    from chaintune.align.objective import align_run
 
     out = Path(out)
     if steps < 1:
@@ -116,7 +114,6 @@ def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | 
     if not 0 <= digit <= 9:
         raise ChaintuneError(f"--digit must be 0..9, got {digit}")
     if baseline and baseline not in DEMO_BASELINES:
-        from chaintune.errors import unknown_name
 
         raise unknown_name("demo baseline", baseline, DEMO_BASELINES)
     methods = ["rlr", "rlr+zo"] + ([baseline] if baseline else [])
@@ -191,7 +188,6 @@ def run_video_demo(out: str | Path, steps: int = 30, methods: tuple[str, ...] = 
     """Align builtin:moving-digits with each method for ``steps`` steps; print a before/after table of the
     reward, its held-out twin and the video judge, and write before/after clips as animated GIFs (the "after" of
     each method is the model its run delivers, as in :func:`run_demo`)."""
-    from chaintune.align.objective import align_run
 
     out = Path(out)
     if steps < 1:

@@ -20,12 +20,19 @@ from pathlib import Path
 
 import torch
 
+import chaintune
 from chaintune.align.config import AlignConfig, ChainConfig, EstimatorConfig
 from chaintune.align.guard import HackingGuard
 from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
 from chaintune.errors import ChaintuneError
+from chaintune.estimators import ESTIMATORS, EstimationContext, get_estimator
 from chaintune.options import flat_values
+from chaintune.prompts import StagedModel, StagePrompts, load_prompts
+from chaintune.rewards import validate_reward_output
+from chaintune.rewards.evaluation import reward_evaluation
 from chaintune.run.trainer import Evaluation, Objective, Trainer
+from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
 
 __all__ = ["AlignConfig", "align", "estimator_from_config", "kl_to_base", "retention_loss", "read_metrics"]
 
@@ -33,7 +40,6 @@ __all__ = ["AlignConfig", "align", "estimator_from_config", "kl_to_base", "reten
 def estimator_from_config(cfg: AlignConfig | EstimatorConfig):
     """The estimator ``cfg`` names, built from the options its constructor takes; the estimator
     validates them itself. A changed option the estimator does not read gets a warning."""
-    from chaintune.estimators import ESTIMATORS, get_estimator
 
     est = cfg.estimator if isinstance(cfg, AlignConfig) else cfg
     values = {k: v for k, v in flat_values(est).items() if k not in ("estimator", "baseline")}
@@ -85,8 +91,6 @@ def kl_to_base(model, frozen_copy, chain: ChainConfig, sched, gen: torch.Generat
     """Closed-form KL(p_theta(x_{i+1}|x_i) || p_base(x_{i+1}|x_i)) = |m - m_base|^2 / 2 std^2 at a random
     stochastic position i of a fresh rollout, times the number of steps (an unbiased estimate of the
     path KL's per-step sum)."""
-    from chaintune.chain import run_chain, transition
-    from chaintune.sampling import initial_noise
 
     n = cond.labels.shape[0] if cond.labels is not None else (len(cond.prompts) if cond.prompts else n)
     i = int(torch.randint(0, chain.sample_steps - 1, (1,), generator=gen))
@@ -94,7 +98,6 @@ def kl_to_base(model, frozen_copy, chain: ChainConfig, sched, gen: torch.Generat
     with torch.no_grad():
         tr = run_chain(model.denoise_fn(cond), sched, x_T, num_steps=chain.sample_steps, eta=chain.eta, generator=gen,
                        stop_at=i)
-    from chaintune.chain import prepare_scheduler
 
     s = prepare_scheduler(sched, chain.sample_steps, device=x_T.device)
     x_i, t = tr.latents[i], tr.timesteps[i]
@@ -109,7 +112,6 @@ def kl_to_base(model, frozen_copy, chain: ChainConfig, sched, gen: torch.Generat
 
 def retention_loss(model, bank: torch.Tensor, gen: torch.Generator, n: int) -> torch.Tensor:
     """Denoising loss on samples of the base model (keeps what the model knew; cf. Diff-Tuning)."""
-    from chaintune.chain import add_noise, training_target
 
     idx = torch.randint(0, len(bank), (n,), generator=gen)
     x0 = bank[idx].to(model.device, model.dtype)
@@ -134,9 +136,6 @@ class AlignObjective(Objective):
         self.alarm_patience = cfg.guards.hacking_patience
 
     def prepare(self, run: Trainer) -> None:
-        import chaintune
-        from chaintune.rewards.evaluation import reward_evaluation
-        from chaintune.sampling import chain_scheduler, sample
 
         cfg, chain = self.cfg, self.cfg.chain
         heldout = None if cfg.eval.heldout_reward == "" else cfg.eval.heldout_reward
@@ -161,7 +160,6 @@ class AlignObjective(Objective):
         self.sched = chain_scheduler(model, chain.scheduler)
         stages = self._stage_prompts()
         if stages is not None:  # every denoiser closure (training, KL, eval) then switches prompts by chain position
-            from chaintune.prompts import StagedModel
 
             model = StagedModel(model, stages, steps=chain.sample_steps, scheduler=self.sched)
         self.model = model
@@ -175,10 +173,8 @@ class AlignObjective(Objective):
     def _probe_reward(self) -> None:
         """Score two decoded random latents before anything is written, so a reward that raises or returns the
         wrong shape, dtype or NaN fails the command, not the run's first step."""
-        from chaintune.sampling import initial_noise
 
         c = self._conditions(2, torch.Generator().manual_seed(0))
-        from chaintune.rewards import validate_reward_output
 
         with torch.no_grad():
             images = self.model.decode(initial_noise(self.model, 2, torch.Generator().manual_seed(0)))
@@ -192,7 +188,6 @@ class AlignObjective(Objective):
         if source is None and chain.prompts is None and model.takes_prompts:
             source = model.default_prompts
         if source:
-            from chaintune.prompts import load_prompts
 
             try:
                 return load_prompts(source).prompts
@@ -204,7 +199,6 @@ class AlignObjective(Objective):
         chain = self.cfg.chain
         if chain.coarse_prompt is None and chain.mid_prompt is None and chain.fine_prompt is None:
             return None
-        from chaintune.prompts import StagePrompts
 
         b1, b2 = (float(v) for v in chain.stage_boundaries.split(","))
         return StagePrompts(coarse=chain.coarse_prompt, mid=chain.mid_prompt, fine=chain.fine_prompt,
@@ -212,7 +206,6 @@ class AlignObjective(Objective):
 
     def _conditions(self, n: int, gen: torch.Generator, group: int = 1) -> Conditions:
         """``n`` conditions: prompts/labels drawn at random, each repeated ``group`` times in a row (GRPO groups)."""
-        from chaintune.sampling import make_conditions
 
         labels, prompts = self.cfg.chain.labels, self.prompts
 
@@ -233,7 +226,6 @@ class AlignObjective(Objective):
         return base_model_weights(self.model, self.frozen)
 
     def updates(self, run: Trainer, step: int) -> Iterator[tuple[int, dict]]:
-        from chaintune.estimators import EstimationContext
 
         cfg, chain, guards, gen = self.cfg, self.cfg.chain, self.cfg.guards, run.generator
         ctxs = [EstimationContext(model=self.model, reward=self.reward, n=cfg.optim.batch_size,
@@ -268,7 +260,6 @@ class AlignObjective(Objective):
             yield len(got), metrics
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation:
-        from chaintune.sampling import sample
 
         cfg, chain = self.cfg, self.cfg.chain
         n = cfg.eval.eval_samples

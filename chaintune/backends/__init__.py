@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chaintune.backends import files
+from chaintune.backends.base import parse_video_shape
+from chaintune.backends.files import check_model_dir, is_model_dir, read_json, reading_model
 from chaintune.backends.run_dir import RUN_MARKER, is_run_dir, load_run
 from chaintune.errors import ChaintuneError, shown
+from chaintune.utils.io import pickle_allowed
 
 if TYPE_CHECKING:
     from chaintune.backends.base import Conditions, DiffusionModel
@@ -121,8 +124,6 @@ PIPELINE_LOADERS = {
 def _load_dir(path: Path, source: str, allow_pickle: bool = False) -> DiffusionModel:
     """The model in folder ``path``, recognised by its top level, its files checked (:mod:`.files`) before the
     backend's loader reads them, and what the libraries raise while reading them reported as one input error."""
-    from chaintune.backends.files import check_model_dir, is_model_dir, read_json, reading_model
-    from chaintune.utils.io import pickle_allowed
 
     if not is_model_dir(path):
         raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json or config.json at "
@@ -160,7 +161,6 @@ BARE_MODEL_LOADERS = {"UNet2DModel": "chaintune.backends.unet:load_unet"}
 
 PICKLE_SUFFIXES = files.PICKLE_SUFFIXES
 check_safe_weights = files.check_safe_weights
-check_model_dir = files.check_model_dir
 
 
 def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: bool = False,
@@ -197,7 +197,6 @@ def load(model_id: str | os.PathLike, device: str | None = None, allow_pickle: b
     if video_shape:
         if not model.produces_video:
             raise ChaintuneError(f"--video-shape is for video models; {model_id} makes images")
-        from chaintune.backends.base import parse_video_shape
 
         model.set_video_shape(*parse_video_shape(video_shape))
     for m in model.modules().values():

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from chaintune.errors import ChaintuneError
+
 
 @dataclass
 class Conditions:
@@ -292,7 +294,6 @@ def parse_video_shape(text: str) -> tuple[int, int, int]:
     try:
         f, h, w = (int(p) for p in text.lower().replace(",", "x").split("x"))
     except ValueError:
-        from chaintune.errors import ChaintuneError
 
         raise ChaintuneError(f"a video shape is FRAMESxHEIGHTxWIDTH, e.g. 33x480x832, got {text!r}") from None
     return f, h, w

@@ -20,8 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import chaintune
 from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.files import check_model_dir, read_json, reading_model
+from chaintune.backends.run_dir import is_run_dir, read_run_info
+from chaintune.backends.sd import load_sd
+from chaintune.backends.sdxl import load_sdxl
 from chaintune.errors import ChaintuneError
+from chaintune.utils.io import pickle_allowed
 
 __all__ = ["ControlledUNet", "ControlledModel", "new_controlnet", "conditioning_embedding_channels",
            "load_controlnet_into", "load_controlled", "META_FILE"]
@@ -210,10 +216,6 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
                     allow_pickle: bool = False) -> ControlledModel:
     """A ControlNet as a :class:`ControlledModel`: a ``chaintune controlnet`` run, its ``model/`` (any
     ``*ControlNetPipeline`` directory chaintune wrote), or a bare ``ControlNetModel`` directory over ``base``."""
-    import chaintune
-    from chaintune.backends.files import check_model_dir, read_json, reading_model
-    from chaintune.backends.run_dir import is_run_dir, read_run_info
-    from chaintune.utils.io import pickle_allowed
 
     path = Path(model_id).expanduser()
     if is_run_dir(path):
@@ -228,12 +230,10 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
     if (path / "controlnet" / "config.json").exists():
         index = read_json(path / "model_index.json").get("_class_name", "")
         if index == "StableDiffusionControlNetPipeline":
-            from chaintune.backends.sd import load_sd
 
             with reading_model(path):
                 model = load_controlnet_into(load_sd(path, str(path), **safe), path / "controlnet", **safe)
         elif index == "StableDiffusionXLControlNetPipeline":
-            from chaintune.backends.sdxl import load_sdxl
 
             with reading_model(path):
                 model = load_controlnet_into(load_sdxl(path, str(path), **safe), path / "controlnet", **safe)

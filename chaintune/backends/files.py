@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chaintune.errors import ChaintuneError
+from chaintune.utils.io import ALLOW_PICKLE_ENV, check_input_file, pickle_allowed
 
 __all__ = ["PICKLE_SUFFIXES", "WEIGHTS", "Component", "components", "is_model_dir", "check_model_dir",
            "check_safe_weights", "check_safetensors", "read_json", "reading_model"]
@@ -65,7 +66,6 @@ def is_model_dir(path: Path) -> bool:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or one error naming the file (a pipe or device is refused unopened)."""
-    from chaintune.utils.io import check_input_file
 
     check_input_file(path, "model file")
     try:
@@ -122,7 +122,6 @@ def check_safe_weights(path: Path, allow_pickle: bool = False) -> None:
     """Refuse a model folder where some component would load its weights from a pickle (loading a pickle can
     run code), unless ``allow_pickle`` or ``CHAINTUNE_ALLOW_PICKLE=1``. Per component, as its library chooses
     (module docstring): a pickle-format file with none of the library's safetensors names beside it loads."""
-    from chaintune.utils.io import ALLOW_PICKLE_ENV, pickle_allowed
 
     if pickle_allowed(allow_pickle) or not path.is_dir():
         return

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel, PooledPromptCFG, PromptConditioned, VAELatents
+from chaintune.chain import as_chain_scheduler
 
 
 class FlowModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
     kind = "flow"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 256):
-        from chaintune.chain import as_chain_scheduler
 
         self.pipe = pipe
         self.denoiser = pipe.transformer

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chaintune.adapters import apply_lora
+from chaintune.backends.files import check_safetensors, read_json, reading_model
 from chaintune.errors import ChaintuneError
 
 if TYPE_CHECKING:  # only for annotations: reading run metadata must not import torch
@@ -66,8 +68,6 @@ def _apply_adapter(model: DiffusionModel, adapter: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from chaintune.adapters import apply_lora
-    from chaintune.backends.files import check_safetensors, read_json, reading_model
 
     cfg = read_json(adapter / "adapter_config.json")
     rank = cfg.get("r") or 4

@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, parse_video_shape
-from chaintune.errors import ChaintuneError
+from chaintune.backends.files import read_json
+from chaintune.errors import ChaintuneError, shown
 
 VIDEO_SHAPE_FILE = "chaintune_video.json"
 VIDEO_SHAPE_ENV = "CHAINTUNE_VIDEO_SHAPE"
@@ -276,8 +277,6 @@ _SAVED_OPTIONS = {"num_frames": int, "height": int, "width": int, "max_sequence_
 def _saved_video_options(saved: Path) -> dict:
     """The known options of a model's ``chaintune_video.json``, each of its type (sizes >= 1): a damaged file is
     refused naming it, not an error inside the sampler later."""
-    from chaintune.backends.files import read_json
-    from chaintune.errors import shown
 
     out = {}
     for key, value in read_json(saved).items():

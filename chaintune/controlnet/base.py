@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from chaintune.backends.base import Conditions
+from chaintune.backends.pixel_cond import PixelCondModel, build_cond_unet
 from chaintune.pretrain.config import PretrainConfig
 from chaintune.pretrain.objective import PretrainObjective
 from chaintune.run.trainer import Trainer
@@ -26,7 +27,6 @@ class CondPretrainObjective(PretrainObjective):
     """``pretrain`` with a class-token ``UNet2DConditionModel`` (what a ControlNet can be built from)."""
 
     def build_model(self, arch, scheduler):
-        from chaintune.backends.pixel_cond import PixelCondModel, build_cond_unet
 
         return PixelCondModel(build_cond_unet(arch), scheduler, source="pretrain")
 

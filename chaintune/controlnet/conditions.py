@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.errors import ChaintuneError, InputFileNotFoundError, unknown_name
+from chaintune.utils.io import check_input_file
 
 __all__ = ["CONDITIONS", "EDGE_THRESHOLD", "SILHOUETTE_CELLS", "to_grey", "edges", "silhouette", "extract",
            "load_condition_image", "condition_iou"]
@@ -125,11 +126,9 @@ def load_condition_image(path: str | Path) -> torch.Tensor:
 
     from PIL import Image, UnidentifiedImageError
 
-    from chaintune.utils.io import check_input_file
 
     p = Path(path)
     if not p.exists():
-        from chaintune.errors import InputFileNotFoundError
 
         raise InputFileNotFoundError(f"condition image {p} does not exist")
     check_input_file(p, "condition image")

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chaintune.backends.controlled import load_controlled
+from chaintune.backends.files import reading_model
+from chaintune.controlnet.conditions import load_condition_image, to_grey
+from chaintune.controlnet.trainer import control_images, sample_controlled
 from chaintune.errors import ChaintuneError
+from chaintune.sampling import check_conditions, check_sample_memory
+from chaintune.utils.images import save_grid, save_images
+from chaintune.utils.threads import apply_thread_policy
 
 __all__ = ["condition_from_image", "sample_command"]
 
@@ -16,8 +23,6 @@ __all__ = ["condition_from_image", "sample_command"]
 def condition_from_image(model, image) -> torch.Tensor:
     """The ControlNet's condition map of ``image`` (a path or anything ``to_grey`` reads), at the model's pixel
     size and conditioning channels: [1, C, H, W]."""
-    from chaintune.controlnet.conditions import to_grey
-    from chaintune.controlnet.trainer import control_images
 
     grey = to_grey(image)[:1]
     h, w = model.pixel_shape[1:]
@@ -31,13 +36,6 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
                    guidance_scale: float | None, batch_size: int, device: str, allow_pickle: bool) -> None:
     import typer
 
-    from chaintune.backends.controlled import load_controlled
-    from chaintune.backends.files import reading_model
-    from chaintune.controlnet.conditions import load_condition_image
-    from chaintune.controlnet.trainer import sample_controlled
-    from chaintune.sampling import check_conditions, check_sample_memory
-    from chaintune.utils.images import save_grid, save_images
-    from chaintune.utils.threads import apply_thread_policy
 
     if controlnet is None or condition is None:
         raise ChaintuneError("--controlnet and --condition go together (a ControlNet run and the image it follows)")

@@ -32,13 +32,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import chaintune
 from chaintune.backends.base import DiffusionModel
 from chaintune.backends.controlled import ControlledModel, new_controlnet
 from chaintune.chain import StepGrad, add_noise, run_chain, training_target
+from chaintune.classifiers import load_classifier
 from chaintune.controlnet.conditions import condition_iou, extract
 from chaintune.controlnet.config import ControlNetConfig
 from chaintune.errors import ChaintuneError
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
+from chaintune.sampling import chain_scheduler, initial_noise, make_conditions
+from chaintune.transfer.conditioning import target_conditions
+from chaintune.transfer.data import encode, load_target
 from chaintune.transfer.timesteps import sample_timesteps
 
 __all__ = ["ControlNetObjective", "train_controlnet", "sample_controlled", "control_images"]
@@ -60,7 +65,6 @@ def sample_controlled(model: ControlledModel, control: torch.Tensor, *, steps: i
     """Images [n, C, H, W] in [0, 1] for the control images ``control`` ([n, C', H, W], one sample each).
 
     Without labels/prompts the model's null condition is used: the control alone steers the sample."""
-    from chaintune.sampling import chain_scheduler, initial_noise, make_conditions
 
     n = len(control)
     if labels is None and prompts is None:
@@ -96,8 +100,6 @@ class ControlNetObjective(Objective):
         self.cfg, self.given_base, self.data, self.eval_data = cfg, base, data, eval_data
 
     def prepare(self, run: Trainer) -> None:
-        import chaintune
-        from chaintune.transfer.data import encode, load_target
 
         cfg = self.cfg
         base = self.given_base.to(run.device) if self.given_base is not None \
@@ -134,7 +136,6 @@ class ControlNetObjective(Objective):
         self.eval_noise = torch.randn((n_eval, *base.latent_shape), generator=g)
 
     def updates(self, run: Trainer, step: int):
-        from chaintune.transfer.conditioning import target_conditions
 
         cfg, g, model = self.cfg, run.generator, self.model
         sched = model.scheduler
@@ -163,7 +164,6 @@ class ControlNetObjective(Objective):
                                    x_T=self.eval_noise)
         metrics = {"eval/condition_iou": float(condition_iou(self.cfg.condition, images, self.eval_maps).mean())}
         if self.digits:
-            from chaintune.classifiers import load_classifier
 
             with torch.no_grad():
                 pred = load_classifier("digits-cnn")(images).argmax(1)

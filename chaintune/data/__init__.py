@@ -4,6 +4,7 @@ folders and folders of clips."""
 from __future__ import annotations
 
 from chaintune.data.digits import DIGITS_SPLIT_SEED, digits_images, digits_split
+from chaintune.data.registry import resolve, resolve_video
 
 __all__ = ["digits_images", "digits_split", "DIGITS_SPLIT_SEED", "load_dataset"]
 
@@ -19,12 +20,10 @@ def load_dataset(name: str, size: int = 8, *, video: tuple[int, int, int, int] |
     ``moving-digits:train`` / ``moving-digits:test`` or a folder of clips (:mod:`chaintune.data.video_folder`).
     """
     if video is not None:
-        from chaintune.data.registry import resolve_video
 
         return resolve_video(name, video)
     base, _, split = name.partition(":")
     if base == "digits":
         return digits_split(split or "all", size=size)
-    from chaintune.data.registry import resolve
 
     return resolve(name, size)

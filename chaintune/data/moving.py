@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from chaintune.data.digits import digits_split
 from chaintune.errors import ChaintuneError
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -123,7 +124,6 @@ _SPLITS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if split not in _SPLITS:
-        from chaintune.data.digits import digits_split
 
         _SPLITS[split] = digits_split(split)
     return _SPLITS[split]

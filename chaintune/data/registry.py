@@ -28,9 +28,13 @@ from pathlib import Path
 
 import torch
 
+from chaintune.data.digits import digits_split
+from chaintune.data.folder import load_folder
+from chaintune.data.fonts import glyph_images
 from chaintune.data.labelled import LabelledData
+from chaintune.data.moving import DIRECTIONS, SPEEDS, Motion, render
 from chaintune.data.video_folder import load_video_folder
-from chaintune.errors import ChaintuneError
+from chaintune.errors import ChaintuneError, unknown_name
 
 FEWSHOT_SEED = 0
 DATASET_IDS = ("digits", "digits:train", "digits:test", "glyphs", "glyphs:train", "glyphs:test", "digits-fewshot:K",
@@ -55,7 +59,6 @@ def fewshot_indices(labels: torch.Tensor, k: int, seed: int = FEWSHOT_SEED) -> t
 
 
 def _fewshot(name: str, arg: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from chaintune.data.digits import digits_split
 
     try:
         k = int(arg)
@@ -78,7 +81,6 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         if lo > hi:
             raise ChaintuneError(f"{name!r}: class range {lo}to{hi} is empty; write e.g. digits-5to9")
         if m.group(1) == "digits":
-            from chaintune.data.digits import digits_split
 
             if arg not in ("", "train", "test", "all"):
                 raise ChaintuneError(f"unknown split {arg!r} for {base}; use {base}:train or {base}:test")
@@ -88,7 +90,6 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         keep = (y >= lo) & (y <= hi)
         return x[keep], y[keep]
     if base == "glyphs":
-        from chaintune.data.fonts import glyph_images
 
         if arg not in ("", "train", "test", "all"):
             raise ChaintuneError(f"unknown split {arg!r} for glyphs; use glyphs, glyphs:train or glyphs:test")
@@ -99,12 +100,10 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         raise ChaintuneError(f"{name!r} holds video clips; use it with a video model such as builtin:moving-digits")
     path = Path(name).expanduser()
     if path.is_dir():
-        from chaintune.data.folder import load_folder
 
         return load_folder(path, size)
     if path.exists():
         raise ChaintuneError(f"dataset {name!r} is a file; give a folder of images or a built-in id")
-    from chaintune.errors import unknown_name
 
     raise unknown_name("dataset (and no such folder)", name, DATASET_IDS)
 
@@ -116,8 +115,6 @@ def _is_image_id(base: str) -> bool:
 def _moving_digits(name: str, split: str, shape: tuple[int, int, int, int]) -> LabelledData:
     """One clip per digit image of the split, moving as a seeded random prompt says, at the model's frames and
     square size (as ``chaintune pretrain`` renders them for ``builtin:moving-digits``)."""
-    from chaintune.data.digits import digits_split
-    from chaintune.data.moving import DIRECTIONS, SPEEDS, Motion, render
 
     if split not in ("", "train", "test", "all"):
         raise ChaintuneError(f"unknown split {split!r} for moving-digits; use moving-digits:train or "
@@ -150,6 +147,5 @@ def resolve_video(name: str, shape: tuple[int, int, int, int]) -> LabelledData:
     if _is_image_id(base):
         raise ChaintuneError(f"{name!r} holds images but this is a video model; give clips: moving-digits:train, "
                              "moving-digits:test or a folder of clips (GIF/WebP/APNG/.npy)")
-    from chaintune.errors import unknown_name
 
     raise unknown_name("video dataset (and no such folder)", name, VIDEO_DATASET_IDS)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from chaintune.errors import ChaintuneError, unknown_name
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages
 from chaintune.estimators.full import FullBackprop
 from chaintune.estimators.grpo import GRPO
@@ -44,13 +45,11 @@ def get_estimator(name: str | Estimator, **kwargs) -> Estimator:
     if isinstance(name, Estimator):
         return name
     if name not in ESTIMATORS:
-        from chaintune.errors import unknown_name
 
         raise unknown_name("estimator", name, ESTIMATORS)
     try:
         return ESTIMATORS[name](**kwargs)
     except TypeError as e:
-        from chaintune.errors import ChaintuneError
 
         raise ChaintuneError(f"estimator {name!r}: {e}") from e
 

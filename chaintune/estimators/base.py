@@ -24,6 +24,8 @@ from chaintune.chain import StepGrad, Trajectory, run_chain
 from chaintune.distributed import comm_device, is_sharded, local_shard, shard_group
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.baselines import PerPromptStatTracker, group_keys, group_normalized
+from chaintune.rewards import validate_reward_output
+from chaintune.sampling import chain_scheduler
 
 
 @dataclass
@@ -47,7 +49,6 @@ class EstimationContext:
 
     def __post_init__(self):
         if self.scheduler is None:
-            from chaintune.sampling import chain_scheduler
 
             self.scheduler = chain_scheduler(self.model, "ddim")
         if self.conditions is None:
@@ -159,7 +160,6 @@ def rollout(
     stop_at: int | None = None,
 ) -> tuple[Trajectory, torch.Tensor, torch.Tensor]:
     """Run the chain with ``modes``, decode, score. Returns (trajectory, images, rewards)."""
-    from chaintune.rewards import validate_reward_output
 
     with ctx.autocast():
         denoise = ctx.model.denoise_fn(cond)

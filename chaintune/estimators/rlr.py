@@ -47,7 +47,9 @@ from chaintune.estimators.base import (
     mirrored_zeroth_order,
     rollout,
 )
+from chaintune.estimators.half_order import replay_span_log_prob
 from chaintune.estimators.ppo import ppo_objective
+from chaintune.rewards import validate_reward_output
 
 
 class RLR(Estimator):
@@ -185,7 +187,6 @@ class RLR(Estimator):
 
     def _averaged_updates(self, ctx: EstimationContext):
         """``spans`` > 1: the average of ``spans`` eq. 6 estimates with independently drawn j, on one rollout."""
-        from chaintune.estimators.half_order import replay_span_log_prob
 
         self.check(ctx)
         differentiable = bool(getattr(ctx.reward, "differentiable", False))
@@ -338,7 +339,6 @@ class RLRReleased(RLR):
 
     def _rollout_final_eta(self, ctx: EstimationContext, modes, x_T, noises):
         """The chain at the context's eta up to the final step, then that step at ``final_eta``, pathwise."""
-        from chaintune.rewards import validate_reward_output
 
         T = ctx.steps
         with ctx.autocast():

@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+import chaintune
+from chaintune.adapters import apply_peft
+from chaintune.align.config import AlignConfig
 from chaintune.errors import ChaintuneError
+from chaintune.options import flat_values
+from chaintune.sampling import initial_noise
 from chaintune.utils.devices import free_bytes
 
 _UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -221,7 +226,6 @@ def measure_step(model, batch_size: int, checkpoint: bool, timeout: float | None
     ``saved_tensors_hooks``) and the peak :func:`measure_peak` sees (which adds the step's transient
     activations), plus the latents a step keeps. B_z: latents, mean and noise kept per step.
     """
-    from chaintune.sampling import initial_noise
 
     cond = model.default_conditions(batch_size)
     x = initial_noise(model, batch_size)
@@ -269,8 +273,6 @@ def h_star(budget_left: int, b_h: int, b_z: int, steps: int, v_h: float | None =
 
 def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_size: int = 1, peft: str = "lora",
                 device: str | None = None, v_h: float | None = None, v_z: float | None = None) -> MemoryPlan:
-    import chaintune
-    from chaintune.adapters import apply_peft
 
     for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
         if value < least:  # checked before the model loads; 0 samples would fail deep inside the measurement
@@ -313,8 +315,6 @@ def suggested_flags(p: MemoryPlan) -> list[str]:
     """``chaintune align`` flags that run the configuration this plan measured, at the h it reports: the estimator
     and h, and every measured option (model, T, batch, PEFT method, checkpointing, device) whose value differs
     from align's default, so that pasted into align they give the run whose memory was measured."""
-    from chaintune.align.config import AlignConfig
-    from chaintune.options import flat_values
 
     defaults = flat_values(AlignConfig())
     measured = {"model": p.model, "estimator": "rlr", "h": p.h_star, "sample_steps": p.steps,

@@ -21,7 +21,14 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+import chaintune
+from chaintune.adapters import apply_peft
+from chaintune.align.config import AlignConfig
+from chaintune.diagnostics import decision_profile
 from chaintune.errors import ChaintuneError
+from chaintune.options import flat_values
+from chaintune.plan.memory import measure_step, parse_bytes
+from chaintune.rewards import get_reward
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,6 @@ class Recommendation:
 
     def flags(self) -> list[str]:
         """``chaintune align`` flags of the choice (what differs from align's defaults, plus the estimator)."""
-        from chaintune.align.config import AlignConfig
-        from chaintune.options import flat_values
 
         if self.choice is None:
             return []
@@ -147,10 +152,6 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     """Recommend an estimator and its settings for ``reward`` on ``model_id`` within ``budget`` (module docstring)."""
     import torch
 
-    import chaintune
-    from chaintune.adapters import apply_peft
-    from chaintune.plan.memory import measure_step, parse_bytes
-    from chaintune.rewards import get_reward
 
     for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
         if value < least:
@@ -172,7 +173,6 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     b_c, _ = measure_step(model, batch_size, checkpoint=True)
     profile = None
     if decided:
-        from chaintune.diagnostics import decision_profile
 
         with torch.no_grad():
             profile = decision_profile(model, rew, n=decided_samples, steps=sample_steps,

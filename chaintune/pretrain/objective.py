@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from chaintune.backends.unet import UNetModel
+from chaintune.backends.wan import WanModel
 from chaintune.chain import add_noise, training_target
+from chaintune.data import load_dataset
+from chaintune.data.moving import all_prompts, moving_digits
 from chaintune.errors import ChaintuneError
 from chaintune.pretrain.config import ArchConfig, PretrainConfig
 from chaintune.run.trainer import Evaluation, Objective, Trainer
+from chaintune.sampling import sample
 
 __all__ = ["PretrainConfig", "build_unet", "build_wan_video", "char_tokenizer", "check_unet_arch", "check_wan_arch",
            "pretrain"]
@@ -120,7 +124,6 @@ class PretrainObjective(Objective):
     def prepare(self, run: Trainer) -> None:
         from diffusers import DDPMScheduler
 
-        from chaintune.data import load_dataset
 
         cfg, arch = self.cfg, self.cfg.arch
         check_unet_arch(arch)
@@ -174,7 +177,6 @@ class PretrainObjective(Objective):
         return float(loss.detach())
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
-        from chaintune.sampling import sample
 
         n = self.cfg.eval.eval_samples
         tr = sample(self.model, n, steps=50, generator=torch.Generator().manual_seed(10_000 + self.cfg.run.seed))
@@ -185,8 +187,6 @@ class VideoPretrainObjective(PretrainObjective):
     """The flow-matching loss of a pixel-space Wan text-to-video model on procedural clips (moving digits)."""
 
     def prepare(self, run: Trainer) -> None:
-        from chaintune.backends.wan import WanModel
-        from chaintune.data.moving import all_prompts
 
         cfg, arch = self.cfg, self.cfg.arch
         self.split = cfg.dataset.partition(":")[2] or "train"
@@ -202,7 +202,6 @@ class VideoPretrainObjective(PretrainObjective):
         self.table = self.model._embed(self.prompts + [""])
 
     def updates(self, run: Trainer, step: int):
-        from chaintune.data.moving import moving_digits
 
         cfg, g, arch = self.cfg, run.generator, self.cfg.arch
         n, total = cfg.optim.batch_size, 0.0
@@ -219,7 +218,6 @@ class VideoPretrainObjective(PretrainObjective):
         yield cfg.optim.grad_accum, {"loss": total}
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
-        from chaintune.sampling import sample
 
         n = self.cfg.eval.eval_samples
         g = torch.Generator().manual_seed(10_000 + self.cfg.run.seed)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chaintune.classifiers import load_classifier
 from chaintune.errors import ChaintuneError
 from chaintune.rewards.base import NetworkReward, Reward
 
@@ -54,7 +55,6 @@ class DigitReward(NetworkReward):
     def load(self) -> nn.Module:
         import copy
 
-        from chaintune.classifiers import load_classifier
 
         # a private copy: the shared cached classifier must not be moved between devices under another user
         return copy.deepcopy(load_classifier(self.classifier))

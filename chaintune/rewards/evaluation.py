@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chaintune.classifiers import load_classifier
 from chaintune.metrics import nearest_real_distance, pairwise_diversity
 from chaintune.rewards.base import Reward, WeightedSum
 from chaintune.rewards.registry import family_of, get_reward, split_terms
@@ -153,7 +154,6 @@ def digit_metrics(images: torch.Tensor, digit: int | None, labels: torch.Tensor 
     The judge is a classifier training never saw (``digit`` trains on the CNN, so the MLP judges), so
     a rising share is not one network's adversarial artefact.
     """
-    from chaintune.classifiers import load_classifier
 
     out: dict[str, float] = {}
     target = digit if digit is not None else (None if labels is None else labels.to("cpu"))

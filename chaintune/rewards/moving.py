@@ -33,8 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chaintune.classifiers import load_classifier
 from chaintune.data.moving import DIGIT_SIZE, DIRECTIONS, parse_prompt
 from chaintune.errors import ChaintuneError
+from chaintune.metrics import nearest_real_distance
 from chaintune.rewards.base import NetworkReward
 from chaintune.rewards.video import VideoReward, check_videos
 
@@ -145,7 +147,6 @@ class MovingDigitReward(NetworkReward, VideoReward):
     def load(self):
         import copy
 
-        from chaintune.classifiers import load_classifier
 
         return copy.deepcopy(load_classifier(self.classifier))
 
@@ -292,7 +293,6 @@ def metrics(arg: str | None, videos: torch.Tensor, prompts: list[str] | None,
     ``nn_distance`` (crops at the ink centroid to the nearest real digit: the realism measure the hacking
     guard watches), the :func:`judge_summary` when the prompts are moving-digit prompts, and for
     ``moving-digit:K`` the share of frames the held-out MLP reads as K (``class_share``)."""
-    from chaintune.metrics import nearest_real_distance
 
     check_videos(videos, "moving-digit metrics")
     videos = videos.detach().float().cpu()

@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from chaintune.adapters import lora_state_dict, merge_lora
 from chaintune.backends.run_dir import RUN_MARKER, read_run_info
 from chaintune.errors import ChaintuneError
-from chaintune.utils.io import atomic_dir, save_json
+from chaintune.utils.io import atomic_dir, check_output_dir, save_json
 
 TRASH_PREFIX = ".chaintune-trash-"  # --overwrite empties a run through this folder inside it
 
@@ -113,7 +114,6 @@ def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = F
     entries), never the working directory or one of its parents, nor a run that holds one of the command's
     ``inputs`` (the model it trains from); ``--resume`` needs a run, and contradicts ``--overwrite``.
     """
-    from chaintune.utils.io import check_output_dir
 
     path = Path(path)
     if resume and overwrite:
@@ -257,7 +257,6 @@ def save_tuned_model(path: Path, model, peft: str, lora_rank: int | None = None)
         _save_adapter(path / "adapter", model, lora_rank)
         if sum(p.numel() for p in den.parameters()) > MERGE_LIMIT:
             return
-        from chaintune.adapters import merge_lora
 
         model = model.with_denoiser(merge_lora(copy.deepcopy(den)))
     with atomic_dir(path / "model") as tmp:
@@ -269,7 +268,6 @@ def _save_adapter(target: Path, model, rank: int | None) -> None:
     where the backend's pipeline has a LoRA loader (``model.save_lora_weights``)."""
     from safetensors.torch import save_file
 
-    from chaintune.adapters import lora_state_dict
 
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model.denoiser).items()}
     with atomic_dir(target) as tmp:

@@ -36,11 +36,32 @@ from typing import Any
 
 import torch
 
+from chaintune import distributed
+from chaintune.adapters import apply_peft
 from chaintune.backends.base import DiffusionModel
+from chaintune.distributed import full_state_dict, grads_finite, is_sharded, local_shard, unsharded_copy
 from chaintune.errors import ChaintuneError
-from chaintune.options import flat_values, to_dict
+from chaintune.options import flat_values, from_dict, to_dict
+from chaintune.plan.memory import is_out_of_memory, out_of_memory_error
+from chaintune.run import checkpoint as ckpt
 from chaintune.run.config import LR_SCHEDULES
+from chaintune.run.logging import RunLogger
+from chaintune.run.optim import make_optimizer
+from chaintune.run.report import build_report
+from chaintune.run.rundir import (
+    RunLock,
+    check_run_dir,
+    prepare_run_dir,
+    read_run_info,
+    save_tuned_model,
+    write_run_info,
+)
 from chaintune.utils.devices import check_device
+from chaintune.utils.hub import quiet_hub
+from chaintune.utils.images import save_grid
+from chaintune.utils.io import atomic_dir
+from chaintune.utils.progress import progress
+from chaintune.utils.threads import apply_thread_policy
 
 __all__ = ["Evaluation", "Objective", "RunResult", "Trainer", "reduce_gradients", "format_summary"]
 
@@ -117,7 +138,6 @@ def reduce_gradients(params: list[torch.nn.Parameter], acc: Any, n_micro: int) -
     reduce-scatters (averages) backpropagated gradients and ``Perturbation.accumulate`` averages its
     zeroth-order terms, so they are only divided by ``n_micro`` (an all-reduce would sum different shards).
     """
-    from chaintune.distributed import is_sharded
 
     for p in params:
         if p.grad is None:
@@ -159,7 +179,6 @@ class Trainer:
         """Apply the thread rule for ``model`` (unless the caller manages threads). Objectives call it as soon as
         their model is loaded, so that heavy work in ``prepare`` (a knowledge bank) runs under it too."""
         if self.thread_policy and self.device.type == "cpu":
-            from chaintune.utils.threads import apply_thread_policy
 
             apply_thread_policy(model)
 
@@ -172,7 +191,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> RunResult:
-        from chaintune.utils.hub import quiet_hub
 
         with quiet_hub():  # the run's own progress bar only: no loading/saving bars or warnings of the libraries
             return self._fit()
@@ -196,7 +214,6 @@ class Trainer:
         try:
             self.sharded = self._fsdp()  # an impossible --fsdp fails before the model loads
             if self.out is not None and self.main:  # before loading anything: the cheapest errors to report
-                from chaintune.run.rundir import RunLock, check_run_dir
 
                 check_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, inputs=_input_paths(cfg))
                 self.lock = RunLock(self.out)
@@ -206,19 +223,16 @@ class Trainer:
                     check_resume_config(cfg, self.out)
                     check_resumable(cfg, self.out)
             if self.thread_policy and self.device.type == "cpu":
-                from chaintune.utils.threads import apply_thread_policy
 
                 apply_thread_policy(0)  # loading and probing: small work, one thread until the model is known
             obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
             self.threads_for(obj.model)
             if self.out is not None and self.main:
-                from chaintune.run.rundir import prepare_run_dir
 
                 prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
                 if not self.resume or not (self.out / "config.yaml").exists():
                     # the marker first, then the config: a run killed at any moment is recognisably a run, which
                     # --resume (it starts over before its first checkpoint) and --overwrite accept
-                    from chaintune.run import checkpoint as ckpt
 
                     self._status_base = {"command": obj.command, "name": self.name, **obj.info(),
                                          "config": flat_values(cfg)}
@@ -242,25 +256,18 @@ class Trainer:
     def _status(self, status: str, **extra) -> None:
         if self.out is None or not self.main or not self._status_base:
             return
-        from chaintune.run.rundir import write_run_info
 
         write_run_info(self.out, {**self._status_base, "status": status, **extra})
 
     def _train(self) -> RunResult:
         from diffusers.optimization import get_scheduler
 
-        from chaintune.adapters import apply_peft
-        from chaintune.run import checkpoint as ckpt
-        from chaintune.run.logging import RunLogger
-        from chaintune.run.optim import make_optimizer
-        from chaintune.utils.progress import progress
 
         cfg, obj, out, main = self.cfg, self.objective, self.out, self.main
         opt_cfg = cfg.optim
         den = obj.model.denoiser
         self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
         if self.sharded:  # after adapters, before the optimizer and EMA (they hold the shards)
-            from chaintune import distributed
 
             self._skeleton = distributed.meta_copy(den)
             distributed.shard_model(den, distributed.default_mesh(self.device),
@@ -326,7 +333,6 @@ class Trainer:
                     row.update(metrics)
                     row.update(self._apply(n_micro, step))
             except Exception as e:  # the allocator failing is the batch being too large for this machine
-                from chaintune.plan.memory import is_out_of_memory, out_of_memory_error
 
                 if not is_out_of_memory(e):
                     raise
@@ -370,14 +376,12 @@ class Trainer:
             result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
         exported = self._export() if out is not None else None  # sharded: gathered by every process
         if out is not None and main:
-            from chaintune.run.rundir import save_tuned_model
 
             save_tuned_model(out, exported, opt_cfg.peft, opt_cfg.lora_rank)
             final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
             self._status("finished", final=final)
             logger.close()
             if cfg.run.report:
-                from chaintune.run.report import build_report
 
                 build_report(out)
         return result
@@ -386,7 +390,6 @@ class Trainer:
         """Average, check, clip and apply one update; a non-finite gradient is skipped (and counted)."""
         params, opt, cfg = self.params, self.optimizer, self.cfg
         reduce_gradients(params, self.acc, n_micro)
-        from chaintune.distributed import grads_finite
 
         if not grads_finite(params):  # sharded: every process checks its shard and all agree
             self.state["bad_steps"] += 1
@@ -442,7 +445,6 @@ class Trainer:
         obj = self.objective
         if not self.sharded:
             return obj.export() if self.main else None
-        from chaintune.distributed import full_state_dict, unsharded_copy
 
         den = obj.model.denoiser
         state = full_state_dict(den)  # rank 0 (the main process) only
@@ -456,7 +458,6 @@ class Trainer:
 
     def _load_params(self, values: list[torch.Tensor]) -> None:
         """Load weights kept by :meth:`_keep_best` (each process's shard when sharded)."""
-        from chaintune.distributed import is_sharded
 
         with torch.no_grad():
             for p, v in zip(self.params, values, strict=True):
@@ -467,7 +468,6 @@ class Trainer:
         """Remember the best evaluation's weights (they are what was evaluated: the EMA's when there is one) and
         write them as OUT/best, a model id. Sharded: each process keeps its shard; every process takes part in
         gathering the full weights the main process writes."""
-        from chaintune.distributed import is_sharded
 
         self.best = {"step": step, "score": ev.score, "metrics": dict(ev.metrics),
                      "params": [(p.to_local() if is_sharded(p) else p).detach().to("cpu", copy=True)
@@ -480,8 +480,6 @@ class Trainer:
             return
         from safetensors.torch import save_file
 
-        from chaintune.run.rundir import save_tuned_model, write_run_info
-        from chaintune.utils.io import atomic_dir
 
         names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
         full = self.best["params"]
@@ -500,8 +498,6 @@ class Trainer:
         """The best evaluation kept in OUT/best, for a resumed run (None if unreadable: it is then re-found)."""
         from safetensors.torch import load_file
 
-        from chaintune.distributed import is_sharded, local_shard
-        from chaintune.run.rundir import read_run_info
 
         try:
             weights, info = load_file(str(path / "trainable.safetensors")), read_run_info(path)
@@ -586,7 +582,6 @@ class Trainer:
         if ev is None:
             return {}
         if ev.images is not None and self.out is not None and self.main:
-            from chaintune.utils.images import save_grid
 
             save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png", captions=ev.captions)
         return dict(ev.metrics)
@@ -617,8 +612,6 @@ def _exists(name: str) -> bool:
 def check_resumable(cfg: Any, out: Path) -> None:
     """A finished run is never restarted by ``--resume``: it needs a checkpoint to continue from and more
     ``--steps`` than it ran (a finished run without one keeps its model; train further from it with --model)."""
-    from chaintune.run import checkpoint as ckpt
-    from chaintune.run.rundir import read_run_info
 
     try:
         info = read_run_info(out)
@@ -643,8 +636,6 @@ def check_resume_config(cfg: Any, out: Path) -> None:
 
     The reference is the config recorded in the run's status file (what the checkpoints were made
     with), so an edited ``config.yaml`` is caught too."""
-    from chaintune.options import flat_values, from_dict
-    from chaintune.run.rundir import read_run_info
 
     try:
         recorded = read_run_info(out).get("config")

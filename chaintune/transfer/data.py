@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from chaintune.backends.base import DiffusionModel
+from chaintune.data import load_dataset
 from chaintune.data.registry import CLASS_RANGE, LabelledData
 from chaintune.errors import ChaintuneError
+from chaintune.metrics import INCEPTION_ENV
+from chaintune.sampling import sample
 
 
 def pixel_spec(model: DiffusionModel) -> tuple[int, int]:
@@ -42,7 +45,6 @@ def _match_channels(x: torch.Tensor, c: int) -> torch.Tensor:
 def load_target(model: DiffusionModel, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Dataset ``name`` at the model's pixel size/channels, [0, 1]: images, or clips [N, F, C, H, W] at the
     ``video_shape`` of a model that produces videos (a :class:`LabelledData` carrying the clips' prompts)."""
-    from chaintune.data import load_dataset
 
     video = video_spec(model)
     c, size = pixel_spec(model) if video is None else (video[1], None)
@@ -83,7 +85,6 @@ def default_eval_data(data: str) -> str | None:
 def default_feature(data: str) -> str | None:
     import os
 
-    from chaintune.metrics import INCEPTION_ENV
 
     base = data.partition(":")[0]
     if base in ("digits", "digits-fewshot", "glyphs") or CLASS_RANGE.match(base):
@@ -113,7 +114,6 @@ def generate(model: DiffusionModel, n: int, steps: int, eta: float, seed: int, b
     passing the target's labels reproduces its class frequencies); default: all of the model's classes.
     ``with_labels``: also return the label each sample was drawn for (None: unconditional).
     """
-    from chaintune.sampling import sample
 
     g = torch.Generator().manual_seed(seed)
     labels = draw_labels(model, classes, n, g)

@@ -18,6 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from chaintune.classifiers import load_classifier
+from chaintune.transfer.data import generate
+
 __all__ = ["nearest_distance", "class_histogram", "copy_share", "sample_report", "model_sample_report"]
 
 
@@ -38,7 +41,6 @@ def copy_share(d_samples: torch.Tensor, d_heldout: torch.Tensor, quantile: float
 
 def _classifier(classifier: str | nn.Module | Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(classifier, str):
-        from chaintune.classifiers import load_classifier
 
         return load_classifier(classifier)
     return classifier
@@ -79,7 +81,6 @@ def model_sample_report(model, target: tuple[torch.Tensor, torch.Tensor | None],
     ``steps = cfg.sample_steps``, ``eta = cfg.sample_eta``, ``n = cfg.eval_samples``) to report on exactly
     the samples of the run's final FID.
     """
-    from chaintune.transfer.data import generate
 
     shots, shot_labels = target
     imgs, labels = generate(model, n, steps, eta, seed=seed, classes=shot_labels, guidance_scale=guidance_scale,

@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import Denoise, add_noise, is_flow_scheduler, run_chain, training_target
+from chaintune.metrics import fid_kid
+from chaintune.sampling import chain_scheduler, initial_noise
+from chaintune.transfer.data import draw_labels, encode
+from chaintune.utils.io import atomic_file, save_json
 
 __all__ = ["handover_denoise", "per_timestep_losses", "handover_fid", "analyze", "write_report", "spearman"]
 
@@ -104,8 +108,6 @@ def handover_samples(tuned: DiffusionModel, base: DiffusionModel, threshold: int
     ``classes`` (labelled models): the tuned model's labels are drawn from these, and the base
     model runs its unconditional branch; otherwise both use their default conditions.
     """
-    from chaintune.sampling import chain_scheduler, initial_noise
-    from chaintune.transfer.data import draw_labels
 
     sched = chain_scheduler(tuned, "ddim")
     g = torch.Generator().manual_seed(seed)
@@ -130,7 +132,6 @@ def handover_fid(tuned: DiffusionModel, base: DiffusionModel, eval_images: torch
                  thresholds: Sequence[int], *, n: int = 500, steps: int = 50, eta: float = 1.0, seed: int = 0,
                  feature: str = "digits-cnn", classes: torch.Tensor | None = None) -> list[dict]:
     """FID/KID vs held-out target images of the hand-over chain, per threshold."""
-    from chaintune.metrics import fid_kid
 
     rows = []
     for thr in thresholds:
@@ -157,7 +158,6 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
     ``target_labels``: the class of each target image; a class-conditional tuned model is scored
     with them and samples the hand-over chain at their frequencies.
     """
-    from chaintune.transfer.data import encode
 
     T = int(base.scheduler.config.num_train_timesteps)
     ts = torch.linspace(0, T - 1, num_timesteps).round().long().tolist()
@@ -195,7 +195,6 @@ def write_report(result: dict, out: str | Path, title: str = "chain of forgettin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from chaintune.utils.io import atomic_file, save_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

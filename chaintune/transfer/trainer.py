@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 
+import chaintune
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
+from chaintune.metrics import feature_network, fid_kid
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.bank import KnowledgeBank, build_bank
 from chaintune.transfer.conditioning import target_conditions
 from chaintune.transfer.config import FEW_SHOT_RETENTION_WINS, UNCONDITIONAL_RETENTION, TransferConfig
 from chaintune.transfer.data import default_eval_data, default_feature, encode, generate, load_target
+from chaintune.transfer.folding import fold_difffit, has_difffit
 from chaintune.transfer.loss import diff_tuning_loss
 
 __all__ = ["TransferResult", "transfer"]
@@ -44,7 +47,6 @@ class TransferResult(RunResult):
 
 def _folded(model: DiffusionModel) -> DiffusionModel:
     """A shallow copy whose denoiser has DiffFit scales folded in (a plain diffusers module)."""
-    from chaintune.transfer.folding import fold_difffit, has_difffit
 
     if not has_difffit(model.denoiser):
         return model
@@ -63,7 +65,6 @@ class TransferObjective(Objective):
         self.bank: KnowledgeBank | None = None
 
     def prepare(self, run: Trainer) -> None:
-        import chaintune
 
         cfg = self.cfg
         model = self.given_model.to(run.device) if self.given_model is not None \
@@ -90,7 +91,6 @@ class TransferObjective(Objective):
             self.eval_images = load_target(model, self.eval_name)[0]
         self.fid = bool(self.feature) and self.eval_images is not None
         if self.fid:
-            from chaintune.metrics import feature_network
 
             feature_network(self.feature)  # fail now, not after training, on a bad feature spec
         self.n_bank = cfg.bank_batch()
@@ -131,7 +131,6 @@ class TransferObjective(Objective):
                           progress=f"evaluation samples (step {step})" if run.bars else None)
         metrics: dict = {}
         if self.fid:
-            from chaintune.metrics import fid_kid
 
             metrics = fid_kid(self.eval_images, images[: ev.eval_samples], self.feature)
         return Evaluation(metrics, images[: ev.grid_samples])

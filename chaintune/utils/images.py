@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from chaintune.utils.io import atomic_file
+
 
 def to_pil(img: torch.Tensor, upscale: int = 1) -> Image.Image:
     """[C, H, W] in [0, 1] -> PIL image (nearest-neighbour upscaling keeps tiny digits crisp)."""
@@ -36,7 +38,6 @@ def auto_upscale(h: int) -> int:
 
 def save_video_grid(videos: torch.Tensor, path: str | Path, nrow: int | None = None, duration: int = 125) -> Path:
     """Write videos ``[n, F, C, H, W]`` as one animated GIF (frame f shows every clip's frame f in a grid)."""
-    from chaintune.utils.io import atomic_file
 
     path = Path(path)
     v = videos.detach().float().cpu()
@@ -53,7 +54,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     ``[n, F, C, H, W]`` become one strip of frames per row, and an animated grid beside it (same name, .gif);
     ``captions`` (one per video, e.g. its prompt) are written left of each strip, so prompt-following can be
     checked by eye."""
-    from chaintune.utils.io import atomic_file
 
     path = Path(path)
     rows = None
@@ -93,7 +93,6 @@ def caption_rows(pil: Image.Image, captions: list[str], rows: int, size: int = 1
 
 def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
     """One PNG per image; a video ``[F, C, H, W]`` becomes an animated GIF (and its frames a PNG strip)."""
-    from chaintune.utils.io import atomic_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from chaintune.errors import ChaintuneError, InputFileNotFoundError, unknown_name
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w"):
@@ -77,7 +79,6 @@ def check_output_dir(out: str | Path, flag: str = "--out", fix: str = "give a fo
     ``mkdir`` would fail there only after the model has loaded and sampled, with a bare ``NotADirectoryError`` or
     ``FileExistsError``. ``flag`` names the folder in the message, ``fix`` says what to do instead.
     """
-    from chaintune.errors import ChaintuneError
 
     out = Path(out)
     for p in (out, *out.parents):
@@ -98,7 +99,6 @@ def check_overwrite(paths: list[Path], overwrite: bool, flag: str = "--overwrite
 
     Only the named files are ever replaced; other files in their folder are left alone.
     """
-    from chaintune.errors import ChaintuneError
 
     folders = [p for p in paths if p.is_dir()]
     if folders:  # never replaced, even with --overwrite: it is not an output of ours
@@ -128,7 +128,6 @@ def check_input_file(path: str | Path, what: str) -> Path:
     """
     import stat
 
-    from chaintune.errors import ChaintuneError, InputFileNotFoundError
 
     path = Path(path)
     try:
@@ -165,7 +164,6 @@ def load_config_file(path: str | Path) -> dict:
     deep and expand to at most :data:`CONFIG_MAX_VALUES` values; YAML is checked on its event stream, before any
     value is built.
     """
-    from chaintune.errors import ChaintuneError
 
     path = check_input_file(path, "config file")
     size = path.stat().st_size
@@ -216,7 +214,6 @@ def _check_yaml_shape(text: str, path: Path) -> None:
     expand."""
     import yaml
 
-    from chaintune.errors import ChaintuneError
 
     sizes: dict[str, int] = {}  # anchor -> values in its node
     open_nodes: list[tuple[str | None, int]] = []  # (anchor, values counted before it) of each open collection
@@ -290,7 +287,6 @@ def strict_config(cls, values: dict, what: str):
     """
     from dataclasses import fields
 
-    from chaintune.errors import ChaintuneError, unknown_name
 
     known = {f.name for f in fields(cls)}
     bad = sorted(set(values) - known)
