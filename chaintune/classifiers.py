@@ -126,7 +126,6 @@ def train_classifier(name: str, epochs: int = 60, seed: int = 0, junk_fraction: 
 
 
 def save_classifier(net: nn.Module, name: str, accuracy: float, directory: Path = CLASSIFIER_DIR) -> None:
-
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_file(directory / f"{name}.safetensors", "wb") as f:
         f.write(_serialize(net))

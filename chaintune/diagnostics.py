@@ -44,7 +44,6 @@ def grouped_conditions(model: DiffusionModel, groups: int, per_group: int, gener
 
     if prompts is None and labels is None:
         if model.takes_prompts and getattr(model, "default_prompts", None):
-
             prompts = load_prompts(model.default_prompts).prompts
         elif model.takes_labels:
             labels = list(range(model.num_classes))
@@ -59,7 +58,6 @@ def grouped_conditions(model: DiffusionModel, groups: int, per_group: int, gener
 
 
 def _score(model: DiffusionModel, reward, x0: torch.Tensor, cond: Conditions) -> torch.Tensor:
-
     with torch.no_grad():
         r = reward(model.decode(x0), prompts=cond.prompts, labels=cond.labels)
     return validate_reward_output(r, x0.shape[0], getattr(reward, "name", "reward")).double().cpu()

@@ -71,7 +71,6 @@ def shard_group(params: list[torch.Tensor]) -> Any:
     if mesh.ndim == 1:
         return mesh.get_group()
     if mesh.size() != torch.distributed.get_world_size():
-
         raise ChaintuneError(f"a {mesh.ndim}-d device mesh must span all processes (FSDP/HSDP data parallel only)")
     return torch.distributed.group.WORLD
 

@@ -68,7 +68,6 @@ class _TorchScriptInception(nn.Module):
 
 
 def _inception(path: str | None, allow_pickle: bool = False) -> nn.Module:
-
     path = path or os.environ.get(INCEPTION_ENV)
     if not path:
         raise ChaintuneError(
@@ -120,7 +119,6 @@ def feature_network(spec: str | nn.Module = "digits-cnn", allow_pickle: bool = F
         return FeatureNet(spec, int(dim), type(spec).__name__)
     name, _, arg = spec.partition(":")
     if name in ("digits-cnn", "digits-mlp"):
-
         net = load_classifier(name)
         return FeatureNet(net, int(net.feature_dim), name)
     if name == "inception":
@@ -191,7 +189,6 @@ def nearest_real_distance(images: torch.Tensor) -> float:
     samples that stay digits stay close to some real digit, so this rises when alignment hacks.
     """
     import torch.nn.functional as F
-
 
     real, _ = digits_split("train", 8)
     x = images.float().cpu()

@@ -113,7 +113,6 @@ def load_prompts(source: str | Path | Sequence[str] | Callable | PromptSource) -
             raise ChaintuneError(f"unknown builtin prompt set {name!r}; available: {sorted(BUILTIN_PROMPTS)}")
         return PromptSource(BUILTIN_PROMPTS[name], name=source)
     if isinstance(source, (str, Path)):
-
         path = check_input_file(Path(source).expanduser(), "prompt file")  # a pipe would block the read
         prompts = _read_file(path)
         if not prompts:

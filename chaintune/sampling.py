@@ -107,7 +107,6 @@ def sample(
     parts = []
     bar = None
     if progress:
-
         bar = progress_bar(desc=progress, total=steps * -(-n // bs), leave=False, unit="step")
     with torch.no_grad():
         for s in range(0, n, bs):

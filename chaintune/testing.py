@@ -36,7 +36,6 @@ def tiny_unet(sample_size: int = 8, num_class_embeds: int | None = None, seed: i
 def tiny_unet_model(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
     from diffusers import DDPMScheduler
 
-
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     return UNetModel(tiny_unet(sample_size, num_class_embeds, seed), sched, source="tiny-unet")
 
@@ -108,13 +107,11 @@ def tiny_sd_pipeline(seed: int = 0):
 
 
 def tiny_sd_model(seed: int = 0):
-
     return StableDiffusionModel(tiny_sd_pipeline(seed), source="tiny-sd")
 
 
 def tiny_dit_model(seed: int = 0, num_classes: int = 4):
     from diffusers import DDIMScheduler, DiTTransformer2DModel
-
 
     torch.manual_seed(seed)
     dit = DiTTransformer2DModel(

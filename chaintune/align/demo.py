@@ -57,7 +57,6 @@ def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
     files; its runs are chaintune runs), never a file of the user's."""
     import json
 
-
     check_output_dir(out)
     marker = out / DEMO_MARKER
     try:
@@ -74,7 +73,6 @@ def check_demo_outputs(out: Path, files: list[str], runs: list[str]) -> None:
 
 def _record_demo_outputs(out: Path, files: list[str]) -> None:
     import json
-
 
     marker = out / DEMO_MARKER
     try:
@@ -96,7 +94,6 @@ def _samples(cfg: AlignConfig) -> int:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-
     with atomic_file(dst, "wb") as f:
         f.write(src.read_bytes())
 
@@ -114,7 +111,6 @@ def run_demo(out: str | Path, steps: int = 150, digit: int = 3, baseline: str | 
     if not 0 <= digit <= 9:
         raise ChaintuneError(f"--digit must be 0..9, got {digit}")
     if baseline and baseline not in DEMO_BASELINES:
-
         raise unknown_name("demo baseline", baseline, DEMO_BASELINES)
     methods = ["rlr", "rlr+zo"] + ([baseline] if baseline else [])
     files = ["before.png"] + [f"after_{m}.png" for m in methods]

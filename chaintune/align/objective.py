@@ -136,7 +136,6 @@ class AlignObjective(Objective):
         self.alarm_patience = cfg.guards.hacking_patience
 
     def prepare(self, run: Trainer) -> None:
-
         cfg, chain = self.cfg, self.cfg.chain
         heldout = None if cfg.eval.heldout_reward == "" else cfg.eval.heldout_reward
         self.evaluation = reward_evaluation(cfg.reward, heldout)  # every name resolved before anything is written
@@ -188,7 +187,6 @@ class AlignObjective(Objective):
         if source is None and chain.prompts is None and model.takes_prompts:
             source = model.default_prompts
         if source:
-
             try:
                 return load_prompts(source).prompts
             except (FileNotFoundError, ValueError) as e:
@@ -226,7 +224,6 @@ class AlignObjective(Objective):
         return base_model_weights(self.model, self.frozen)
 
     def updates(self, run: Trainer, step: int) -> Iterator[tuple[int, dict]]:
-
         cfg, chain, guards, gen = self.cfg, self.cfg.chain, self.cfg.guards, run.generator
         ctxs = [EstimationContext(model=self.model, reward=self.reward, n=cfg.optim.batch_size,
                                   steps=chain.sample_steps, eta=chain.eta, scheduler=self.sched, generator=gen,
@@ -260,7 +257,6 @@ class AlignObjective(Objective):
             yield len(got), metrics
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation:
-
         cfg, chain = self.cfg, self.cfg.chain
         n = cfg.eval.eval_samples
         eval_gen = torch.Generator().manual_seed(10_000 + cfg.run.seed)  # held-out seeds: never used in training

@@ -294,6 +294,5 @@ def parse_video_shape(text: str) -> tuple[int, int, int]:
     try:
         f, h, w = (int(p) for p in text.lower().replace(",", "x").split("x"))
     except ValueError:
-
         raise ChaintuneError(f"a video shape is FRAMESxHEIGHTxWIDTH, e.g. 33x480x832, got {text!r}") from None
     return f, h, w

@@ -230,11 +230,9 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
     if (path / "controlnet" / "config.json").exists():
         index = read_json(path / "model_index.json").get("_class_name", "")
         if index == "StableDiffusionControlNetPipeline":
-
             with reading_model(path):
                 model = load_controlnet_into(load_sd(path, str(path), **safe), path / "controlnet", **safe)
         elif index == "StableDiffusionXLControlNetPipeline":
-
             with reading_model(path):
                 model = load_controlnet_into(load_sdxl(path, str(path), **safe), path / "controlnet", **safe)
         else:

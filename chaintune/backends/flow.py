@@ -25,7 +25,6 @@ class FlowModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
     kind = "flow"
 
     def __init__(self, pipe, source: str = "", vae_chunk: int | None = None, max_sequence_length: int = 256):
-
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.scheduler = as_chain_scheduler(pipe.scheduler)

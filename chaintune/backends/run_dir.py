@@ -68,7 +68,6 @@ def _apply_adapter(model: DiffusionModel, adapter: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-
     cfg = read_json(adapter / "adapter_config.json")
     rank = cfg.get("r") or 4
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:

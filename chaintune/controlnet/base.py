@@ -4,7 +4,6 @@ It is ``pretrain``'s objective (same config, loss, EMA and run directory) with t
 pixel ``UNet2DConditionModel`` of :mod:`chaintune.backends.pixel_cond` in place of the ``UNet2DModel``:
 the label reaches the UNet as a class token in ``encoder_hidden_states`` (dropped to the null token
 with probability ``label_dropout``, for classifier-free guidance). Rebuild the shipped weights with::
-
     python -m chaintune.controlnet.base chaintune/configs/builtin_digits_cond.yaml runs/builtin-digits-cond
     cp -r runs/builtin-digits-cond/model/. chaintune/assets/digits-cond/
 """
@@ -27,7 +26,6 @@ class CondPretrainObjective(PretrainObjective):
     """``pretrain`` with a class-token ``UNet2DConditionModel`` (what a ControlNet can be built from)."""
 
     def build_model(self, arch, scheduler):
-
         return PixelCondModel(build_cond_unet(arch), scheduler, source="pretrain")
 
     @property

@@ -126,10 +126,8 @@ def load_condition_image(path: str | Path) -> torch.Tensor:
 
     from PIL import Image, UnidentifiedImageError
 
-
     p = Path(path)
     if not p.exists():
-
         raise InputFileNotFoundError(f"condition image {p} does not exist")
     check_input_file(p, "condition image")
     try:

@@ -36,7 +36,6 @@ def sample_command(controlnet: str | None, condition: Path | None, *, model: str
                    guidance_scale: float | None, batch_size: int, device: str, allow_pickle: bool) -> None:
     import typer
 
-
     if controlnet is None or condition is None:
         raise ChaintuneError("--controlnet and --condition go together (a ControlNet run and the image it follows)")
     image = load_condition_image(condition)  # a missing or unreadable file fails now, not after loading the models

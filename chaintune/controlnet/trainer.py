@@ -100,7 +100,6 @@ class ControlNetObjective(Objective):
         self.cfg, self.given_base, self.data, self.eval_data = cfg, base, data, eval_data
 
     def prepare(self, run: Trainer) -> None:
-
         cfg = self.cfg
         base = self.given_base.to(run.device) if self.given_base is not None \
             else chaintune.load(cfg.model, device=str(run.device))
@@ -136,7 +135,6 @@ class ControlNetObjective(Objective):
         self.eval_noise = torch.randn((n_eval, *base.latent_shape), generator=g)
 
     def updates(self, run: Trainer, step: int):
-
         cfg, g, model = self.cfg, run.generator, self.model
         sched = model.scheduler
         total = 0.0
@@ -164,7 +162,6 @@ class ControlNetObjective(Objective):
                                    x_T=self.eval_noise)
         metrics = {"eval/condition_iou": float(condition_iou(self.cfg.condition, images, self.eval_maps).mean())}
         if self.digits:
-
             with torch.no_grad():
                 pred = load_classifier("digits-cnn")(images).argmax(1)
             metrics["eval/digit_agreement"] = float((pred == self.eval_labels).float().mean())

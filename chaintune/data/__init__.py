@@ -20,7 +20,6 @@ def load_dataset(name: str, size: int = 8, *, video: tuple[int, int, int, int] |
     ``moving-digits:train`` / ``moving-digits:test`` or a folder of clips (:mod:`chaintune.data.video_folder`).
     """
     if video is not None:
-
         return resolve_video(name, video)
     base, _, split = name.partition(":")
     if base == "digits":

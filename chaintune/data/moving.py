@@ -124,6 +124,5 @@ _SPLITS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if split not in _SPLITS:
-
         _SPLITS[split] = digits_split(split)
     return _SPLITS[split]

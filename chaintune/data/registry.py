@@ -59,7 +59,6 @@ def fewshot_indices(labels: torch.Tensor, k: int, seed: int = FEWSHOT_SEED) -> t
 
 
 def _fewshot(name: str, arg: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-
     try:
         k = int(arg)
     except ValueError:
@@ -81,7 +80,6 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         if lo > hi:
             raise ChaintuneError(f"{name!r}: class range {lo}to{hi} is empty; write e.g. digits-5to9")
         if m.group(1) == "digits":
-
             if arg not in ("", "train", "test", "all"):
                 raise ChaintuneError(f"unknown split {arg!r} for {base}; use {base}:train or {base}:test")
             x, y = digits_split(arg or "all", size=size)
@@ -90,7 +88,6 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         keep = (y >= lo) & (y <= hi)
         return x[keep], y[keep]
     if base == "glyphs":
-
         if arg not in ("", "train", "test", "all"):
             raise ChaintuneError(f"unknown split {arg!r} for glyphs; use glyphs, glyphs:train or glyphs:test")
         return glyph_images(arg or "all", size=size)
@@ -100,7 +97,6 @@ def resolve(name: str, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         raise ChaintuneError(f"{name!r} holds video clips; use it with a video model such as builtin:moving-digits")
     path = Path(name).expanduser()
     if path.is_dir():
-
         return load_folder(path, size)
     if path.exists():
         raise ChaintuneError(f"dataset {name!r} is a file; give a folder of images or a built-in id")
@@ -140,7 +136,6 @@ def resolve_video(name: str, shape: tuple[int, int, int, int]) -> LabelledData:
         return _moving_digits(name, arg, shape)
     path = Path(name).expanduser()
     if path.is_dir():
-
         return load_video_folder(path, shape)
     if path.exists():
         raise ChaintuneError(f"dataset {name!r} is a file; give a folder of clips or a built-in id")

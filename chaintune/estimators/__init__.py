@@ -45,12 +45,10 @@ def get_estimator(name: str | Estimator, **kwargs) -> Estimator:
     if isinstance(name, Estimator):
         return name
     if name not in ESTIMATORS:
-
         raise unknown_name("estimator", name, ESTIMATORS)
     try:
         return ESTIMATORS[name](**kwargs)
     except TypeError as e:
-
         raise ChaintuneError(f"estimator {name!r}: {e}") from e
 
 

@@ -49,7 +49,6 @@ class EstimationContext:
 
     def __post_init__(self):
         if self.scheduler is None:
-
             self.scheduler = chain_scheduler(self.model, "ddim")
         if self.conditions is None:
             self.conditions = self.model.default_conditions(self.n, generator=self.generator)

@@ -152,7 +152,6 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     """Recommend an estimator and its settings for ``reward`` on ``model_id`` within ``budget`` (module docstring)."""
     import torch
 
-
     for flag, value, least in (("--batch-size", batch_size, 1), ("--sample-steps", sample_steps, 2)):
         if value < least:
             raise ChaintuneError(f"{flag} must be >= {least}, got {value}")
@@ -173,7 +172,6 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     b_c, _ = measure_step(model, batch_size, checkpoint=True)
     profile = None
     if decided:
-
         with torch.no_grad():
             profile = decision_profile(model, rew, n=decided_samples, steps=sample_steps,
                                        generator=torch.Generator().manual_seed(0))

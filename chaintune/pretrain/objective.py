@@ -124,7 +124,6 @@ class PretrainObjective(Objective):
     def prepare(self, run: Trainer) -> None:
         from diffusers import DDPMScheduler
 
-
         cfg, arch = self.cfg, self.cfg.arch
         check_unet_arch(arch)
         images, self.labels = load_dataset(cfg.dataset, size=arch.resolution)
@@ -177,7 +176,6 @@ class PretrainObjective(Objective):
         return float(loss.detach())
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
-
         n = self.cfg.eval.eval_samples
         tr = sample(self.model, n, steps=50, generator=torch.Generator().manual_seed(10_000 + self.cfg.run.seed))
         return Evaluation({}, tr.images)
@@ -187,7 +185,6 @@ class VideoPretrainObjective(PretrainObjective):
     """The flow-matching loss of a pixel-space Wan text-to-video model on procedural clips (moving digits)."""
 
     def prepare(self, run: Trainer) -> None:
-
         cfg, arch = self.cfg, self.cfg.arch
         self.split = cfg.dataset.partition(":")[2] or "train"
         if self.split not in ("train", "test", "all"):
@@ -202,7 +199,6 @@ class VideoPretrainObjective(PretrainObjective):
         self.table = self.model._embed(self.prompts + [""])
 
     def updates(self, run: Trainer, step: int):
-
         cfg, g, arch = self.cfg, run.generator, self.cfg.arch
         n, total = cfg.optim.batch_size, 0.0
         for _ in range(cfg.optim.grad_accum):
@@ -218,7 +214,6 @@ class VideoPretrainObjective(PretrainObjective):
         yield cfg.optim.grad_accum, {"loss": total}
 
     def evaluate(self, run: Trainer, step: int) -> Evaluation | None:
-
         n = self.cfg.eval.eval_samples
         g = torch.Generator().manual_seed(10_000 + self.cfg.run.seed)
         prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,), generator=g).tolist()]

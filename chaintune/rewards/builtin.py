@@ -55,7 +55,6 @@ class DigitReward(NetworkReward):
     def load(self) -> nn.Module:
         import copy
 
-
         # a private copy: the shared cached classifier must not be moved between devices under another user
         return copy.deepcopy(load_classifier(self.classifier))
 

@@ -147,7 +147,6 @@ class MovingDigitReward(NetworkReward, VideoReward):
     def load(self):
         import copy
 
-
         return copy.deepcopy(load_classifier(self.classifier))
 
     def frame_log_probs(self, videos: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,6 @@ def _save_adapter(target: Path, model, rank: int | None) -> None:
     where the backend's pipeline has a LoRA loader (``model.save_lora_weights``)."""
     from safetensors.torch import save_file
 
-
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model.denoiser).items()}
     with atomic_dir(target) as tmp:
         save_file(sd, str(tmp / "adapter_model.safetensors"))

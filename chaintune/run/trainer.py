@@ -179,7 +179,6 @@ class Trainer:
         """Apply the thread rule for ``model`` (unless the caller manages threads). Objectives call it as soon as
         their model is loaded, so that heavy work in ``prepare`` (a knowledge bank) runs under it too."""
         if self.thread_policy and self.device.type == "cpu":
-
             apply_thread_policy(model)
 
     def log_line(self, text: str) -> None:
@@ -191,7 +190,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the run
     def fit(self) -> RunResult:
-
         with quiet_hub():  # the run's own progress bar only: no loading/saving bars or warnings of the libraries
             return self._fit()
 
@@ -223,12 +221,10 @@ class Trainer:
                     check_resume_config(cfg, self.out)
                     check_resumable(cfg, self.out)
             if self.thread_policy and self.device.type == "cpu":
-
                 apply_thread_policy(0)  # loading and probing: small work, one thread until the model is known
             obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
             self.threads_for(obj.model)
             if self.out is not None and self.main:
-
                 prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
                 if not self.resume or not (self.out / "config.yaml").exists():
                     # the marker first, then the config: a run killed at any moment is recognisably a run, which
@@ -261,7 +257,6 @@ class Trainer:
 
     def _train(self) -> RunResult:
         from diffusers.optimization import get_scheduler
-
 
         cfg, obj, out, main = self.cfg, self.objective, self.out, self.main
         opt_cfg = cfg.optim
@@ -376,13 +371,11 @@ class Trainer:
             result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
         exported = self._export() if out is not None else None  # sharded: gathered by every process
         if out is not None and main:
-
             save_tuned_model(out, exported, opt_cfg.peft, opt_cfg.lora_rank)
             final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
             self._status("finished", final=final)
             logger.close()
             if cfg.run.report:
-
                 build_report(out)
         return result
 
@@ -480,7 +473,6 @@ class Trainer:
             return
         from safetensors.torch import save_file
 
-
         names = [n for n, p in self.objective.model.denoiser.named_parameters() if p.requires_grad]
         full = self.best["params"]
         if self.sharded:  # the full weights: the unsharded twin's (already gathered)
@@ -497,7 +489,6 @@ class Trainer:
     def _read_best(self, path: Path) -> dict | None:
         """The best evaluation kept in OUT/best, for a resumed run (None if unreadable: it is then re-found)."""
         from safetensors.torch import load_file
-
 
         try:
             weights, info = load_file(str(path / "trainable.safetensors")), read_run_info(path)
@@ -582,7 +573,6 @@ class Trainer:
         if ev is None:
             return {}
         if ev.images is not None and self.out is not None and self.main:
-
             save_grid(ev.images, self.out / "samples" / f"step_{step:06d}.png", captions=ev.captions)
         return dict(ev.metrics)
 

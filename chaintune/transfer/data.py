@@ -85,7 +85,6 @@ def default_eval_data(data: str) -> str | None:
 def default_feature(data: str) -> str | None:
     import os
 
-
     base = data.partition(":")[0]
     if base in ("digits", "digits-fewshot", "glyphs") or CLASS_RANGE.match(base):
         return "digits-cnn"

@@ -41,7 +41,6 @@ def copy_share(d_samples: torch.Tensor, d_heldout: torch.Tensor, quantile: float
 
 def _classifier(classifier: str | nn.Module | Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(classifier, str):
-
         return load_classifier(classifier)
     return classifier
 

@@ -195,7 +195,6 @@ def write_report(result: dict, out: str | Path, title: str = "chain of forgettin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / "forgetting.json"

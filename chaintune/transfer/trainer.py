@@ -65,7 +65,6 @@ class TransferObjective(Objective):
         self.bank: KnowledgeBank | None = None
 
     def prepare(self, run: Trainer) -> None:
-
         cfg = self.cfg
         model = self.given_model.to(run.device) if self.given_model is not None \
             else chaintune.load(cfg.model, device=str(run.device))
@@ -91,7 +90,6 @@ class TransferObjective(Objective):
             self.eval_images = load_target(model, self.eval_name)[0]
         self.fid = bool(self.feature) and self.eval_images is not None
         if self.fid:
-
             feature_network(self.feature)  # fail now, not after training, on a bad feature spec
         self.n_bank = cfg.bank_batch()
         self.n_target = cfg.optim.batch_size - self.n_bank
@@ -131,7 +129,6 @@ class TransferObjective(Objective):
                           progress=f"evaluation samples (step {step})" if run.bars else None)
         metrics: dict = {}
         if self.fid:
-
             metrics = fid_kid(self.eval_images, images[: ev.eval_samples], self.feature)
         return Evaluation(metrics, images[: ev.grid_samples])
 

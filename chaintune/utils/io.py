@@ -128,7 +128,6 @@ def check_input_file(path: str | Path, what: str) -> Path:
     """
     import stat
 
-
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -214,7 +213,6 @@ def _check_yaml_shape(text: str, path: Path) -> None:
     expand."""
     import yaml
 
-
     sizes: dict[str, int] = {}  # anchor -> values in its node
     open_nodes: list[tuple[str | None, int]] = []  # (anchor, values counted before it) of each open collection
     values = 0
@@ -286,7 +284,6 @@ def strict_config(cls, values: dict, what: str):
     raised as a :class:`~chaintune.errors.ChaintuneError` (one ``error:`` line in the CLI).
     """
     from dataclasses import fields
-
 
     known = {f.name for f in fields(cls)}
     bad = sorted(set(values) - known)
