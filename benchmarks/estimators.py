@@ -48,7 +48,7 @@ def estimators(scale: float) -> list[tuple[str, object, int]]:
     return [
         ("full-backprop", ("full-backprop", {}), k(120)),
         ("truncated k=1", ("truncated-backprop", {"k": 1}), k(40)),
-        ("rlr h=2", ("rlr", {"h": 2}), k(160)),
+        ("rlr h=2", ("rlr", {"h": 2, "zo": True, "spans": 1}), k(160)),  # the paper's eq. 6
         ("half-order h=1", ("half-order", {"h": 1}), k(100)),
         ("half-order h=2", ("half-order", {"h": 2}), k(100)),
         ("reinforce", ("reinforce", {"normalize_advantages": False, "final_step": "pathwise"}), k(100)),

@@ -35,7 +35,7 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "full-backprop+ckpt": ("full-backprop", {}, True),
     "truncated k=1": ("truncated-backprop", {"k": 1}, True),
     "reinforce (DDPO)": ("reinforce", {}, True),
-    "rlr h=2": ("rlr", {"h": 2}, True),
+    "rlr h=2": ("rlr", {"h": 2, "zo": True, "spans": 1}, True),  # eq. 6, as measured
 }
 
 

@@ -51,8 +51,8 @@ METHODS: dict[str, tuple[str, dict, bool]] = {
     "full-backprop+ckpt": ("full-backprop", {}, True),
     "alignprop k=1": ("truncated-backprop", {"k": 1}, True),
     "ddpo": ("reinforce", {}, True),
-    "rlr h=1": ("rlr", {"h": 1}, True),
-    "rlr h=2": ("rlr", {"h": 2}, True),
+    "rlr h=1": ("rlr", {"h": 1, "zo": True, "spans": 1}, True),  # eq. 6, as measured
+    "rlr h=2": ("rlr", {"h": 2, "zo": True, "spans": 1}, True),  # eq. 6, as measured
 }
 
 _SD_SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,

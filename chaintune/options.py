@@ -28,10 +28,14 @@ __all__ = ["option", "section", "field_help", "Spec", "specs", "from_dict", "to_
 
 def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
            choices: tuple | None = None, min: float | None = None, gt: float | None = None,
-           max: float | None = None, flags: tuple[str, ...] = (), key: str | None = None) -> Any:
+           max: float | None = None, flags: tuple[str, ...] = (), key: str | None = None,
+           resumable: bool = False) -> Any:
     """A config field. ``key`` renames its flat name (flag ``--key``, config key ``key``); ``flags``
-    adds flag spellings (``--lambda``); ``min``/``gt``/``max`` bound numbers; ``choices`` restricts."""
-    meta = {"help": help, "choices": choices, "min": min, "gt": gt, "max": max, "flags": flags, "key": key}
+    adds flag spellings (``--lambda``); ``min``/``gt``/``max`` bound numbers; ``choices`` restricts.
+    ``resumable``: ``--resume`` may change it (how long to train, how to evaluate, log and checkpoint); any
+    other change would make the resumed run another experiment than its checkpoints', so it is refused."""
+    meta = {"help": help, "choices": choices, "min": min, "gt": gt, "max": max, "flags": flags, "key": key,
+            "resumable": resumable}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,6 +61,7 @@ class Spec:
     gt: float | None = None
     max: float | None = None
     flags: tuple[str, ...] = ()
+    resumable: bool = False
 
     @property
     def section(self) -> str:
@@ -84,7 +89,8 @@ def specs(config: Any, _path: tuple[str, ...] = (), _prefix: str = "") -> list[S
         m = f.metadata
         out.append(Spec(name=_prefix + (m.get("key") or f.name), path=(*_path, f.name), type=hints[f.name],
                         default=value, help=m.get("help", ""), choices=m.get("choices"), min=m.get("min"),
-                        gt=m.get("gt"), max=m.get("max"), flags=tuple(m.get("flags") or ())))
+                        gt=m.get("gt"), max=m.get("max"), flags=tuple(m.get("flags") or ()),
+                        resumable=bool(m.get("resumable"))))
     if not _path:
         names = [s.name for s in out]
         dup = {n for n in names if names.count(n) > 1}

@@ -69,7 +69,7 @@ def reference(model):
 @pytest.mark.parametrize(
     "est,k",
     [
-        (RLR(h=2, sigma=1e-3), 200),
+        (RLR(h=2, sigma=1e-3, zo=True, spans=1), 200),  # the paper's eq. 6
         (HalfOrder(h=2), 150),
         (Reinforce(normalize_advantages=False, final_step="pathwise"), 150),
         (ZerothOrder(sigma=1e-3), 200),
@@ -85,14 +85,14 @@ def test_unbiased_estimators_agree_with_full_backprop(model, reference, est, k):
 def test_rlr_averaged_spans_unbiased(model, reference):
     """spans=m averages m eq. 6 estimates with independent j on one rollout: still unbiased (with ZO on,
     positions of other spans are covered by one-step likelihood ratios, see RLR's docstring)."""
-    draws = _draws(model, RLR(h=2, sigma=1e-3, spans=3), 100, seed0=500)
+    draws = _draws(model, RLR(h=2, sigma=1e-3, zo=True, spans=3), 100, seed0=500)
     z = _z(draws, reference)
     assert z.abs().max() < Z, f"z = {z.tolist()}"
 
 
 def test_rlr_averaged_spans_keep_the_no_zo_expectation_and_cut_variance(model):
     """With zo=False the average over m spans has the single-span estimator's expectation, less variance."""
-    one = _draws(model, RLR(h=1, zo=False), 100, seed0=2000)
+    one = _draws(model, RLR(h=1, zo=False, spans=1), 100, seed0=2000)
     avg = _draws(model, RLR(h=1, zo=False, spans=4), 100, seed0=3000)
     z = _z(avg, one)
     assert z.abs().max() < Z, f"z = {z.tolist()}"
@@ -131,7 +131,7 @@ def test_variance_ordering_first_half_zeroth():
 def test_rlr_plan_covers_every_step_once():
     from chaintune.chain import StepGrad
 
-    est = RLR(h=3)
+    est = RLR(h=3, zo=True)
     for j in range(2, 50 - 3 + 2):
         modes = est.plan(50, j=j)
         assert modes[-1] == StepGrad.PATHWISE

@@ -29,7 +29,7 @@ CASES = {
     "full-backprop": ({}, {}, False, 2),
     "reinforce": ({"normalize_advantages": False}, {"baseline": "none"}, False, 1),
     "zeroth-order": ({"sigma": 0.1}, {}, True, 1),
-    "rlr": ({"h": 2, "sigma": 0.1, "zo": True}, {"baseline": "none"}, True, 1),
+    "rlr": ({"h": 2, "sigma": 0.1, "zo": True, "spans": 1}, {"baseline": "none"}, True, 1),
 }
 
 

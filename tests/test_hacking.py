@@ -56,11 +56,12 @@ def test_patience_acts_only_on_alarms_in_a_row():
     """hacking_patience = 2: an alarm followed by a clean evaluation never acts; two in a row do."""
     from types import SimpleNamespace
 
-    from chaintune.run.trainer import Evaluation, Trainer
+    from chaintune.run.trainer import AlarmPolicy, Evaluation, Trainer
 
     lines: list[str] = []
-    t = SimpleNamespace(objective=SimpleNamespace(on_alarm="stop", max_rollbacks=0, alarm_patience=2), state={},
-                        best={"step": 5}, log_line=lines.append)
+    policy = AlarmPolicy(action="stop", patience=2, max_rollbacks=0, name="hacking", label="reward hacking")
+    t = SimpleNamespace(objective=SimpleNamespace(alarm_policy=policy), state={}, best={"step": 5},
+                        log_line=lines.append)
     verdicts = []
     for alarm in ["nn 1.4x", None, "nn 1.4x", "nn 1.5x"]:
         t._last_evaluation = Evaluation(metrics={}, alarm=alarm)

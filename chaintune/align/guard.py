@@ -10,6 +10,17 @@ import math
 
 import torch
 
+from chaintune.align.config import GuardConfig
+from chaintune.run.trainer import AlarmPolicy
+
+
+def guard_policy(g: GuardConfig) -> AlarmPolicy:
+    """What the run does when :class:`HackingGuard` raises an alarm: ``--on-hacking`` after
+    ``--hacking-patience`` alarms in a row, at most ``--max-rollbacks`` rollbacks. The events are kept under
+    ``hacking`` in the run's status file (what report.html and the benchmarks read)."""
+    return AlarmPolicy(action=g.on_hacking, patience=g.hacking_patience, max_rollbacks=g.max_rollbacks,
+                       name="hacking", label="reward hacking")
+
 
 class HackingGuard:
     """Tells reward hacking from progress by what the reward cannot see.

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import chaintune
-from chaintune.align.config import AlignConfig, ChainConfig, EstimatorConfig
-from chaintune.align.guard import HackingGuard
+from chaintune.align.config import AlignConfig, ChainConfig
+from chaintune.align.guard import HackingGuard, guard_policy
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
 from chaintune.errors import ChaintuneError
-from chaintune.estimators import ESTIMATORS, EstimationContext, get_estimator
-from chaintune.options import flat_values
+from chaintune.estimators.base import EstimationContext
+from chaintune.estimators.registry import estimator_from_config
 from chaintune.prompts import StagedModel, StagePrompts, load_prompts
 from chaintune.rewards import validate_reward_output
 from chaintune.rewards.evaluation import reward_evaluation
@@ -35,27 +33,6 @@ from chaintune.run.trainer import Evaluation, Objective, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
 
 __all__ = ["AlignConfig", "align", "estimator_from_config", "kl_to_base", "retention_loss", "read_metrics"]
-
-
-def estimator_from_config(cfg: AlignConfig | EstimatorConfig):
-    """The estimator ``cfg`` names, built from the options its constructor takes; the estimator
-    validates them itself. A changed option the estimator does not read gets a warning."""
-
-    est = cfg.estimator if isinstance(cfg, AlignConfig) else cfg
-    values = {k: v for k, v in flat_values(est).items() if k not in ("estimator", "baseline")}
-    factory = ESTIMATORS.get(est.name)
-    if factory is None:
-        return get_estimator(est.name)  # unknown name: one error with a did-you-mean
-    takes = set(inspect.signature(factory).parameters)
-    defaults = flat_values(EstimatorConfig())
-    ignored = sorted(k for k, v in values.items() if k not in takes and v != defaults[k])
-    if ignored:
-        warnings.warn(f"estimator {est.name!r} does not use {', '.join(ignored)} (it takes: "
-                      f"{', '.join(sorted(takes & set(values))) or 'no options'})", UserWarning, stacklevel=2)
-    try:
-        return get_estimator(est.name, **{k: v for k, v in values.items() if k in takes})
-    except ValueError as e:
-        raise ChaintuneError(f"estimator {est.name!r}: {e}") from e
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -132,8 +109,16 @@ class AlignObjective(Objective):
     def __init__(self, cfg: AlignConfig):
         self.cfg = cfg
         self.guard = HackingGuard(cfg.guards.realism_tolerance, cfg.guards.collapse_ratio)
-        self.on_alarm, self.max_rollbacks = cfg.guards.on_hacking, cfg.guards.max_rollbacks
-        self.alarm_patience = cfg.guards.hacking_patience
+        self.alarm_policy = guard_policy(cfg.guards)
+
+    def fsdp_refusal(self) -> str | None:
+        if self.cfg.guards.kl_weight > 0:
+            return ("the KL guard draws its chain position on each process, and sharded processes must run the "
+                    "same forwards; use --kl-weight 0 (the hacking guard still runs)")
+        if self.cfg.estimator.name == "rlr" and self.cfg.estimator.j == "grad-norm":
+            return ("--j grad-norm measures each span's gradient with torch.autograd.grad, which does not reach "
+                    "sharded parameters; use --j uniform or a,b")
+        return None
 
     def prepare(self, run: Trainer) -> None:
         cfg, chain = self.cfg, self.cfg.chain

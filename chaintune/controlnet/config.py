@@ -34,7 +34,7 @@ class ControlNetEvalConfig(EvalConfig):
     sample_steps: int = option(20, "DDIM steps of evaluation samples.", min=2)
     sample_eta: float = option(0.0, "DDIM eta of evaluation samples (0: deterministic, the same noise each time).",
                                min=0)
-    grid_samples: int = option(16, "(condition | sample) pairs in each saved grid.", min=1)
+    grid_samples: int = option(16, "(condition | sample) pairs in each saved grid.", min=1, resumable=True)
 
 
 @dataclass

@@ -11,46 +11,32 @@
 ``rlr``                FO on step 1 + HO span of h steps + ZO elsewhere (paper eq. 6)
 ``rlr-released``       the authors' released variant: FO on step 1 + ``chain_len`` (PPO-clipped) LR steps
 =====================  ==============================================================
+
+Options and their defaults: :mod:`chaintune.estimators.options` (torch-free); estimators by name:
+:mod:`chaintune.estimators.registry`.
 """
 
-from __future__ import annotations
+from chaintune._exports import lazy
+from chaintune.estimators.options import DEFAULTS, EstimatorConfig
 
-from chaintune.errors import ChaintuneError, unknown_name
-from chaintune.estimators.base import EstimationContext, Estimator, Stats, advantages
-from chaintune.estimators.full import FullBackprop
-from chaintune.estimators.grpo import GRPO
-from chaintune.estimators.half_order import HalfOrder
-from chaintune.estimators.reinforce import Reinforce
-from chaintune.estimators.rlr import RLR, RLRReleased
-from chaintune.estimators.truncated import ReFL, TruncatedBackprop
-from chaintune.estimators.zeroth import ZerothOrder
-
-ESTIMATORS = {
-    "full-backprop": FullBackprop,
-    "truncated-backprop": TruncatedBackprop,
-    "alignprop": lambda k=1, **kw: TruncatedBackprop(k=k, random_k=True, **kw),
-    "refl": ReFL,
-    "reinforce": Reinforce,
-    "ddpo": Reinforce,
-    "grpo": GRPO,
-    "zeroth-order": ZerothOrder,
-    "half-order": HalfOrder,
-    "rlr": RLR,
-    "rlr-released": RLRReleased,
+_EXPORTS = {
+    "Estimator": "chaintune.estimators.base",
+    "EstimationContext": "chaintune.estimators.base",
+    "Stats": "chaintune.estimators.base",
+    "advantages": "chaintune.estimators.base",
+    "FullBackprop": "chaintune.estimators.full",
+    "TruncatedBackprop": "chaintune.estimators.truncated",
+    "AlignProp": "chaintune.estimators.truncated",
+    "ReFL": "chaintune.estimators.truncated",
+    "Reinforce": "chaintune.estimators.reinforce",
+    "GRPO": "chaintune.estimators.grpo",
+    "ZerothOrder": "chaintune.estimators.zeroth",
+    "HalfOrder": "chaintune.estimators.half_order",
+    "RLR": "chaintune.estimators.rlr",
+    "RLRReleased": "chaintune.estimators.rlr",
+    "ESTIMATORS": "chaintune.estimators.registry",
+    "get_estimator": "chaintune.estimators.registry",
+    "estimator_from_config": "chaintune.estimators.registry"
 }
-
-
-def get_estimator(name: str | Estimator, **kwargs) -> Estimator:
-    """An estimator by name with keyword options (unknown options raise one clear error)."""
-    if isinstance(name, Estimator):
-        return name
-    if name not in ESTIMATORS:
-        raise unknown_name("estimator", name, ESTIMATORS)
-    try:
-        return ESTIMATORS[name](**kwargs)
-    except TypeError as e:
-        raise ChaintuneError(f"estimator {name!r}: {e}") from e
-
-
-__all__ = ["Estimator", "EstimationContext", "Stats", "advantages", "FullBackprop", "TruncatedBackprop", "ReFL",
-           "Reinforce", "GRPO", "ZerothOrder", "HalfOrder", "RLR", "RLRReleased", "ESTIMATORS", "get_estimator"]
+__all__ = ["DEFAULTS", "EstimatorConfig", *_EXPORTS]
+__getattr__ = lazy(__name__, _EXPORTS)

@@ -85,6 +85,8 @@ class Estimator:
     # whether it has likelihood-ratio terms, whose variance a reward baseline lowers (``EstimationContext.baseline``);
     # align then draws prompts in groups so that a per-prompt baseline has samples to compare within
     uses_baseline = False
+    # the EstimatorConfig fields its constructor takes (chaintune.estimators.options: their one declaration)
+    options: tuple[str, ...] = ()
     _tracker: PerPromptStatTracker | None = None
 
     def _init_tracker(self, tracker_buffer: int, tracker_min_count: int) -> None:

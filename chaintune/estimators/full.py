@@ -13,6 +13,7 @@ from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_
 class FullBackprop(Estimator):
     name = "full-backprop"
     needs_differentiable_reward = True
+    options = ()
 
     def plan(self, num_steps, generator=None):
         return [StepGrad.PATHWISE] * num_steps

@@ -33,14 +33,17 @@ import torch
 from chaintune.chain import transition
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext
+from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.reinforce import Reinforce
 
 
 class GRPO(Reinforce):
     name = "grpo"
 
-    def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, kl_coef: float = 0.0,
-                 step_fraction: float = 1.0, adv_clip: float = 5.0):
+    options = ("inner_epochs", "clip_range", "kl_coef")
+
+    def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
+                 kl_coef: float = D.kl_coef, step_fraction: float = 1.0, adv_clip: float = 5.0):
         if kl_coef < 0:
             raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
         super().__init__(inner_epochs=inner_epochs, clip_range=clip_range, normalize_advantages=False,

@@ -19,6 +19,7 @@ import torch
 from chaintune.chain import StepGrad, run_chain
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+from chaintune.estimators.options import DEFAULTS as D
 
 
 def spans_ending_at(ends: list[int], h: int, floor: int = 0) -> list[tuple[int, int]]:
@@ -66,8 +67,10 @@ class HalfOrder(Estimator):
     name = "half-order"
     uses_baseline = True
 
-    def __init__(self, h: int = 2, normalize_advantages: bool = False, tracker_buffer: int = 16,
-                 tracker_min_count: int = 16):
+    options = ("h", "tracker_buffer", "tracker_min_count")
+
+    def __init__(self, h: int = D.h, normalize_advantages: bool = False, tracker_buffer: int = D.tracker_buffer,
+                 tracker_min_count: int = D.tracker_min_count):
         if h < 1:
             raise ChaintuneError(f"h must be >= 1, got {h}")
         self.h = h

@@ -25,6 +25,7 @@ from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.half_order import final_step_pathwise
+from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
 
 
@@ -32,9 +33,12 @@ class Reinforce(Estimator):
     name = "reinforce"
     uses_baseline = True
 
-    def __init__(self, inner_epochs: int = 1, clip_range: float = 1e-4, normalize_advantages: bool = True,
-                 step_fraction: float = 1.0, final_step: str = "skip", adv_clip: float = 5.0,
-                 tracker_buffer: int = 16, tracker_min_count: int = 16):
+    options = ("inner_epochs", "clip_range", "tracker_buffer", "tracker_min_count")
+
+    def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
+                 normalize_advantages: bool = True, step_fraction: float = 1.0, final_step: str = "skip",
+                 adv_clip: float = 5.0, tracker_buffer: int = D.tracker_buffer,
+                 tracker_min_count: int = D.tracker_min_count):
         if final_step not in ("skip", "pathwise"):
             raise ChaintuneError("final_step must be 'skip' (DDPO) or 'pathwise'")
         if inner_epochs < 1 or clip_range <= 0:

@@ -48,6 +48,7 @@ from chaintune.estimators.base import (
     rollout,
 )
 from chaintune.estimators.half_order import replay_span_log_prob
+from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.ppo import ppo_objective
 from chaintune.rewards import validate_reward_output
 
@@ -55,10 +56,13 @@ from chaintune.rewards import validate_reward_output
 class RLR(Estimator):
     name = "rlr"
     uses_baseline = True
+    options = ("h", "j", "sigma", "zo", "ho", "fo", "spans", "shared_perturbation", "tracker_buffer",
+               "tracker_min_count")
 
-    def __init__(self, h: int = 2, j: str | tuple[int, int] = "uniform", sigma: float = 1e-3,
-                 zo: bool = True, ho: bool = True, shared_perturbation: bool = False, norm_decay: float = 0.9,
-                 spans: int = 1, fo: bool = True, tracker_buffer: int = 16, tracker_min_count: int = 16):
+    def __init__(self, h: int = D.h, j: str | tuple[int, int] = D.j, sigma: float = D.sigma, zo: bool = D.zo,
+                 ho: bool = D.ho, shared_perturbation: bool = D.shared_perturbation, norm_decay: float = 0.9,
+                 spans: int = D.spans, fo: bool = D.fo, tracker_buffer: int = D.tracker_buffer,
+                 tracker_min_count: int = D.tracker_min_count):
         if h < 1:
             raise ChaintuneError(f"h must be >= 1, got {h}")
         if spans < 1:
@@ -271,16 +275,18 @@ class RLRReleased(RLR):
 
     name = "rlr-released"
     needs_differentiable_reward = True
+    options = ("chain_len", "final_eta", "lr_clip_range", "fo_coef", "lr_coef", "tracker_buffer", "tracker_min_count")
 
-    def __init__(self, chain_len: int = 1, final_eta: float | None = None, lr_clip_range: float = 0.0,
-                 fo_coef: float = 1.0, lr_coef: float = 1.0, tracker_buffer: int = 16, tracker_min_count: int = 16):
+    def __init__(self, chain_len: int = D.chain_len, final_eta: float | None = D.final_eta,
+                 lr_clip_range: float = D.lr_clip_range, fo_coef: float = D.fo_coef, lr_coef: float = D.lr_coef,
+                 tracker_buffer: int = D.tracker_buffer, tracker_min_count: int = D.tracker_min_count):
         if chain_len < 0:
             raise ChaintuneError(f"chain_len must be >= 0, got {chain_len}")
         if final_eta is not None and final_eta < 0:
             raise ChaintuneError(f"final_eta must be >= 0, got {final_eta}")
         if lr_clip_range < 0:
             raise ChaintuneError(f"lr_clip_range must be >= 0, got {lr_clip_range}")
-        super().__init__(h=1, zo=False, tracker_buffer=tracker_buffer, tracker_min_count=tracker_min_count)
+        super().__init__(h=1, zo=False, spans=1, tracker_buffer=tracker_buffer, tracker_min_count=tracker_min_count)
         self.chain_len = chain_len
         self.final_eta = final_eta
         self.lr_clip_range = lr_clip_range

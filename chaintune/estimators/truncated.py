@@ -14,13 +14,16 @@ from chaintune.chain import StepGrad
 from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+from chaintune.estimators.options import DEFAULTS as D
 
 
 class TruncatedBackprop(Estimator):
     name = "truncated-backprop"
     needs_differentiable_reward = True
 
-    def __init__(self, k: int = 1, random_k: bool = False, stop_range: tuple[int, int] | str | None = None):
+    options = ("k",)
+
+    def __init__(self, k: int = D.k, random_k: bool = False, stop_range: tuple[int, int] | str | None = None):
         if k < 1:
             raise ChaintuneError(f"k must be >= 1, got {k}")
         self.k = k
@@ -59,7 +62,21 @@ class TruncatedBackprop(Estimator):
                     extra={"k": sum(m == StepGrad.PATHWISE for m in modes)})
 
 
-def ReFL(stop_range: tuple[int, int] | None = None) -> TruncatedBackprop:  # noqa: N802
+class AlignProp(TruncatedBackprop):
+    """AlignProp (Prabhudesai et al. 2023): truncated backprop with a randomised K, drawn from 1..k per estimate."""
+
+    name = "alignprop"
+
+    def __init__(self, k: int = D.k):
+        super().__init__(k=k, random_k=True)
+
+
+class ReFL(TruncatedBackprop):
     """ReFL (Xu et al. 2023): no-grad sampling to a random late step, then one pathwise step scored on
     its x_0 prediction. Default range: the last 25% of whatever chain it runs on, final step excluded."""
-    return TruncatedBackprop(k=1, stop_range=stop_range or "late")
+
+    name = "refl"
+    options = ()
+
+    def __init__(self, stop_range: tuple[int, int] | None = None):
+        super().__init__(k=1, stop_range=stop_range or "late")

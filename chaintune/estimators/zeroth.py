@@ -12,12 +12,15 @@ import torch
 
 from chaintune.chain import StepGrad
 from chaintune.estimators.base import EstimationContext, Estimator, mirrored_zeroth_order
+from chaintune.estimators.options import DEFAULTS as D
 
 
 class ZerothOrder(Estimator):
     name = "zeroth-order"
 
-    def __init__(self, sigma: float = 1e-3, shared_perturbation: bool = False):
+    options = ("sigma", "shared_perturbation")
+
+    def __init__(self, sigma: float = D.sigma, shared_perturbation: bool = D.shared_perturbation):
         self.sigma = sigma
         self.shared = shared_perturbation
 

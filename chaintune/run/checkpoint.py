@@ -220,6 +220,17 @@ def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Ge
     if lr_sched is not None and meta.get("lr_scheduler"):
         lr_sched.load_state_dict(meta["lr_scheduler"])
     _restore_rngs(rng, gen, warn)
+    _restore_host_rngs(rng, meta)
+    state.update(meta.get("state") or {})
+    if meta.get("estimator"):  # checkpoints of the previous version kept RLR's grad-norm table here
+        state.setdefault("objective", {})["estimator_norms"] = meta["estimator"]
+    if ema is not None and (path / "ema.safetensors").exists():
+        _restore_ema(ema, _load(path / "ema.safetensors", lazy), meta.get("ema_step"))
+    return int(meta["step"])
+
+
+def _restore_host_rngs(rng: dict[str, torch.Tensor], meta: dict) -> None:
+    """The CUDA, numpy and python generators as the checkpoint left them."""
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             if f"cuda{i}" in rng:
@@ -228,17 +239,15 @@ def restore(run_dir: Path, module: torch.nn.Module, opt, lr_sched, gen: torch.Ge
     np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
     ps = meta["python_rng"]
     random.setstate((ps[0], tuple(ps[1]), ps[2]))
-    state.update(meta.get("state") or {})
-    if meta.get("estimator"):  # checkpoints of the previous version kept RLR's grad-norm table here
-        state.setdefault("objective", {})["estimator_norms"] = meta["estimator"]
-    if ema is not None and (path / "ema.safetensors").exists():
-        e = _load(path / "ema.safetensors", lazy)
-        with torch.no_grad():
-            for i, t in enumerate(ema.shadow_params):
-                t.copy_(local_shard(e[f"ema.{i}"], t))
-        if meta.get("ema_step") is not None:
-            ema.optimization_step = meta["ema_step"]
-    return int(meta["step"])
+
+
+def _restore_ema(ema, saved, step: int | None) -> None:
+    """The EMA's shadow weights (each process's shard when sharded) and its step (it drives the decay warm-up)."""
+    with torch.no_grad():
+        for i, t in enumerate(ema.shadow_params):
+            t.copy_(local_shard(saved[f"ema.{i}"], t))
+    if step is not None:
+        ema.optimization_step = step
 
 
 def _restore_rngs(rng: dict[str, torch.Tensor], gen: torch.Generator, warn) -> None:

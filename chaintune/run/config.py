@@ -21,7 +21,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 class OptimConfig:
     """What is trained and how: steps, batch, AdamW, LR schedule, EMA, PEFT, precision, memory."""
 
-    steps: int = option(100, "Optimizer steps.", min=1)
+    steps: int = option(100, "Optimizer steps.", min=1, resumable=True)
     batch_size: int = option(32, "Samples per micro-batch.", min=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step (gradients are averaged).", min=1)
     lr: float = option(3e-4, "AdamW learning rate.", gt=0)
@@ -45,8 +45,8 @@ class OptimConfig:
 class EvalConfig:
     """When and how much to evaluate (held-out seeds; a sample grid each time)."""
 
-    eval_every: int = option(25, "Evaluate every N steps (0: only at the end).", min=0)
-    eval_samples: int = option(64, "Samples per evaluation.", min=1)
+    eval_every: int = option(25, "Evaluate every N steps (0: only at the end).", min=0, resumable=True)
+    eval_samples: int = option(64, "Samples per evaluation.", min=1, resumable=True)
     final_model: str = option("last", "Which weights the run saves as model/: last (the last step's) | best (the "
                               "evaluation with the best held-out score; also kept as OUT/best, a model id).",
                               choices=("last", "best"))
@@ -56,17 +56,20 @@ class EvalConfig:
 class RunConfig:
     """The run directory and its bookkeeping: seed, device, logging, checkpoints, failure policy."""
 
-    out: str = option("runs/run", "Run directory (it becomes a model id).")
+    out: str = option("runs/run", "Run directory (it becomes a model id).", resumable=True)
     seed: int = option(0, "Random seed.", min=0)
-    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the best available).")
-    log_every: int = option(1, "Log training metrics every N steps.", min=1)
-    save_every: int = option(50, "Write a resumable checkpoint every N steps and at the end (0: none).", min=0)
-    keep_checkpoints: int = option(2, "Checkpoints kept (the newest).", min=1)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: the best available).", resumable=True)
+    log_every: int = option(1, "Log training metrics every N steps.", min=1, resumable=True)
+    save_every: int = option(50, "Write a resumable checkpoint every N steps and at the end (0: none).", min=0,
+                             resumable=True)
+    keep_checkpoints: int = option(2, "Checkpoints kept (the newest).", min=1, resumable=True)
     max_bad_steps: int = option(5, "Skip a non-finite update with a warning; stop after this many in a row.",
-                                min=1)
-    tensorboard: bool = option(True, "Write tensorboard logs under OUT/tb (when tensorboard is installed).")
-    progress: bool = option(True, "Show a progress bar with ETA and the current loss/reward.")
-    report: bool = option(True, "Write OUT/report.html at the end (config, metric curves, sample grids).")
+                                min=1, resumable=True)
+    tensorboard: bool = option(True, "Write tensorboard logs under OUT/tb (when tensorboard is installed).",
+                               resumable=True)
+    progress: bool = option(True, "Show a progress bar with ETA and the current loss/reward.", resumable=True)
+    report: bool = option(True, "Write OUT/report.html at the end (config, metric curves, sample grids).",
+                          resumable=True)
     fsdp: bool = option(False, "Full fine-tuning sharded over the processes of `accelerate launch` (FSDP2): each "
                         "of N processes holds 1/N of the weights, gradients and AdamW state; only with --peft none "
-                        "(one process: no sharding).")
+                        "(one process: no sharding).", resumable=True)  # checkpoints hold full tensors either way

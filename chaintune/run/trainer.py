@@ -35,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from chaintune import distributed
 from chaintune.adapters import apply_peft
 from chaintune.backends.base import DiffusionModel
 from chaintune.distributed import full_state_dict, grads_finite, is_sharded, local_shard, unsharded_copy
 from chaintune.errors import ChaintuneError
-from chaintune.options import flat_values, from_dict, to_dict
-from chaintune.plan.memory import is_out_of_memory, out_of_memory_error
+from chaintune.options import flat_values, from_dict, specs, to_dict
 from chaintune.run import checkpoint as ckpt
 from chaintune.run.config import LR_SCHEDULES
 from chaintune.run.logging import RunLogger
@@ -56,7 +57,7 @@ from chaintune.run.rundir import (
     save_tuned_model,
     write_run_info,
 )
-from chaintune.utils.devices import check_device
+from chaintune.utils.devices import check_device, is_out_of_memory, out_of_memory_error
 from chaintune.utils.hub import quiet_hub
 from chaintune.utils.images import save_grid
 from chaintune.utils.io import atomic_dir
@@ -90,6 +91,22 @@ class RunResult:
     notes: list[str] = field(default_factory=list)  # what the summary must say beyond the metrics (hacking)
 
 
+@dataclass
+class AlarmPolicy:
+    """What the run does when an objective's evaluation raises an alarm (:attr:`Evaluation.alarm`).
+
+    ``action``: ``off`` | ``warn`` | ``stop`` (keep the best evaluation) | ``rollback`` (back to the best
+    evaluation's weights with half the LR and fresh optimizer moments; ``stop`` after ``max_rollbacks``).
+    ``patience``: alarms in a row before it acts (the earlier ones only warn). ``name`` keys the events in the
+    run's status file; ``label`` is the words a warning and the summary use ("reward hacking")."""
+
+    action: str = "off"
+    patience: int = 1
+    max_rollbacks: int = 0
+    name: str = "alarms"
+    label: str = "alarm"
+
+
 class Objective:
     """What a trainer supplies to the run skeleton."""
 
@@ -97,9 +114,12 @@ class Objective:
     model: DiffusionModel
     evaluate_at_start = False  # evaluate the untrained model at step 0 (the "before" of a run)
     progress_key = "loss"  # the training metric shown in the progress bar
-    on_alarm = "off"  # what an evaluation's alarm does: off | warn | stop | rollback (to the best weights, half LR)
-    max_rollbacks = 0
-    alarm_patience = 1  # evaluations in a row with an alarm before the policy acts (earlier ones only warn)
+    alarm_policy: AlarmPolicy | None = None  # what the run does when an evaluation raises an alarm (None: nothing)
+
+    def fsdp_refusal(self) -> str | None:
+        """Why this objective's configuration cannot run sharded (``--fsdp``), or None; asked before any model
+        loads, so an impossible combination fails first."""
+        return None
 
     def prepare(self, run: Trainer) -> None:
         """Load and validate everything (model, data, reward, estimator) on ``run.device``; write nothing."""
@@ -256,128 +276,147 @@ class Trainer:
         write_run_info(self.out, {**self._status_base, "status": status, **extra})
 
     def _train(self) -> RunResult:
-        from diffusers.optimization import get_scheduler
-
+        """Set up the optimisation, restore a checkpoint, run the steps, save: what every trainer shares."""
         cfg, obj, out, main = self.cfg, self.objective, self.out, self.main
-        opt_cfg = cfg.optim
-        den = obj.model.denoiser
-        self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
-        if self.sharded:  # after adapters, before the optimizer and EMA (they hold the shards)
-
-            self._skeleton = distributed.meta_copy(den)
-            distributed.shard_model(den, distributed.default_mesh(self.device),
-                                    min_params=distributed.DEFAULT_MIN_PARAMS)
-        self.params = params = [p for p in den.parameters() if p.requires_grad]
-        self.optimizer = opt = make_optimizer(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
-                                              eight_bit=opt_cfg.eight_bit_adam)
-        self.lr_scheduler = lr_sched = get_scheduler(LR_SCHEDULES[opt_cfg.lr_schedule], opt,
-                                                     num_warmup_steps=opt_cfg.warmup_steps,
-                                                     num_training_steps=opt_cfg.steps)
-        self.ema = None
-        if opt_cfg.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(params, decay=opt_cfg.ema_decay)
-        start = 0
-        if self.resume:
-            restored = ckpt.restore(out, den, opt, lr_sched, self.generator, self.state, ema=self.ema,
-                                    warn=self.log_line)
-            if restored is None:  # killed before its first checkpoint (check_resumable refused finished runs)
-                self.log_line(f"warning: {out} has no checkpoint yet; the run starts over")
-            elif restored > opt_cfg.steps:
-                raise ChaintuneError(f"--resume: the newest checkpoint is at step {restored}, past --steps "
-                                     f"{opt_cfg.steps}")
-            start = restored or 0
-            obj.load_state_dict(self.state.pop("objective", None) or {})
-            if main:
-                ckpt.truncate_metrics(out, start if restored is not None else -1)
-        self._status_base = {"command": obj.command, "name": self.name, "peft": opt_cfg.peft,
-                             "trainable_parameters": sum(p.numel() for p in params),
+        self._set_up_optimisation()
+        start = self._restore() if self.resume else 0
+        self._status_base = {"command": obj.command, "name": self.name, "peft": cfg.optim.peft,
+                             "trainable_parameters": sum(p.numel() for p in self.params),
                              "trainable_tensors": len(self.trainable), **obj.info(), "config": flat_values(cfg)}
         if out is not None and main:
             ckpt.save_config(out, to_dict(cfg))
             self._status("running")
-        logger = RunLogger(out, tensorboard=cfg.run.tensorboard) if out is not None and main else None
+        self.logger = RunLogger(out, tensorboard=cfg.run.tensorboard) if out is not None and main else None
         result = RunResult(model=obj.model, out=out, trainable=self.trainable, name=self.name, command=obj.command)
-
-        def log(row: dict) -> None:
-            result.history.append(row)
-            if logger is not None:
-                logger.log(row)
-
-        steps = opt_cfg.steps
         self.best: dict | None = None  # {"step", "score", "metrics", "params"}: the best evaluation's weights
         if self.resume and self.state.get("best") and out is not None and (out / "best").is_dir():
             self.best = self._read_best(out / "best")
         if obj.evaluate_at_start and start == 0:
             result.first_eval = self._evaluate(0)
-            log({"step": 0, **result.first_eval})
+            self._log(result, {"step": 0, **result.first_eval})
+        t0 = time.time()
+        row, last_eval, done = self._steps(result, start, t0)
+        self.acc.wait_for_everyone()
+        if self.ema is not None:
+            self.ema.copy_to(self.params)  # the EMA weights are what is saved and returned
+        obj.model.denoiser.eval()
+        result.final = {"step": done, **{k: v for k, v in row.items() if k != "final"}, **last_eval,
+                        "train_seconds": round(time.time() - t0, 2)}
+        self._finish(result)
+        return result
+
+    def _set_up_optimisation(self) -> None:
+        """Adapters, sharding (after adapters, before the optimizer and EMA: they hold the shards), AdamW, the LR
+        schedule and the EMA."""
+        opt_cfg, den = self.cfg.optim, self.objective.model.denoiser
+        self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
+        if self.sharded:
+            self._skeleton = distributed.meta_copy(den)
+            distributed.shard_model(den, distributed.default_mesh(self.device),
+                                    min_params=distributed.DEFAULT_MIN_PARAMS)
+        self.params = [p for p in den.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
+                                        eight_bit=opt_cfg.eight_bit_adam)
+        self.lr_scheduler = get_scheduler(LR_SCHEDULES[opt_cfg.lr_schedule], self.optimizer,
+                                          num_warmup_steps=opt_cfg.warmup_steps, num_training_steps=opt_cfg.steps)
+        self.ema = EMAModel(self.params, decay=opt_cfg.ema_decay) if opt_cfg.ema_decay > 0 else None
+
+    def _restore(self) -> int:
+        """The step to continue from: the newest intact checkpoint's (weights, optimizer, schedule, RNGs, counters,
+        the objective's state), or 0 for a run killed before its first one; metrics past it are dropped."""
+        out, steps = self.out, self.cfg.optim.steps
+        restored = ckpt.restore(out, self.objective.model.denoiser, self.optimizer, self.lr_scheduler, self.generator,
+                                self.state, ema=self.ema, warn=self.log_line)
+        if restored is None:  # killed before its first checkpoint (check_resumable refused finished runs)
+            self.log_line(f"warning: {out} has no checkpoint yet; the run starts over")
+        elif restored > steps:
+            raise ChaintuneError(f"--resume: the newest checkpoint is at step {restored}, past --steps {steps}")
+        self.objective.load_state_dict(self.state.pop("objective", None) or {})
+        if self.main:
+            ckpt.truncate_metrics(out, restored if restored is not None else -1)
+        return restored or 0
+
+    def _log(self, result: RunResult, row: dict) -> None:
+        result.history.append(row)
+        if self.logger is not None:
+            self.logger.log(row)
+
+    def _steps(self, result: RunResult, start: int, t0: float) -> tuple[dict, dict, int]:
+        """The training loop: updates, evaluations (and the alarm policy), logging, checkpoints. Returns the last
+        step's row, the last evaluation and the step reached."""
+        cfg, obj, steps = self.cfg, self.objective, self.cfg.optim.steps
         bar = progress(range(start, steps), desc=f"{obj.command} {self.name}", total=steps, initial=start,
                        disable=not self.bars)
-        t0 = time.time()
-        last_eval: dict = {}
         row: dict = {}
-        stop = False
+        last_eval: dict = {}
+        done = start
         for step in bar:
-            if stop:
-                break
-            den.train()
-            row = {}
-            try:
-                for n_micro, metrics in obj.updates(self, step):
-                    row.update(metrics)
-                    row.update(self._apply(n_micro, step))
-            except Exception as e:  # the allocator failing is the batch being too large for this machine
-
-                if not is_out_of_memory(e):
-                    raise
-                opt.zero_grad(set_to_none=True)
-                raise out_of_memory_error(e, opt_cfg.batch_size, opt_cfg.grad_accum, self.device, step) from None
+            row = {**self._update(step), "lr": self.lr_scheduler.get_last_lr()[0], "time": time.time() - t0}
             done = step + 1
-            row.update(lr=lr_sched.get_last_lr()[0], time=time.time() - t0)
             if isinstance(row.get(obj.progress_key), float):
                 bar.set_postfix({obj.progress_key: f"{row[obj.progress_key]:.4g}"})
             last = done == steps
             evaluate = last or (cfg.eval.eval_every > 0 and done % cfg.eval.eval_every == 0)
+            stop = False
             if evaluate:
                 last_eval = self._evaluate(done)
                 row.update(last_eval)
                 stop = self._act_on_alarm(done)
             if last or evaluate or done % cfg.run.log_every == 0:
-                log({"step": done, **row, **({"final": True} if last else {})})
-            if out is not None and cfg.run.save_every and (done % cfg.run.save_every == 0 or last):
-                self.acc.wait_for_everyone()
-                # every process: it gathers RNG streams (and, sharded, full tensors) for the main one to write
-                ckpt.save(out, done, den, opt, lr_sched, self.generator,
-                          {**self.state, "objective": obj.state_dict()}, keep=cfg.run.keep_checkpoints,
-                          ema=self.ema, write=main)
+                self._log(result, {"step": done, **row, **({"final": True} if last else {})})
+            if self.out is not None and cfg.run.save_every and (done % cfg.run.save_every == 0 or last):
+                self._checkpoint(done)
+            if stop:
+                break
         bar.close()
+        return row, last_eval, done
+
+    def _update(self, step: int) -> dict:
+        """One optimizer step: the objective's micro-batches (and PPO epochs), each update averaged, checked,
+        clipped and applied. The allocator failing is the batch being too large for this machine: one input error."""
+        opt_cfg = self.cfg.optim
+        self.objective.model.denoiser.train()
+        row: dict = {}
+        try:
+            for n_micro, metrics in self.objective.updates(self, step):
+                row.update(metrics)
+                row.update(self._apply(n_micro, step))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise out_of_memory_error(e, opt_cfg.batch_size, opt_cfg.grad_accum, self.device, step) from None
+        return row
+
+    def _checkpoint(self, step: int) -> None:
+        """Every process takes part: it gathers RNG streams (and, sharded, full tensors) for the main one to write."""
         self.acc.wait_for_everyone()
-        if self.ema is not None:
-            self.ema.copy_to(params)  # the EMA weights are what is saved and returned
-        den.eval()
-        result.final = {"step": done if opt_cfg.steps > start else start,
-                        **{k: v for k, v in row.items() if k not in ("final",)}, **last_eval,
-                        "train_seconds": round(time.time() - t0, 2)}
+        ckpt.save(self.out, step, self.objective.model.denoiser, self.optimizer, self.lr_scheduler, self.generator,
+                  {**self.state, "objective": self.objective.state_dict()}, keep=self.cfg.run.keep_checkpoints,
+                  ema=self.ema, write=self.main)
+
+    def _finish(self, result: RunResult) -> None:
+        """The delivered model (the best evaluation's weights with ``final_model best``), the notes the summary
+        must say, ``model/``, the status file and the report."""
+        cfg, obj, out = self.cfg, self.objective, self.out
         final_model = "last"
         if cfg.eval.final_model == "best" and self.best is not None and self.best["step"] != result.final["step"]:
             self._load_params(self.best["params"])
             result.final.update(self.best["metrics"], best_step=self.best["step"])
             final_model = f"best (step {self.best['step']})"
-        self._status_base.update(final_model=final_model, hacking=self.state.get("hacking", []))
-        result.notes = [f"reward hacking at step {e['step']}: {e['reason']}; {e['action']}"
-                        for e in self.state.get("hacking", [])]
+        policy = obj.alarm_policy
+        events = self.state.get(policy.name, []) if policy is not None else []
+        self._status_base.update(final_model=final_model, **({policy.name: events} if policy is not None else {}))
+        result.notes = [f"{policy.label} at step {e['step']}: {e['reason']}; {e['action']}" for e in events]
         if final_model != "last":
             result.notes.append(f"model/ holds the {final_model} evaluation (also OUT/best); metrics are its own")
         exported = self._export() if out is not None else None  # sharded: gathered by every process
-        if out is not None and main:
-            save_tuned_model(out, exported, opt_cfg.peft, opt_cfg.lora_rank)
-            final = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}
-            self._status("finished", final=final)
-            logger.close()
+        if out is not None and self.main:
+            save_tuned_model(out, exported, cfg.optim.peft, cfg.optim.lora_rank)
+            self._status("finished", final={k: v for k, v in result.final.items() if isinstance(v, (int, float))})
+            self.logger.close()
             if cfg.run.report:
                 build_report(out)
-        return result
 
     def _apply(self, n_micro: int, step: int) -> dict:
         """Average, check, clip and apply one update; a non-finite gradient is skipped (and counted)."""
@@ -417,15 +456,9 @@ class Trainer:
         if cfg.optim.eight_bit_adam:
             raise ChaintuneError("--fsdp shards AdamW's states, which bitsandbytes' 8-bit AdamW cannot hold: drop "
                                  "--eight-bit-adam")
-        guards = getattr(cfg, "guards", None)
-        if guards is not None and getattr(guards, "kl_weight", 0) > 0:
-            raise ChaintuneError("--fsdp: the KL guard draws its chain position on each process, and sharded "
-                                 "processes must run the same forwards; use --kl-weight 0 (the hacking guard "
-                                 "still runs)")
-        est = getattr(cfg, "estimator", None)
-        if est is not None and getattr(est, "name", None) == "rlr" and getattr(est, "j", None) == "grad-norm":
-            raise ChaintuneError("--fsdp: --j grad-norm measures each span's gradient with torch.autograd.grad, "
-                                 "which does not reach sharded parameters; use --j uniform or a,b")
+        refusal = self.objective.fsdp_refusal()
+        if refusal:
+            raise ChaintuneError(f"--fsdp: {refusal}")
         if self.acc.num_processes == 1:
             self.log_line("warning: --fsdp with one process: nothing to shard, the run is unsharded (start it "
                           "with accelerate launch --num_processes N to shard it over N processes)")
@@ -500,31 +533,36 @@ class Trainer:
             return None
 
     def _act_on_alarm(self, step: int) -> bool:
-        """Apply the objective's policy to the last evaluation's alarm; True when the run must stop."""
-        ev, obj = self._last_evaluation, self.objective
-        if ev is None or obj.on_alarm == "off":
+        """Apply the objective's :class:`AlarmPolicy` to the last evaluation's alarm; True when the run must stop."""
+        ev, policy = self._last_evaluation, self.objective.alarm_policy
+        if ev is None or policy is None or policy.action == "off":
             return False
         self.state["alarm_streak"] = self.state.get("alarm_streak", 0) + 1 if ev.alarm is not None else 0
         if ev.alarm is None:
             return False
         rollbacks, streak = self.state.get("rollbacks", 0), self.state["alarm_streak"]
-        if obj.on_alarm == "warn":
+        if policy.action == "warn":
             action = "warned"
-        elif streak < obj.alarm_patience:  # a short excursion that often recovers (benchmarks/guard.py): watch it
-            action = f"watching: acts after {obj.alarm_patience} alarms in a row (this is {streak})"
-        elif obj.on_alarm == "rollback" and self.best is not None and rollbacks < obj.max_rollbacks:
-            self._load_params(self.best["params"])
-            self.optimizer.state.clear()  # the moments carry the hacking direction
-            for group in self.optimizer.param_groups:
-                group["lr"] *= 0.5
-            self.lr_scheduler.base_lrs = [lr * 0.5 for lr in self.lr_scheduler.base_lrs]
+        elif streak < policy.patience:  # a short excursion that often recovers (benchmarks/guard.py): watch it
+            action = f"watching: acts after {policy.patience} alarms in a row (this is {streak})"
+        elif policy.action == "rollback" and self.best is not None and rollbacks < policy.max_rollbacks:
+            self._roll_back(lr_factor=0.5)
             self.state["rollbacks"], self.state["alarm_streak"] = rollbacks + 1, 0
             action = f"rolled back to the best evaluation (step {self.best['step']}) with half the LR"
         else:
             action = "stopped" + (f"; the best evaluation (step {self.best['step']}) is kept" if self.best else "")
-        self.state.setdefault("hacking", []).append({"step": step, "reason": ev.alarm, "action": action})
-        self.log_line(f"warning: step {step}: reward hacking? {ev.alarm}; {action}")
+        self.state.setdefault(policy.name, []).append({"step": step, "reason": ev.alarm, "action": action})
+        self.log_line(f"warning: step {step}: {policy.label}? {ev.alarm}; {action}")
         return action.startswith("stopped")
+
+    def _roll_back(self, lr_factor: float) -> None:
+        """Back to the best evaluation's weights, with fresh optimizer moments (they carry the direction that set
+        off the alarm) and the LR scaled by ``lr_factor``."""
+        self._load_params(self.best["params"])
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_factor
+        self.lr_scheduler.base_lrs = [lr * lr_factor for lr in self.lr_scheduler.base_lrs]
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -577,13 +615,6 @@ class Trainer:
         return dict(ev.metrics)
 
 
-# what --resume may change: how long to train and how to evaluate, log and checkpoint; everything else would make
-# the resumed run a different experiment than the checkpoint's, so it is refused
-RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "eval_samples", "grid_samples", "log_every", "save_every",
-                               "keep_checkpoints", "max_bad_steps", "tensorboard", "progress", "report", "device",
-                               "out", "fsdp"})  # fsdp: checkpoints hold full tensors either way
-
-
 def _input_paths(cfg: Any) -> tuple[str, ...]:
     """Every option value that names an existing file or folder (the model, data, prompt file, bank cache):
     what the run reads, so what its ``--out`` must not hold when it is overwritten or resumed."""
@@ -622,7 +653,7 @@ def check_resumable(cfg: Any, out: Path) -> None:
 
 
 def check_resume_config(cfg: Any, out: Path) -> None:
-    """Refuse a resume whose options differ from what the run ran with outside RESUME_MAY_CHANGE.
+    """Refuse a resume whose options differ from what the run ran with, except the ones declared resumable.
 
     The reference is the config recorded in the run's status file (what the checkpoints were made
     with), so an edited ``config.yaml`` is caught too."""
@@ -639,11 +670,12 @@ def check_resume_config(cfg: Any, out: Path) -> None:
         raise ChaintuneError(f"--resume: the config recorded in {out} does not fit this command: "
                              f"{' '.join(str(e).split())}") from None
     now = flat_values(cfg)
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and now[k] != saved.get(k)]
+    may_change = {s.name for s in specs(cfg) if s.resumable}  # declared with the options (option(resumable=True))
+    changed = [k for k in now if k not in may_change and now[k] != saved.get(k)]
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
         raise ChaintuneError(f"--resume continues the run as it was configured; changed: {diff}. Only "
-                             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'out'}))} may change (start a new run instead)")
+                             f"{', '.join(sorted(may_change - {'out'}))} may change (start a new run instead)")
 
 
 def format_summary(result: RunResult) -> str:

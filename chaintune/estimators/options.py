@@ -1,0 +1,68 @@
+"""The estimators' options, declared once (torch-free: the CLI builds its flags from them before loading torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chaintune.options import option
+
+
+@dataclass
+class EstimatorConfig:
+    """Which gradient estimator, and its options: the one place their defaults are declared.
+
+    Each estimator class names the fields it takes (``options``) and takes its constructor's defaults from
+    :data:`DEFAULTS`, so ``chaintune align --estimator E``, a config file and ``get_estimator(E)`` /
+    ``chaintune.estimate_gradient(model, reward, E)`` build the same estimator."""
+
+    name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | grpo | zeroth-order | "
+                       "full-backprop | truncated-backprop | alignprop | refl. rlr with h = 1, spans = 1 and no ZO "
+                       "computes the same gradient as rlr-released at its defaults, bit for bit.",
+                       key="estimator")
+    h: int = option(1, "rlr / half-order: span length (steps of backprop inside the likelihood-ratio span).", min=1)
+    j: str = option("uniform", "rlr: span placement: uniform | grad-norm | a,b (paper steps; diffusive chain of "
+                    "thought).")
+    sigma: float = option(1e-3, "rlr / zeroth-order: perturbation scale.", gt=0)
+    # Off by default: with >= 1e4 trainable parameters the ZO terms multiply the estimate's variance by ~d*T and
+    # stall training (docs/results.md, "RLR in practice"); the authors' released code omits them too.
+    zo: bool = option(False, "rlr: zeroth-order on all remaining steps (the paper's unbiased eq. 6; high variance "
+                      "at large d).")
+    ho: bool = option(True, "rlr: the half-order span (--no-ho = the paper's 'without HO' ablation).")
+    fo: bool = option(True, "rlr: the first-order last step (--no-fo: an ablation that leaves step 1 out; with "
+                      "--no-ho and --no-zo it isolates one term, e.g. to measure its signal-to-noise ratio).")
+    # benchmarks/defaults.py: 4 spans (with j uniform, lr 1e-4, cosine, 150 steps, KL 0.01): 94-95% on digit:1,7;
+    # 1 span: nn-distance 1.4-1.6x the base's at step 25 on digit:4,7,9 (the hacking guard rolls such runs back)
+    spans: int = option(4, "rlr: independent half-order spans averaged per sample (unbiased; lowers variance).",
+                        min=1)
+    shared_perturbation: bool = option(False, "rlr / zeroth-order: one perturbation direction for all ZO steps.")
+    k: int = option(1, "truncated-backprop / alignprop: number of final steps to backpropagate through.", min=1)
+    inner_epochs: int = option(1, "reinforce / grpo: PPO inner epochs per batch.", min=1)
+    clip_range: float = option(1e-4, "reinforce / grpo: PPO clip range of the ratio of per-dimension mean "
+                               "log-probs (DDPO / Flow-GRPO's convention and default).", gt=0)
+    kl_coef: float = option(0.0, "grpo: weight of the per-step closed-form KL to the reference (base) policy "
+                            "(Flow-GRPO's beta; needs the base model).", min=0)
+    # benchmarks/chain_diagnostics.py and the video ranking (docs/results.md, "Which estimator when"): on
+    # builtin:moving-digits a per-prompt baseline made DDPO learn prompt fidelity where the batch one did not; on a
+    # model without prompts or labels it is the batch baseline exactly, so the image results are unchanged
+    baseline: str = option("prompt", "Reward baseline of likelihood-ratio terms, leave-one-out (unbiased): prompt "
+                           "(the other samples of the same prompt/label; align draws them in groups, see "
+                           "--group-size; without conditions it is batch) | batch | none; normalised as the "
+                           "references: group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
+                           "running buffer). grpo always uses group.",
+                           choices=("prompt", "batch", "none", "group", "tracker"))
+    tracker_buffer: int = option(16, "baseline tracker: rewards kept per prompt (DDPO: 16).", min=1)
+    tracker_min_count: int = option(16, "baseline tracker: below this many buffered rewards a prompt uses batch "
+                                    "statistics (DDPO: 16).", min=0)
+    final_eta: float | None = option(None, "rlr-released: eta of the final first-order step (the release: 0; "
+                                     "default: the chain's eta).", min=0)
+    chain_len: int = option(1, "rlr-released: likelihood-ratio steps per estimate, uniform positions (the "
+                            "release: 2).", min=0)
+    lr_clip_range: float = option(0.0, "rlr-released: PPO clip of each likelihood-ratio step on per-dimension mean "
+                                  "log-probs (the release: 1e-4; 0: eq. 6's plain term).", min=0)
+    fo_coef: float = option(1.0, "rlr-released: weight of the first-order term (the release's loss_coeff).")
+    lr_coef: float = option(1.0, "rlr-released: weight of each likelihood-ratio step, 1 = unbiased (the release's "
+                            "ho_loss_coeff c on its per-dimension loss is c / (D * std R)).")
+
+
+DEFAULTS = EstimatorConfig()
+"""The default of every estimator option: the estimators' constructors take theirs from here."""
