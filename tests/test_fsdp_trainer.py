@@ -34,6 +34,14 @@ CASES = {  # name -> options; rlr-zo also keeps an EMA of the weights
 }
 
 
+# DDPO's per-prompt stat tracker (updated once per step with every process's and micro-batch's rewards, as
+# ddpo-pytorch updates it once per epoch batch) and GRPO (Flow-GRPO's groups and global std over the gathered batch)
+STEP_BATCH = {
+    "ddpo-tracker": {"estimator": "reinforce", "baseline": "tracker", "tracker_buffer": 16, "tracker_min_count": 4},
+    "grpo": {"estimator": "grpo", "group_size": 1},
+}
+
+
 def target_reward(images: torch.Tensor) -> torch.Tensor:
     """x100: gradients well above AdamW's eps (1e-8), whose normalised step would otherwise turn the rounding
     differences of tiny gradient entries (summed in another order when sharded) into visible weight differences."""
@@ -51,7 +59,8 @@ def _config(model_dir: Path, out: Path, case: str, world: int, **over):
               "eta": 1.0, "lr": LR, "lr_schedule": "constant", "eval_every": 0, "eval_samples": 4,
               "kl_weight": 0.0, "on_hacking": "off", "heldout_reward": "", "final_model": "last", "peft": "none",
               "out": str(out), "save_every": 1, "keep_checkpoints": 5, "tensorboard": False, "progress": False,
-              "report": False, "device": "cpu", "fsdp": world > 1, "max_grad_norm": 0.0, **CASES[case], **over}
+              "report": False, "device": "cpu", "fsdp": world > 1, "max_grad_norm": 0.0,
+              **{**CASES, **STEP_BATCH}[case], **over}
     return AlignConfig.from_dict(values)
 
 
@@ -140,10 +149,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     # and plain (unsharded) data parallelism through the same skeleton
     dirs["full-backprop/ddp"] = root / "full-backprop-ddp"
     jobs.append((_config(model_dir, dirs["full-backprop/ddp"], "full-backprop", 2, fsdp=False), False))
+    # estimators whose advantages are formed over the whole step: 2 processes x 2 micro-batches each
+    for case in STEP_BATCH:
+        dirs[f"{case}/ddp"], dirs[f"{case}/ref"] = root / f"{case}-ddp", root / f"{case}-ref"
+        jobs.append((_config(model_dir, dirs[f"{case}/ddp"], case, 2, fsdp=False, grad_accum=2), False))
     dirs["seen"] = _launch(jobs, root / "seen.pt")
     with _pooled_noise():
         for c in CASES:
             align_run(_config(model_dir, dirs[f"{c}/ref"], c, 1), show_progress=False)
+        for c in STEP_BATCH:  # one process, 2 micro-batches of the union's halves
+            align_run(_config(model_dir, dirs[f"{c}/ref"], c, 1, grad_accum=2), show_progress=False)
     return dirs
 
 
@@ -164,7 +179,7 @@ def _assert_close(got: dict, ref: dict, what: str, exact: bool = False) -> None:
 
 
 def test_the_sharded_runs_were_sharded(runs):
-    *sharded, ddp = runs["seen"]
+    *sharded, ddp = runs["seen"][: len(runs["seen"]) - len(STEP_BATCH)]
     for seen in sharded:
         assert seen["units"] > 3  # the root and the UNet's blocks
         assert seen["split"] > 0.9 * seen["params"]  # (nearly) every parameter is split across the 2 processes
@@ -233,7 +248,7 @@ def test_unsharded_processes_equal_the_union_too(runs):
 
 
 def test_sharded_resume_is_bit_exact(runs):
-    assert runs["seen"][-2]["steps"] == [STEPS]  # the resumed run ran only the last step
+    assert runs["seen"][len(CASES) + 1]["steps"] == [STEPS]  # the resumed cut run ran only the last step
     full, cut = runs["rlr-zo/sharded"], runs["rlr-zo/cut"]
     last = f"checkpoints/step_{STEPS:06d}"
     for name in ("trainable", "optimizer", "ema", "rng"):
@@ -265,3 +280,19 @@ def test_fsdp_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys, o
         align_run(cfg, show_progress=False)
     if message is None:
         assert "--fsdp with one process: nothing to shard" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", list(STEP_BATCH))
+def test_step_batch_advantages_over_processes_and_micro_batches_equal_one_process(runs, case):
+    """2 processes with --grad-accum 2 end with the weights of 1 process on the union (also 2 micro-batches): the
+    tracker is updated once a step with all 8 rewards, GRPO normalises over all 8, in every process alike."""
+    from chaintune.align import read_metrics
+
+    ddp, ref = runs[f"{case}/ddp"], runs[f"{case}/ref"]
+    norms = [[row["grad_norm"] for row in read_metrics(r) if "grad_norm" in row] for r in (ddp, ref)]
+    assert len(norms[0]) == STEPS and all(n > 0 for n in norms[1])
+    torch.testing.assert_close(torch.tensor(norms[0]), torch.tensor(norms[1]), rtol=1e-5, atol=0)
+    want = _unet(ref)
+    _assert_close(_unet(ddp), want, f"{case} model/")
+    base = _unet(runs["base"], ".")
+    assert max(float((want[k] - base[k]).abs().max()) for k in want) > 1e-4, "the run did not train"

@@ -323,3 +323,40 @@ def test_config_passes_the_new_options():
     est = estimator_from_config(AlignConfig.from_dict({"estimator": "reinforce", "baseline": "tracker",
                                                        "tracker_buffer": 32, "tracker_min_count": 8}))
     assert est._tracker.buffer_size == 32 and est._tracker.min_count == 8
+
+
+def _flow_grpo_advantages(prompts, rewards, global_std, per_prompt=True):
+    """Flow-GRPO's PerPromptStatTracker.update (type 'grpo', a fresh tracker: the train script clears it every epoch)
+    and its batch z-score when per-prompt tracking is off (num_image_per_prompt == 1), written from its source."""
+    import numpy as np
+
+    prompts, rewards = np.array(prompts), np.array(rewards, dtype=np.float64)
+    if not per_prompt:
+        return (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    adv = np.zeros_like(rewards)
+    for p in np.unique(prompts):
+        r = rewards[prompts == p]
+        std = (rewards.std() if global_std else r.std()) + 1e-4
+        adv[prompts == p] = (r - r.mean()) / std
+    return adv
+
+
+@pytest.mark.parametrize("global_std", [True, False])
+def test_grpo_advantages_equal_flow_grpos(global_std):
+    from chaintune.estimators import GRPO
+    from chaintune.estimators.baselines import group_normalized
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in ("a cat", "a dog", "a fox") for _ in range(4)]
+    rewards = torch.randn(12, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5]).repeat_interleave(4)
+    want = torch.tensor(_flow_grpo_advantages(prompts, rewards.numpy(), global_std), dtype=torch.float32)
+    torch.testing.assert_close(group_normalized(rewards, prompts, global_std=global_std), want)
+    est = GRPO(global_std=global_std)
+    torch.testing.assert_close(est.step_advantages(rewards, prompts), want.clamp(-5, 5))
+    # one sample per prompt: Flow-GRPO switches per-prompt tracking off and z-scores the batch (chaintune used to
+    # give every such sample advantage 0, no learning signal at all)
+    single = [f"prompt {i}" for i in range(12)]
+    want1 = torch.tensor(_flow_grpo_advantages(single, rewards.numpy(), global_std, per_prompt=False),
+                         dtype=torch.float32)
+    torch.testing.assert_close(group_normalized(rewards, single, global_std=global_std), want1)
+    assert GRPO().global_std is True  # Flow-GRPO's config_base default (and its SD3 recipes')

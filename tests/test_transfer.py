@@ -421,3 +421,10 @@ def test_a_killed_bank_write_leaves_nothing_behind(tmp_path):
     b = build_bank(m, cfg, tmp_path)
     assert b.generated and not leftover.exists() and other.exists()
     assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == [other.name]
+
+
+@pytest.mark.parametrize("batch", range(2, 65))
+def test_bank_count_truncates_as_the_official_code(batch):
+    """thuml/Diffusion-Tuning: ``int(batch_size * 0.2)`` bank images (it differs from rounding at 26 of these 63)."""
+    cfg = TransferConfig.from_dict({"batch_size": batch})
+    assert cfg.bank_batch() == min(batch - 1, int(batch * 0.2))

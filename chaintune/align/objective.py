@@ -24,7 +24,7 @@ from chaintune.align.guard import HackingGuard, guard_policy
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
 from chaintune.errors import ChaintuneError
-from chaintune.estimators.base import EstimationContext
+from chaintune.estimators.base import EstimationContext, resolve_sampled
 from chaintune.estimators.registry import estimator_from_config
 from chaintune.prompts import StagedModel, StagePrompts, load_prompts
 from chaintune.rewards import validate_reward_output
@@ -33,6 +33,13 @@ from chaintune.run.trainer import Evaluation, Objective, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
 
 __all__ = ["AlignConfig", "align", "estimator_from_config", "kl_to_base", "retention_loss", "read_metrics"]
+
+
+def _gather_objects(mine) -> tuple[list, int]:
+    """Every process's ``mine`` (in rank order) and this process's rank."""
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return parts, torch.distributed.get_rank()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -214,9 +221,11 @@ class AlignObjective(Objective):
                                   steps=chain.sample_steps, eta=chain.eta, scheduler=self.sched, generator=gen,
                                   conditions=self._conditions(cfg.optim.batch_size, gen, self.group_size),
                                   checkpoint=cfg.optim.gradient_checkpointing, baseline=cfg.estimator.baseline,
-                                  autocast=run.autocast, reference=self._reference)
+                                  autocast=run.autocast, reference=self._reference, group_size=self.group_size)
                 for _ in range(cfg.optim.grad_accum)]
         iters = [self.estimator.updates(c) for c in ctxs]
+        # advantages formed over the whole step (DDPO's tracker, GRPO's groups): every micro-batch and process first
+        resolve_sampled(self.estimator, ctxs, iters, _gather_objects if run.acc.num_processes > 1 else None)
         rewards: list[torch.Tensor] = []
         while True:  # one optimizer update per round in which any micro-batch yields (PPO: per inner epoch)
             got = [s for s in (next(it, None) for it in iters) if s is not None]

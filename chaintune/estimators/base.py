@@ -46,6 +46,15 @@ class EstimationContext:
     # A context under which ``model.denoise_fn`` runs the reference (base) policy, e.g.
     # ``lambda: base_model_weights(model, frozen_copy)``; estimators with a KL penalty to the reference need it.
     reference: Callable[[], contextlib.AbstractContextManager] | None = None
+    # True when this micro-batch is one of several (micro-batches, processes) that form one step: an estimator that
+    # forms its advantages over the step then yields :class:`Sampled` and reads ``step_advantages``, this micro-batch's
+    # slice, which :func:`resolve_sampled` sets (DDPO's tracker, GRPO's groups and global std). Alone, it forms them
+    # itself: the same numbers.
+    step_shared: bool = False
+    step_advantages: torch.Tensor | None = None
+    # samples drawn per prompt/label in a row (align's --group-size); 1: one per prompt, which Flow-GRPO treats as
+    # "no per-prompt statistics" (the batch z-score); None: not known (the groups are whatever prompts repeat)
+    group_size: int | None = None
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -58,6 +67,18 @@ class EstimationContext:
     @property
     def params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(k, p) for k, p in self.model.denoiser.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class Sampled:
+    """Yielded first by an estimator whose advantages depend on the whole step's samples, not only this
+    micro-batch's (:meth:`Estimator.needs_step_batch`): its rewards and group keys. The caller gathers every
+    micro-batch's (and, with several processes, every process's), has :meth:`Estimator.step_advantages` form the
+    advantages once, and sets each context's ``step_advantages`` before resuming (:func:`resolve_sampled`), as the
+    references form them once per epoch batch (ddpo-pytorch's stat tracker, Flow-GRPO's groups and global std)."""
+
+    rewards: torch.Tensor
+    keys: list[str] | None  # None: no per-prompt statistics (the batch's)
 
 
 @dataclass
@@ -93,6 +114,16 @@ class Estimator:
         self.tracker_buffer = tracker_buffer
         self.tracker_min_count = tracker_min_count
         self._tracker = PerPromptStatTracker(tracker_buffer, tracker_min_count)
+
+    def needs_step_batch(self, ctx: EstimationContext) -> bool:
+        """Whether this estimator's advantages are formed over the whole step (then ``updates`` yields
+        :class:`Sampled` first); the leave-one-out baselines are per micro-batch (unbiased either way)."""
+        return False
+
+    def step_advantages(self, rewards: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+        """The advantages of a whole step's samples (every micro-batch and process), formed once; ``keys`` group
+        them (None: no per-prompt statistics)."""
+        raise NotImplementedError
 
     def advantages(self, rewards: torch.Tensor, cond: Conditions | None, kind: str,
                    normalize: bool = False) -> torch.Tensor:
@@ -333,3 +364,28 @@ def mirrored_zeroth_order(
     pert.accumulate(zo_steps, diff / (2 * sigma))
     return Stats(rewards=torch.cat(all_r), images=torch.cat(all_img),
                  extra={"zo_steps": len(zo_steps), "zo_reward_diff": diff})
+
+
+def resolve_sampled(estimator: Estimator, contexts: list[EstimationContext], iters: list,
+                    gather: Callable[[list], list] | None = None) -> None:
+    """Run every micro-batch's estimator up to its :class:`Sampled` (when the estimator needs the step's batch; the
+    contexts are marked ``step_shared`` here, before the generators start),
+    form the step's advantages once over all of them (and, with ``gather``, over every process: it returns the
+    list of each process's ``(rewards, keys)``, this one's at ``rank``), and give each context its slice."""
+    if not contexts or not estimator.needs_step_batch(contexts[0]):
+        return
+    for ctx in contexts:
+        ctx.step_shared = True
+    sampled = [next(it) for it in iters]
+    if not all(isinstance(s, Sampled) for s in sampled):
+        raise TypeError(f"estimator {estimator.name!r} needs the step's batch but did not yield Sampled first")
+    keyed = all(s.keys is not None for s in sampled)
+    mine = (torch.cat([s.rewards.detach().float().cpu() for s in sampled]),
+            [k for s in sampled for k in s.keys] if keyed else None)
+    parts, rank = gather(mine) if gather is not None else ([mine], 0)
+    keys = [k for p in parts for k in p[1]] if all(p[1] is not None for p in parts) else None
+    adv = estimator.step_advantages(torch.cat([p[0] for p in parts]), keys)
+    start = sum(len(p[0]) for p in parts[:rank])
+    for ctx, s in zip(contexts, sampled, strict=True):
+        ctx.step_advantages = adv[start: start + len(s.rewards)]
+        start += len(s.rewards)

@@ -32,19 +32,24 @@ def group_keys(cond: Conditions | None, n: int) -> list[str]:
     return [""] * n
 
 
-def group_normalized(rewards: torch.Tensor, keys: list[str], eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: A_k = (r_k - mean_g) / (std_g + eps) over the samples of k's group g in this batch.
-
-    Population std (``np.std``) and eps = 1e-4, as Flow-GRPO's ``PerPromptStatTracker.update``
-    (``global_std=False``). A group of one sample gets A = 0 (it has nothing to be compared with)."""
+def group_normalized(rewards: torch.Tensor, keys: list[str], eps: float = 1e-4,
+                     global_std: bool = False) -> torch.Tensor:
+    """GRPO: A_k = (r_k - mean_g) / (std + eps) over the samples of k's group g, as Flow-GRPO's
+    ``PerPromptStatTracker.update``: population std (``np.std``), eps = 1e-4; ``std`` is the group's, or with
+    ``global_std`` (Flow-GRPO's default and its SD3 recipes) the whole batch's. A group of one sample gets A = 0 (it
+    has nothing to be compared with); when every group is a single sample (one image per prompt) Flow-GRPO turns
+    per-prompt tracking off and uses the batch z-score, (r - mean) / (std + eps): so does this."""
     r = rewards.detach().double()
     if len(keys) != r.shape[0]:
         raise ChaintuneError(f"{len(keys)} group keys for {r.shape[0]} rewards")
+    if len(set(keys)) == len(keys) and len(keys) > 1:
+        return ((r - r.mean()) / (r.std(unbiased=False) + eps)).to(torch.float32)
     adv = torch.zeros_like(r)
+    batch_std = r.std(unbiased=False)
     for key in dict.fromkeys(keys):
         idx = [i for i, k in enumerate(keys) if k == key]
         g = r[idx]
-        adv[idx] = (g - g.mean()) / (g.std(unbiased=False) + eps)
+        adv[idx] = (g - g.mean()) / ((batch_std if global_std else g.std(unbiased=False)) + eps)
     return adv.to(torch.float32)
 
 

@@ -33,6 +33,7 @@ import torch
 from chaintune.chain import transition
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext
+from chaintune.estimators.baselines import group_normalized
 from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.reinforce import Reinforce
 
@@ -40,18 +41,33 @@ from chaintune.estimators.reinforce import Reinforce
 class GRPO(Reinforce):
     name = "grpo"
 
-    options = ("inner_epochs", "clip_range", "kl_coef")
+    options = ("inner_epochs", "clip_range", "kl_coef", "global_std")
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
-                 kl_coef: float = D.kl_coef, step_fraction: float = 1.0, adv_clip: float = 5.0):
+                 kl_coef: float = D.kl_coef, global_std: bool = D.global_std, step_fraction: float = 1.0,
+                 adv_clip: float = 5.0):
         if kl_coef < 0:
             raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
         super().__init__(inner_epochs=inner_epochs, clip_range=clip_range, normalize_advantages=False,
                          step_fraction=step_fraction, final_step="skip", adv_clip=adv_clip)
         self.kl_coef = kl_coef
+        self.global_std = global_std
 
     def baseline(self, ctx: EstimationContext) -> str:
         return "group"
+
+    def needs_step_batch(self, ctx: EstimationContext) -> bool:
+        """Flow-GRPO groups and normalises the gathered epoch batch: a prompt drawn on two processes is one group,
+        and the global std is the whole batch's."""
+        return True
+
+    def step_advantages(self, rewards: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+        if keys is None:  # one sample per prompt: Flow-GRPO turns per-prompt tracking off (the batch z-score)
+            keys = [str(i) for i in range(len(rewards))]
+        return self._clipped(group_normalized(rewards, keys, global_std=self.global_std), "group")
+
+    def _step_keys(self, ctx: EstimationContext) -> list[str] | None:
+        return None if ctx.group_size == 1 else super()._step_keys(ctx)
 
     def check(self, ctx: EstimationContext) -> None:
         super().check(ctx)

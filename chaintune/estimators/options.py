@@ -41,6 +41,9 @@ class EstimatorConfig:
                                "log-probs (DDPO / Flow-GRPO's convention and default).", gt=0)
     kl_coef: float = option(0.0, "grpo: weight of the per-step closed-form KL to the reference (base) policy "
                             "(Flow-GRPO's beta; needs the base model).", min=0)
+    # Flow-GRPO's config_base.py: sample.global_std = True (its SD3 recipes keep it)
+    global_std: bool = option(True, "grpo: divide by the whole batch's reward std (Flow-GRPO's default) instead of "
+                              "each group's (--no-global-std).")
     # benchmarks/chain_diagnostics.py and the video ranking (docs/results.md, "Which estimator when"): on
     # builtin:moving-digits a per-prompt baseline made DDPO learn prompt fidelity where the batch one did not; on a
     # model without prompts or labels it is the batch baseline exactly, so the image results are unchanged

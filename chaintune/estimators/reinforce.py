@@ -23,7 +23,8 @@ import torch
 from chaintune.chain import StepGrad, prepare_scheduler
 from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
-from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+from chaintune.estimators.base import EstimationContext, Estimator, Sampled, Stats, draw_noise, rollout
+from chaintune.estimators.baselines import group_keys
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
@@ -58,12 +59,25 @@ class Reinforce(Estimator):
         """Which baseline this estimator uses (DDPO: the context's; GRPO overrides it)."""
         return ctx.baseline
 
-    def _advantages(self, r: torch.Tensor, ctx: EstimationContext) -> torch.Tensor:
-        kind = self.baseline(ctx)
-        adv = self.advantages(r, ctx.conditions, kind, self.normalize_advantages)
+    def needs_step_batch(self, ctx: EstimationContext) -> bool:
+        """DDPO's stat tracker is updated once per epoch batch (every micro-batch and process), as ddpo-pytorch does."""
+        return self.baseline(ctx) == "tracker"
+
+    def step_advantages(self, rewards: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+        return self._clipped(self._tracker.update(keys or [""] * len(rewards), rewards), "tracker")
+
+    def _step_keys(self, ctx: EstimationContext) -> list[str] | None:
+        """What groups the step's samples for its statistics: the prompts (labels)."""
+        return group_keys(ctx.conditions, ctx.n)
+
+    def _clipped(self, adv: torch.Tensor, kind: str) -> torch.Tensor:
         if self.adv_clip and (self.normalize_advantages or kind in ("group", "tracker")):
             adv = adv.clamp(-self.adv_clip, self.adv_clip)  # only meaningful on a normalised scale
         return adv
+
+    def _advantages(self, r: torch.Tensor, ctx: EstimationContext) -> torch.Tensor:
+        kind = self.baseline(ctx)
+        return self._clipped(self.advantages(r, ctx.conditions, kind, self.normalize_advantages), kind)
 
     def _penalty(self, ctx: EstimationContext, denoise, sched, traj, i: int, mean: torch.Tensor,
                  std: torch.Tensor) -> torch.Tensor | None:
@@ -75,7 +89,13 @@ class Reinforce(Estimator):
         x_T, noises = draw_noise(ctx, ctx.n)
         with torch.no_grad():
             traj, images, r = rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions)
-        adv = self._advantages(r, ctx).to(x_T.device)
+        if not self.needs_step_batch(ctx):
+            adv = self._advantages(r, ctx).to(x_T.device)
+        elif ctx.step_shared:  # one of several micro-batches: the caller forms the step's advantages once
+            yield Sampled(r, self._step_keys(ctx))
+            adv = ctx.step_advantages.to(x_T.device)
+        else:
+            adv = self.step_advantages(r, self._step_keys(ctx)).to(x_T.device)
         positions = [i for i, s in enumerate(traj.stochastic.tolist()) if s]
         if not positions:
             raise ChaintuneError(f"estimator {self.name!r} needs stochastic steps (eta > 0), got eta={ctx.eta}")

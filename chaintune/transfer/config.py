@@ -113,11 +113,12 @@ class TransferConfig:
         return self.method == "diff-tuning" and self.diff_tuning.lam > 0 and self.diff_tuning.bank_share > 0
 
     def bank_batch(self) -> int:
-        """Bank samples per batch (0 without retention); at least one target sample remains."""
+        """Bank samples per batch (0 without retention): ``int(B * bank_share)``, truncated as the official code's
+        ``int(batch_size * lwf_ratio)`` (B = 8 at 0.2: 1, not 2); at least one target sample remains."""
         if not self.retains():
             return 0
         n = self.optim.batch_size
-        return min(n - 1, int(round(n * self.diff_tuning.bank_share)))
+        return min(n - 1, int(n * self.diff_tuning.bank_share))
 
     @classmethod
     def from_dict(cls, values: dict) -> TransferConfig:
