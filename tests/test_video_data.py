@@ -168,7 +168,7 @@ def test_cli_transfer_on_a_folder_of_gifs(tmp_path, capsys):
     clip_gifs(tmp_path / "clips")
     out = tmp_path / "run"
     args = ["transfer", "--model", "builtin:moving-digits", "--data", str(tmp_path / "clips"), "--steps", "2",
-            "--batch-size", "4", "--bank-size", "2", "--bank-steps", "2", "--bank-dir", str(tmp_path / "bank"),
+            "--batch-size", "5", "--bank-size", "2", "--bank-steps", "2", "--bank-dir", str(tmp_path / "bank"),
             "--sample-steps", "2", "--grid-samples", "2", "--eval-samples", "2", "--no-tensorboard",
             "--no-progress", "--no-report"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHAINTUNE_CACHE": str(tmp_path / "cache")}
