@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from chaintune.errors import unknown_name
+from chaintune.errors import ChaintuneError, unknown_name
+from chaintune.utils.adapter_names import ATTENTION, FEED_FORWARD, LORA_TARGET_SETS, PEFT_METHODS, parse_lora_targets
 
-PEFT_METHODS = ("none", "lora", "bitfit", "difffit")
-
-# attention projections across diffusers' UNet2DModel / UNet2DConditionModel / DiT / SD3 blocks
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = list(ATTENTION)  # the default: attention projections of every diffusers block
+_PEFT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layer types peft's LoRA adapts here
 
 
 def trainable_names(module: nn.Module) -> list[str]:
@@ -25,12 +24,45 @@ def apply_full(denoiser: nn.Module) -> list[str]:
     return trainable_names(denoiser)
 
 
+def lora_target_layers(denoiser: nn.Module, spec: str | list[str]) -> list[str]:
+    """The dotted names of the layers ``spec`` (``--lora-targets``, or peft target_modules) adapts in ``denoiser``.
+
+    One input error where a named set finds nothing to adapt (a model without attention, or ``attention+ff`` on one
+    without diffusers' FeedForward), or where a listed name matches no layer: the run would otherwise train a
+    different set of layers than the user asked for, silently."""
+    targets = parse_lora_targets(spec) if isinstance(spec, str) else list(spec)
+    layers = [n for n, m in denoiser.named_modules() if isinstance(m, _PEFT_LAYERS)]
+
+    def hits(target: str) -> list[str]:
+        return [n for n in layers if n == target or n.endswith("." + target)]
+
+    kind = type(denoiser).__name__
+    if isinstance(spec, str) and spec.strip() in LORA_TARGET_SETS:
+        groups = {"attention projections (to_q, to_k, to_v, to_out.0)": ATTENTION,
+                  "feed-forward layers (diffusers' FeedForward: ff, ff_context, ffn)": FEED_FORWARD}
+        for what, group in groups.items():
+            if set(group) <= set(targets) and not any(hits(t) for t in group):
+                raise ChaintuneError(f"lora_targets {spec.strip()!r}: {kind} has no {what}; choose other "
+                                     f"--lora-targets (layer names) or another --peft")
+    else:
+        missing = [t for t in targets if not hits(t)]
+        if missing:
+            endings = sorted({n.rsplit(".", 1)[-1] for n in layers if not n.rsplit(".", 1)[-1].isdigit()})
+            raise ChaintuneError(f"lora_targets: no layer of {kind} is named or ends with {', '.join(missing)}; its "
+                                 f"layers end with e.g. {', '.join(endings[:12])}")
+    return [n for n in layers if any(n == t or n.endswith("." + t) for t in targets)]
+
+
 def apply_lora(denoiser: nn.Module, rank: int = 4, alpha: float | None = None,
-               targets: list[str] | None = None, dropout: float = 0.0) -> list[str]:
-    """Inject peft LoRA layers (A, B matrices) into the attention projections; only they train."""
+               targets: str | list[str] | None = None, dropout: float = 0.0) -> list[str]:
+    """Inject peft LoRA layers (A, B matrices) into the ``targets`` (default: the attention projections); only
+    they train."""
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets or LORA_TARGETS,
+    spec = targets or "attention"
+    lora_target_layers(denoiser, spec)  # checked first: each named set or name must find its layers
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank,
+                     target_modules=parse_lora_targets(spec) if isinstance(spec, str) else list(spec),
                      lora_dropout=dropout, init_lora_weights="gaussian")
     denoiser.requires_grad_(False)
     if hasattr(denoiser, "add_adapter"):
@@ -39,9 +71,6 @@ def apply_lora(denoiser: nn.Module, rank: int = 4, alpha: float | None = None,
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(cfg, denoiser)
-    names = [n for n, p in denoiser.named_parameters() if "lora_" in n]
-    if not names:
-        raise ValueError(f"LoRA found no target modules {cfg.target_modules} in {type(denoiser).__name__}")
     for n, p in denoiser.named_parameters():
         p.requires_grad_("lora_" in n)
     return trainable_names(denoiser)
@@ -56,11 +85,12 @@ def apply_bitfit(denoiser: nn.Module) -> list[str]:
     return trainable_names(denoiser)
 
 
-def apply_peft(denoiser: nn.Module, method: str, rank: int = 4) -> list[str]:
+def apply_peft(denoiser: nn.Module, method: str, rank: int = 4,
+               lora_targets: str | list[str] = "attention") -> list[str]:
     if method == "none":
         return apply_full(denoiser)
     if method == "lora":
-        return apply_lora(denoiser, rank=rank)
+        return apply_lora(denoiser, rank=rank, targets=lora_targets)
     if method == "bitfit":
         return apply_bitfit(denoiser)
     if method == "difffit":

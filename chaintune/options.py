@@ -29,13 +29,14 @@ __all__ = ["option", "section", "field_help", "Spec", "specs", "from_dict", "to_
 def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
            choices: tuple | None = None, min: float | None = None, gt: float | None = None,
            max: float | None = None, flags: tuple[str, ...] = (), key: str | None = None,
-           resumable: bool = False) -> Any:
+           resumable: bool = False, parse: Callable[[Any], Any] | None = None) -> Any:
     """A config field. ``key`` renames its flat name (flag ``--key``, config key ``key``); ``flags``
     adds flag spellings (``--lambda``); ``min``/``gt``/``max`` bound numbers; ``choices`` restricts.
     ``resumable``: ``--resume`` may change it (how long to train, how to evaluate, log and checkpoint); any
-    other change would make the resumed run another experiment than its checkpoints', so it is refused."""
+    other change would make the resumed run another experiment than its checkpoints', so it is refused.
+    ``parse``: checks the value's form (raising ChaintuneError); the option keeps the value as given."""
     meta = {"help": help, "choices": choices, "min": min, "gt": gt, "max": max, "flags": flags, "key": key,
-            "resumable": resumable}
+            "resumable": resumable, "parse": parse}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,6 +63,7 @@ class Spec:
     max: float | None = None
     flags: tuple[str, ...] = ()
     resumable: bool = False
+    parse: Callable[[Any], Any] | None = None
 
     @property
     def section(self) -> str:
@@ -90,7 +92,7 @@ def specs(config: Any, _path: tuple[str, ...] = (), _prefix: str = "") -> list[S
         out.append(Spec(name=_prefix + (m.get("key") or f.name), path=(*_path, f.name), type=hints[f.name],
                         default=value, help=m.get("help", ""), choices=m.get("choices"), min=m.get("min"),
                         gt=m.get("gt"), max=m.get("max"), flags=tuple(m.get("flags") or ()),
-                        resumable=bool(m.get("resumable"))))
+                        resumable=bool(m.get("resumable")), parse=m.get("parse")))
     if not _path:
         names = [s.name for s in out]
         dup = {n for n in names if names.count(n) > 1}
@@ -139,6 +141,8 @@ def coerce(spec: Spec, value: Any) -> Any:
             errors.append(str(e))
             continue
         _check_bounds(spec, v)
+        if spec.parse is not None:
+            spec.parse(v)
         return v
     want = " or ".join(_type_name(t) for t in alts if t is not type(None))
     raise ChaintuneError(f"option {spec.name} must be {want}, got {_kind(value)}")

@@ -276,7 +276,8 @@ class AlignObjective(Objective):
             self.guard.load_state_dict(state["guard"])
 
     def info(self) -> dict:
-        return {"base_model": self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}
+        # the model actually trained (one passed in Python may not be the configured id): what load() needs for adapter/
+        return {"base_model": self.model.source or self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}
 
 
 def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,

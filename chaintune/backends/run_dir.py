@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chaintune.adapters import apply_lora
+from chaintune.adapters import LORA_TARGETS, apply_lora, lora_target_layers
 from chaintune.backends.files import check_safetensors, read_json, reading_model
 from chaintune.errors import ChaintuneError
 
@@ -72,8 +72,15 @@ def _apply_adapter(model: DiffusionModel, adapter: Path) -> None:
     rank = cfg.get("r") or 4
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ChaintuneError(f"{adapter / 'adapter_config.json'}: r must be a rank >= 1, got {rank!r}")
+    targets = cfg.get("target_modules") or LORA_TARGETS  # runs before --lora-targets adapted attention only
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise ChaintuneError(f"{adapter / 'adapter_config.json'}: target_modules must be a list of layer names")
+    try:
+        lora_target_layers(model.denoiser, targets)
+    except ChaintuneError as e:
+        raise ChaintuneError(f"{adapter / 'adapter_config.json'} does not fit the base model: {e}") from None
     weights = adapter / "adapter_model.safetensors"
     check_safetensors(weights)
     with reading_model(adapter):
-        apply_lora(model.denoiser, rank=rank)
+        apply_lora(model.denoiser, rank=rank, targets=targets)
         set_peft_model_state_dict(model.denoiser, load_file(str(weights)))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chaintune.options import option
+from chaintune.utils.adapter_names import LORA_TARGET_SETS, PEFT_METHODS, parse_lora_targets
 
-PEFT_METHODS = ("none", "lora", "bitfit", "difffit")
 # our names -> diffusers.optimization.get_scheduler's (all with linear warm-up over warmup_steps)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -34,6 +34,9 @@ class OptimConfig:
                               "and saved (0: no EMA).", min=0, max=1)
     peft: str = option("none", "Which weights train: none (all) | lora | bitfit | difffit.", choices=PEFT_METHODS)
     lora_rank: int = option(4, "LoRA rank.", min=1)
+    lora_targets: str = option("attention", f"Layers LoRA adapts: {' | '.join(LORA_TARGET_SETS)} (also the "
+                               "feed-forward layers) | a comma list of layer names or name endings (peft's "
+                               "target_modules, e.g. to_q,to_v,ff.net.2).", parse=parse_lora_targets)
     mixed_precision: str = option("no", "no | fp16 | bf16 (autocast; adapters and optimizer state stay fp32).",
                                   choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")

@@ -271,5 +271,7 @@ def _save_adapter(target: Path, model, rank: int | None) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model.denoiser).items()}
     with atomic_dir(target) as tmp:
         save_file(sd, str(tmp / "adapter_model.safetensors"))
-        save_json(tmp / "adapter_config.json", {"r": rank, "peft_type": "LORA"})
+        # the adapted layers by name, so chaintune.load injects LoRA exactly where the run trained it
+        layers = sorted({k.split(".lora_")[0] for k in sd})
+        save_json(tmp / "adapter_config.json", {"r": rank, "peft_type": "LORA", "target_modules": layers})
         model.save_lora_weights(tmp, sd)

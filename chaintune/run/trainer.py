@@ -39,7 +39,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from chaintune import distributed
-from chaintune.adapters import apply_peft
+from chaintune.adapters import apply_peft, lora_target_layers
 from chaintune.backends.base import DiffusionModel
 from chaintune.distributed import full_state_dict, grads_finite, is_sharded, local_shard, unsharded_copy
 from chaintune.errors import ChaintuneError
@@ -243,6 +243,8 @@ class Trainer:
             if self.thread_policy and self.device.type == "cpu":
                 apply_thread_policy(0)  # loading and probing: small work, one thread until the model is known
             obj.prepare(self)  # every input is validated here; nothing is written before it succeeds
+            if cfg.optim.peft == "lora":
+                lora_target_layers(obj.model.denoiser, cfg.optim.lora_targets)
             self.threads_for(obj.model)
             if self.out is not None and self.main:
                 prepare_run_dir(self.out, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
@@ -309,7 +311,7 @@ class Trainer:
         """Adapters, sharding (after adapters, before the optimizer and EMA: they hold the shards), AdamW, the LR
         schedule and the EMA."""
         opt_cfg, den = self.cfg.optim, self.objective.model.denoiser
-        self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank)
+        self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank, lora_targets=opt_cfg.lora_targets)
         if self.sharded:
             self._skeleton = distributed.meta_copy(den)
             distributed.shard_model(den, distributed.default_mesh(self.device),

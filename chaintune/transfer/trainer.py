@@ -136,7 +136,9 @@ class TransferObjective(Objective):
         return _folded(self.model)
 
     def info(self) -> dict:
-        return {"base_model": self.cfg.model, "bank": str(self.bank.path) if self.bank is not None else None,
+        # the model actually trained (one passed in Python may not be the configured id): what load() needs for adapter/
+        return {"base_model": self.model.source or self.cfg.model,
+                "bank": str(self.bank.path) if self.bank is not None else None,
                 "eval_data": self.eval_name, "feature": self.feature}
 
 
