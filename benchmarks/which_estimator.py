@@ -80,6 +80,10 @@ METHODS: dict[str, dict] = {
     "alignprop k=1": {"estimator": "alignprop", "k": 1},
     "full backprop": {"estimator": "full-backprop"},
     "zeroth-order": {"estimator": "zeroth-order"},
+    # the 2026 baselines at their references' defaults (estimators/options.py: nft_beta 1, dpo_beta 2000, every
+    # chain timestep trained)
+    "nft": {"estimator": "nft"},
+    "dpo": {"estimator": "dpo"},
 }
 def method_options(label: str) -> dict | None:
     """A method's estimator options: METHODS, or the families budgets.py picks from: ``rlr h=H``, ``truncated k=K``."""
@@ -95,12 +99,12 @@ def method_options(label: str) -> dict | None:
 
 
 DEFAULT_METHODS = {
-    "image": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop"],
-    "image-blackbox": ["rlr", "ddpo", "grpo", "zeroth-order"],
-    "video": ["rlr", "rlr tuned", "ddpo", "grpo", "alignprop k=1", "full backprop"],
+    "image": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop", "nft", "dpo"],
+    "image-blackbox": ["rlr", "ddpo", "grpo", "zeroth-order", "nft", "dpo"],
+    "video": ["rlr", "rlr tuned", "ddpo", "grpo", "alignprop k=1", "full backprop", "nft", "dpo"],
     "video-smooth": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop"],
 }
-_COST = {"full backprop": 3, "ddpo": 2.5, "grpo": 2.5, "rlr tuned": 2, "zeroth-order": 1.5}
+_COST = {"full backprop": 3, "ddpo": 2.5, "grpo": 2.5, "nft": 2.5, "dpo": 3, "rlr tuned": 2, "zeroth-order": 1.5}
 
 
 def parse_args(argv: list[str] | None = None):

@@ -504,6 +504,26 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     raise ChaintuneError(f"unsupported prediction_type {pt!r}")
 
 
+def predict_x0(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean sample the denoiser's output implies at ``x_t`` (forward-process losses on x_0: DiffusionNFT).
+
+    Flow matching: x_0 = x_t - s v (s = t / num_train_timesteps, the inverse of :func:`add_noise`). DDPM-style:
+    the prediction type's x_0 at alpha_bar_t, without the sampler's clipping (a training loss needs its gradient
+    everywhere)."""
+    if is_flow_scheduler(scheduler):
+        return x_t - _flow_sigma(scheduler, t, x_t) * model_output
+    t = torch.as_tensor(t, device=scheduler.alphas_cumprod.device).long().reshape(-1)
+    a_t = scheduler.alphas_cumprod[t].to(x_t.device, x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon":
+        return (x_t - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
+    if pt == "sample":
+        return model_output
+    if pt == "v_prediction":
+        return a_t**0.5 * x_t - (1 - a_t) ** 0.5 * model_output
+    raise ChaintuneError(f"unsupported prediction_type {pt!r}")
+
+
 def _flow_sigma(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     s = torch.as_tensor(t, device=like.device).to(like.dtype) / scheduler.config.num_train_timesteps
     return s.reshape(-1, *([1] * (like.dim() - 1))) if s.dim() > 0 else s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chaintune.estimators.options import EstimatorConfig
+from chaintune.estimators.options import GROUPED, EstimatorConfig
 from chaintune.options import option, section
 from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
 
@@ -114,7 +114,7 @@ class AlignConfig:
         a model that draws prompts or labels (the caller knows); else 1 (independent draws)."""
         if self.chain.group_size is not None:
             return self.chain.group_size
-        if self.estimator.name == "grpo" or self.estimator.baseline == "group":
+        if self.estimator.name in GROUPED or self.estimator.baseline == "group":
             return 4
         return 4 if uses_baseline and self.estimator.baseline == "prompt" else 1
 

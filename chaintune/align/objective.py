@@ -145,7 +145,7 @@ class AlignObjective(Objective):
         pool = self.prompts is not None or chain.labels is not None  # conditions drawn from a pool can repeat
         self.group_size = cfg.group_size_for(uses_baseline=pool and self.estimator.uses_baseline)
         self.frozen = None
-        needs_reference = cfg.guards.kl_weight > 0 or (cfg.estimator.name == "grpo" and cfg.estimator.kl_coef > 0)
+        needs_reference = cfg.guards.kl_weight > 0 or self.estimator.needs_reference
         if needs_reference and cfg.optim.peft == "none":  # LoRA needs no copy: the base is the adapters switched off
             self.frozen = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
         self.sched = chain_scheduler(model, chain.scheduler)

@@ -115,6 +115,11 @@ class Estimator:
         self.tracker_min_count = tracker_min_count
         self._tracker = PerPromptStatTracker(tracker_buffer, tracker_min_count)
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether ``updates`` runs the reference (base) policy, ``ctx.reference`` (a KL to it, DPO's loss)."""
+        return False
+
     def needs_step_batch(self, ctx: EstimationContext) -> bool:
         """Whether this estimator's advantages are formed over the whole step (then ``updates`` yields
         :class:`Sampled` first); the leave-one-out baselines are per micro-batch (unbiased either way)."""

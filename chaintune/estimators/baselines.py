@@ -19,7 +19,7 @@ import torch
 from chaintune.backends.base import Conditions
 from chaintune.errors import ChaintuneError
 
-__all__ = ["group_keys", "group_normalized", "PerPromptStatTracker"]
+__all__ = ["group_keys", "group_normalized", "grpo_advantages", "step_group_keys", "PerPromptStatTracker"]
 
 
 def group_keys(cond: Conditions | None, n: int) -> list[str]:
@@ -51,6 +51,19 @@ def group_normalized(rewards: torch.Tensor, keys: list[str], eps: float = 1e-4,
         g = r[idx]
         adv[idx] = (g - g.mean()) / ((batch_std if global_std else g.std(unbiased=False)) + eps)
     return adv.to(torch.float32)
+
+
+def grpo_advantages(rewards: torch.Tensor, keys: list[str] | None, global_std: bool, clip: float) -> torch.Tensor:
+    """Flow-GRPO's advantages (GRPO, and DiffusionNFT's input): :func:`group_normalized` clipped to +-``clip``;
+    ``keys`` None (one sample per prompt) is the batch z-score, as Flow-GRPO turns per-prompt tracking off."""
+    if keys is None:
+        keys = [str(i) for i in range(len(rewards))]
+    return group_normalized(rewards, keys, global_std=global_std).clamp(-clip, clip)
+
+
+def step_group_keys(ctx) -> list[str] | None:
+    """The keys that group a step's samples for GRPO-style advantages (None: one sample per prompt)."""
+    return None if ctx.group_size == 1 else group_keys(ctx.conditions, ctx.n)
 
 
 class PerPromptStatTracker:

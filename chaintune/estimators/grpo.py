@@ -33,7 +33,7 @@ import torch
 from chaintune.chain import transition
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext
-from chaintune.estimators.baselines import group_normalized
+from chaintune.estimators.baselines import grpo_advantages, step_group_keys
 from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.reinforce import Reinforce
 
@@ -62,12 +62,14 @@ class GRPO(Reinforce):
         return True
 
     def step_advantages(self, rewards: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
-        if keys is None:  # one sample per prompt: Flow-GRPO turns per-prompt tracking off (the batch z-score)
-            keys = [str(i) for i in range(len(rewards))]
-        return self._clipped(group_normalized(rewards, keys, global_std=self.global_std), "group")
+        return grpo_advantages(rewards, keys, self.global_std, self.adv_clip)
 
     def _step_keys(self, ctx: EstimationContext) -> list[str] | None:
-        return None if ctx.group_size == 1 else super()._step_keys(ctx)
+        return step_group_keys(ctx)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
 
     def check(self, ctx: EstimationContext) -> None:
         super().check(ctx)

@@ -16,7 +16,8 @@ class EstimatorConfig:
     ``chaintune.estimate_gradient(model, reward, E)`` build the same estimator."""
 
     name: str = option("rlr", "rlr | rlr-released | half-order | reinforce (= ddpo) | grpo | zeroth-order | "
-                       "full-backprop | truncated-backprop | alignprop | refl. rlr with h = 1, spans = 1 and no ZO "
+                       "full-backprop | truncated-backprop | alignprop | refl | nft (DiffusionNFT) | dpo (online "
+                       "Diffusion-DPO). rlr with h = 1, spans = 1 and no ZO "
                        "computes the same gradient as rlr-released at its defaults, bit for bit.",
                        key="estimator")
     h: int = option(1, "rlr / half-order: span length (steps of backprop inside the likelihood-ratio span).", min=1)
@@ -42,8 +43,8 @@ class EstimatorConfig:
     kl_coef: float = option(0.0, "grpo: weight of the per-step closed-form KL to the reference (base) policy "
                             "(Flow-GRPO's beta; needs the base model).", min=0)
     # Flow-GRPO's config_base.py: sample.global_std = True (its SD3 recipes keep it)
-    global_std: bool = option(True, "grpo: divide by the whole batch's reward std (Flow-GRPO's default) instead of "
-                              "each group's (--no-global-std).")
+    global_std: bool = option(True, "grpo / nft: divide by the whole batch's reward std (Flow-GRPO's default) "
+                              "instead of each group's (--no-global-std).")
     # benchmarks/chain_diagnostics.py and the video ranking (docs/results.md, "Which estimator when"): on
     # builtin:moving-digits a per-prompt baseline made DDPO learn prompt fidelity where the batch one did not; on a
     # model without prompts or labels it is the batch baseline exactly, so the image results are unchanged
@@ -53,6 +54,14 @@ class EstimatorConfig:
                            "references: group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
                            "running buffer). grpo always uses group.",
                            choices=("prompt", "batch", "none", "group", "tracker"))
+    # DiffusionNFT's official code and Flow-Factory's NFTTrainingArguments: nft_beta 1.0
+    nft_beta: float = option(1.0, "nft: beta, how far the implicit positive and negative policies lie from the "
+                             "sampling policy (DiffusionNFT's default).", gt=0)
+    # Diffusion-DPO's SD-1.5 value, Flow-Factory's DPOTrainingArguments default
+    dpo_beta: float = option(2000.0, "dpo: beta of Diffusion-DPO's loss (on per-dimension mean squared errors).",
+                             gt=0)
+    train_timesteps: int = option(0, "nft / dpo: chain timesteps trained per rollout sample, drawn without "
+                                  "replacement (0: every step of the chain, as the references train).", min=0)
     tracker_buffer: int = option(16, "baseline tracker: rewards kept per prompt (DDPO: 16).", min=1)
     tracker_min_count: int = option(16, "baseline tracker: below this many buffered rewards a prompt uses batch "
                                     "statistics (DDPO: 16).", min=0)
@@ -68,4 +77,5 @@ class EstimatorConfig:
 
 
 DEFAULTS = EstimatorConfig()
+GROUPED = ("grpo", "nft", "dpo")  # compare samples of one prompt (GRPO/NFT advantages, DPO pairs): align draws groups
 """The default of every estimator option: the estimators' constructors take theirs from here."""

@@ -7,9 +7,11 @@ from dataclasses import fields
 
 from chaintune.errors import ChaintuneError, unknown_name
 from chaintune.estimators.base import Estimator
+from chaintune.estimators.dpo import OnlineDPO
 from chaintune.estimators.full import FullBackprop
 from chaintune.estimators.grpo import GRPO
 from chaintune.estimators.half_order import HalfOrder
+from chaintune.estimators.nft import DiffusionNFT
 from chaintune.estimators.options import DEFAULTS, EstimatorConfig
 from chaintune.estimators.reinforce import Reinforce
 from chaintune.estimators.rlr import RLR, RLRReleased
@@ -28,6 +30,8 @@ ESTIMATORS = {
     "half-order": HalfOrder,
     "rlr": RLR,
     "rlr-released": RLRReleased,
+    "nft": DiffusionNFT,
+    "dpo": OnlineDPO,
 }
 
 
