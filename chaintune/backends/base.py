@@ -170,6 +170,12 @@ class DiffusionModel:
             raise NotImplementedError(f"{type(self).__name__} must give its pixel_shape")
         return tuple(self.latent_shape)
 
+    def reference_images(self, x_T: torch.Tensor, steps: int, cond: Conditions) -> torch.Tensor | None:
+        """What the model's own diffusers pipeline makes from ``x_T`` in ``steps`` deterministic steps (eta 0, the
+        chain's scheduler) under ``cond``: the reference ``chaintune check`` holds the chain to. None where the
+        pipeline takes no initial latents (it draws its own noise); there the scheduler step is checked instead."""
+        return None
+
     def save_lora_weights(self, directory: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> bool:
         """Write ``lora_state_dict`` (peft keys) to ``directory`` in diffusers' LoRA format, so the
         pipeline's ``load_lora_weights`` reads it. Returns False where diffusers has no LoRA loader for

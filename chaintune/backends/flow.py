@@ -86,6 +86,16 @@ class FlowModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
             pipe = type(pipe)(**{**pipe.components, "transformer": self.denoiser})
         pipe.save_pretrained(str(path), safe_serialization=True)
 
+    def reference_images(self, x_T, steps, cond):
+        """``StableDiffusion3Pipeline`` with this transformer and the chain's Euler scheduler."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "transformer": self.denoiser, "scheduler": self.scheduler})
+        pipe.set_progress_bar_config(disable=True)
+        _, h, w = self.pixel_shape
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
+                        latents=x_T, output_type="pt", max_sequence_length=self.max_sequence_length, height=h,
+                        width=w).images
+
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusion3Pipeline.load_lora_weights`` (peft
         keys of the transformer, as diffusers' SD3 LoRA training script writes them)."""

@@ -200,6 +200,15 @@ class FluxModel(PromptConditioned, VAELatents, DiffusionModel):
             pipe = type(pipe)(**{**pipe.components, "transformer": self.denoiser})
         pipe.save_pretrained(str(path), safe_serialization=True)
 
+    def reference_images(self, x_T, steps, cond):
+        """``FluxPipeline`` with this transformer on the packed initial latents (its guidance embedding)."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "transformer": self.denoiser})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
+                        latents=pack_latents(x_T), output_type="pt", max_sequence_length=self.max_sequence_length,
+                        height=self.height, width=self.width).images
+
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``FluxPipeline.load_lora_weights`` (peft keys of the
         transformer under ``transformer.``, as diffusers' FLUX LoRA training script writes them)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from chaintune.backends.base import Conditions, DiffusionModel, PromptConditioned, VAELatents
 from chaintune.chain import as_chain_scheduler
@@ -103,6 +103,15 @@ class StableDiffusionModel(PromptConditioned, VAELatents, DiffusionModel):
             controlnet=controlnet, scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
             requires_safety_checker=False).save_pretrained(str(path), safe_serialization=True)
         return True
+
+    def reference_images(self, x_T, steps, cond):
+        """``StableDiffusionPipeline`` with this denoiser and DDIM on the pipeline's own scheduler config, eta 0."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "unet": self.denoiser,
+                                  "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
+                        latents=x_T, eta=0.0, output_type="pt").images
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``."""

@@ -164,6 +164,15 @@ class SDXLModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
             add_watermarker=False).save_pretrained(str(path), safe_serialization=True)
         return True
 
+    def reference_images(self, x_T, steps, cond):
+        """``StableDiffusionXLPipeline`` with this denoiser and DDIM on the pipeline's own scheduler config, eta 0."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "unet": self.denoiser,
+                                  "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
+                        latents=x_T, eta=0.0, output_type="pt").images
+
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights`` (UNet
         layers in diffusers' naming, as diffusers' SDXL LoRA training script writes them)."""

@@ -247,6 +247,16 @@ class WanModel(PromptConditioned, DiffusionModel):
         return type(self.pipe)(**{**self.pipe.components, "transformer": self.denoiser,
                                   "scheduler": self.scheduler})
 
+    def reference_images(self, x_T, steps, cond):
+        """``WanPipeline`` with the chain's Euler scheduler (:meth:`euler_pipeline`), the same negative prompt."""
+        pipe = self.euler_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, negative_prompt=cond.extra.get("negative_prompt", self.negative_prompt),
+                        num_inference_steps=steps, guidance_scale=cond.guidance_scale, latents=x_T,
+                        max_sequence_length=self.max_sequence_length, height=self.height, width=self.width,
+                        num_frames=self.num_frames, output_type="pt").frames
+
     def save(self, path):
         """The pipeline with ``self.denoiser`` as its transformer (its own scheduler), plus the video size."""
         pipe = self.pipe

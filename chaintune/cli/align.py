@@ -50,6 +50,33 @@ def register(app: typer.Typer) -> None:
                  baseline=baseline or None, seed=seed)
 
     @app.command()
+    def check(
+        reward: Annotated[str, typer.Option(help="The reward to check (a name, SPEC or module:function).")],
+        model: Annotated[str, typer.Option(help=field_help(ChainConfig, "model"))] = "builtin:digits",
+        estimator: Annotated[str, typer.Option(help="The estimator whose gradient is checked.")] = "rlr",
+        memory_budget: Annotated[str | None, typer.Option("--memory-budget", "--memory", help="Also report which "
+                                                          "estimator configurations fit this budget.")] = None,
+        sample_steps: Annotated[int, typer.Option(help=field_help(ChainConfig, "sample_steps"))] = 10,
+        batch_size: Annotated[int, typer.Option(help="Samples per check.")] = 2,
+        prompt: Annotated[list[str] | None, typer.Option(help="Prompt(s) to check with (default: the model's).")]
+        = None,
+        guidance_scale: Annotated[float | None, typer.Option(help=field_help(ChainConfig, "guidance_scale"))] = None,
+        peft: Annotated[str, typer.Option(help=field_help(OptimConfig, "peft"))] = "lora",
+        device: Annotated[str | None, typer.Option(help=field_help(RunConfig, "device"))] = None,
+    ):
+        """Check the model, the reward and one gradient estimate on your own setting in minutes, before a long run:
+        sampler == the model's diffusers pipeline, PPO ratio 1 before an update, reward shape and gradient, the
+        gradient reaching every trainable parameter, what fits the memory. Exit 3 when a check fails."""
+        from chaintune.plan.check import check as run_check
+        from chaintune.plan.check import format_report
+
+        report = run_check(model, reward, estimator=estimator, memory=memory_budget, steps=sample_steps,
+                           n=batch_size, prompts=prompt, guidance_scale=guidance_scale, peft=peft, device=device)
+        typer.echo(format_report(report))
+        if not report.ok:
+            raise typer.Exit(3)
+
+    @app.command()
     def plan(
         model: Annotated[str, typer.Option(help=field_help(ChainConfig, "model"))] = "builtin:digits",
         memory_budget: Annotated[str, typer.Option("--memory-budget", "--memory",
