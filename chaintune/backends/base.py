@@ -172,8 +172,9 @@ class DiffusionModel:
 
     def reference_images(self, x_T: torch.Tensor, steps: int, cond: Conditions) -> torch.Tensor | None:
         """What the model's own diffusers pipeline makes from ``x_T`` in ``steps`` deterministic steps (eta 0, the
-        chain's scheduler) under ``cond``: the reference ``chaintune check`` holds the chain to. None where the
-        pipeline takes no initial latents (it draws its own noise); there the scheduler step is checked instead."""
+        chain's scheduler) under ``cond``: the reference ``chaintune check`` holds the chain to. None where no
+        diffusers pipeline samples this model from given latents (its pipeline draws its own noise, or there is no
+        pipeline for it); there the scheduler step is checked against diffusers' in the tests instead."""
         return None
 
     def save_lora_weights(self, directory: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> bool:

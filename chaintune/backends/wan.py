@@ -248,7 +248,10 @@ class WanModel(PromptConditioned, DiffusionModel):
                                   "scheduler": self.scheduler})
 
     def reference_images(self, x_T, steps, cond):
-        """``WanPipeline`` with the chain's Euler scheduler (:meth:`euler_pipeline`), the same negative prompt."""
+        """``WanPipeline`` with the chain's Euler scheduler (:meth:`euler_pipeline`), the same negative prompt; None
+        for a pixel-space model (the built-in moving digits: no VAE, which WanPipeline needs)."""
+        if self.pipe.vae is None:
+            return None
         pipe = self.euler_pipeline()
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():

@@ -31,6 +31,7 @@ from chaintune.estimators import get_estimator
 from chaintune.estimators.base import EstimationContext, draw_noise, rollout
 from chaintune.estimators.ppo import step_log_prob
 from chaintune.plan.recommend import format_recommendation, recommend
+from chaintune.prompts import load_prompts
 from chaintune.rewards import get_reward, validate_reward_output
 from chaintune.sampling import chain_scheduler, make_conditions
 
@@ -72,6 +73,9 @@ def check(model: str | DiffusionModel, reward, estimator: str = "rlr", memory: s
         model = chaintune.load(model, device=device)
     report = CheckReport(str(model_id), getattr(rew, "name", str(reward)), estimator)
     gen = torch.Generator().manual_seed(seed)
+    if prompts is None and model.takes_prompts and getattr(model, "default_prompts", None):
+        pool = load_prompts(model.default_prompts).prompts  # the prompts the model ships, as align draws them
+        prompts = [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=gen)]
     cond = make_conditions(model, n, prompts=prompts, guidance_scale=guidance_scale, generator=gen)
     kw = {"prompts": cond.prompts, "labels": cond.labels, "guidance_scale": cond.guidance_scale}
     report.findings.append(_sampler(model, steps, n, seed, kw))
@@ -103,8 +107,9 @@ def _sampler(model: DiffusionModel, steps: int, n: int, seed: int, kw: dict) -> 
     cond = make_conditions(model, n, prompts=kw["prompts"], labels=kw["labels"], guidance_scale=kw["guidance_scale"])
     ref = model.reference_images(tr.latents[0], steps, cond)
     if ref is None:
-        return Finding("sampler", None, f"{type(model).__name__}'s pipeline draws its own initial noise: not compared "
-                       "(its scheduler step is checked against diffusers' in chaintune's tests)")
+        return Finding("sampler", None, f"{type(model).__name__}: no diffusers pipeline samples it from given latents "
+                       "(its pipeline draws its own noise, or it has none): not compared; its scheduler step is "
+                       "checked against diffusers' in chaintune's tests")
     diff = float((tr.images.float().cpu() - ref.float().cpu()).abs().max())
     if diff <= SAMPLER_TOL:
         return Finding("sampler", True, f"eta 0 from the same latents equals the diffusers pipeline (max |diff| "
@@ -146,7 +151,8 @@ def _reward(rew, images: torch.Tensor, cond) -> Finding:
     try:
         r = validate_reward_output(rew(x, prompts=cond.prompts, labels=cond.labels), x.shape[0], name)
     except ChaintuneError as e:
-        return Finding("reward", False, str(e), "return one finite float per sample (shape [n])")
+        return Finding("reward", False, str(e), "a reward that takes this model's samples (images or videos) and "
+                       "prompts and returns one finite float per sample (shape [n])")
     if not getattr(rew, "differentiable", False):
         return Finding("reward", True, f"finite, shape [{x.shape[0]}]; black box (estimators that need no reward "
                        "gradient: rlr, reinforce/ddpo, grpo, nft, dpo, zeroth-order)")
