@@ -44,15 +44,18 @@ class Ranking:
 RANKINGS: dict[tuple[str, str], Ranking] = {
     ("differentiable", "loose"): Ranking(
         ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
-        "digit:5 at 4,800 samples: full backprop 100% 5s, RLR h=2 95.8%, h=1 91.7%, DDPO 27.6%, AlignProp 8.3% "
-        "(base 7.3%); also first at equal wall-clock"),
+        "digit:5, 4,800 samples, 3 seeds, LR per method on a fourth (benchmarks/results/which_image.json): full "
+        "backprop 100% 5s, RLR h=2 96.4%, DDPO and GRPO 31.2%, AlignProp 8.9% (base 7.3%); first at equal "
+        "wall-clock too"),
     ("differentiable", "tight"): Ranking(
         ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
-        "checkpointed, micro-batched full backprop computes the same gradient as full backprop within RLR h=2's "
-        "memory, at more compute per sample"),
+        "at RLR h=2's memory checkpointed full backprop in micro-batches of 16 still fits and delivered 100% at "
+        "equal samples and equal time against RLR h=2's 96.4% (benchmarks/results/budgets_image.json); RLR is next "
+        "where even that does not fit"),
     ("black-box", "loose"): Ranking(
         ("ddpo", "grpo", "rlr", "zeroth-order"),
-        "digit-blackbox:5 at 4,800 samples: DDPO 27.6% 5s, RLR 9.4%, zeroth-order 7.3% (base 7.3%)"),
+        "digit-blackbox:5, 4,800 samples, 3 seeds (benchmarks/results/which_image-blackbox.json): DDPO and GRPO "
+        "27.6% 5s, RLR 7.3%, zeroth-order 7.3% (base 7.3%)"),
     ("black-box", "tight"): Ranking(
         ("ddpo", "grpo", "rlr", "zeroth-order"),
         "black-box rewards get no pathwise terms, so memory does not change the ranking"),
