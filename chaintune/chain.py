@@ -182,6 +182,15 @@ def flow_sde_std(sigma: float, sigma_next: float, eta: float, sigma_max: float) 
     return g, g * math.sqrt(max(sigma - sigma_next, 0.0))
 
 
+def flow_sde_coefficient(scheduler, t, eta: float) -> float:
+    """The diffusion coefficient g of the flow SDE step at chain timestep ``t`` (its std is g * sqrt(-ds)): what
+    Flow-GRPO divides its KL by (``std_dev_t``)."""
+    idx = _flow_index(scheduler, t)
+    sigmas = scheduler.sigmas
+    return flow_sde_std(float(sigmas[idx]), float(sigmas[idx + 1]), eta,
+                        float(sigmas[1]) if len(sigmas) > 2 else 0.0)[0]
+
+
 def _flow_transition(scheduler, model_output, t, sample, eta):
     """Rectified-flow SDE step, as in Flow-GRPO (Liu et al. 2025, `sde_step_with_logprob`).
 

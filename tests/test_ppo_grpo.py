@@ -360,3 +360,45 @@ def test_grpo_advantages_equal_flow_grpos(global_std):
                          dtype=torch.float32)
     torch.testing.assert_close(group_normalized(rewards, single, global_std=global_std), want1)
     assert GRPO().global_std is True  # Flow-GRPO's config_base default (and its SD3 recipes')
+
+
+def test_grpo_flow_grpo_kl_form_is_flow_grpos_formula():
+    """kl_form='flow-grpo' is Flow-GRPO's `((mean - mean_ref)**2).mean(dims) / (2 * std_dev_t**2)` with
+    std_dev_t = eta * sqrt(sigma / (1 - sigma)) (sigma_max for sigma = 1), summed over the latent dimensions as every
+    chaintune loss is; written here from Flow-GRPO's formula, on the same trajectory."""
+    from chaintune.chain import StepGrad, prepare_scheduler, transition
+    from chaintune.estimators.base import rollout
+    from chaintune.sampling import chain_scheduler
+
+    model = tiny_flow_model()
+    other = copy.deepcopy(model.denoiser).requires_grad_(False)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ctx = EstimationContext(model=model, reward=BLACKBOX, n=2, steps=3, eta=0.7,
+                            generator=torch.Generator().manual_seed(0), reference=lambda: _swap(model, other))
+    x_T, noises = draw_noise(ctx, 2)
+    sched = prepare_scheduler(chain_scheduler(model, "ddim"), 3)
+    ctx.scheduler = sched
+    with torch.no_grad():
+        traj, _, _ = rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions)
+    denoise = model.denoise_fn(ctx.conditions)
+    sigmas = sched.sigmas
+    for i in range(3):
+        x, t = traj.latents[i], traj.timesteps[i]
+        with torch.no_grad():
+            mean, std, _ = transition(sched, denoise(x, t), t, x, 0.7)
+            with _swap(model, other):
+                ref_mean, _, _ = transition(sched, model.denoise_fn(ctx.conditions)(x, t), t, x, 0.7)
+            ours = GRPO(kl_coef=1.0, kl_form="flow-grpo")._penalty(ctx, denoise, sched, traj, i, mean, std)
+            exact = GRPO(kl_coef=1.0)._penalty(ctx, denoise, sched, traj, i, mean, std)
+        s = float(sigmas[i])
+        s_for_g = float(sigmas[1]) if s >= 1 else s
+        std_dev_t = 0.7 * (s / (1 - s_for_g)) ** 0.5
+        flow_grpo = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)  # per dimension, per sample
+        dims = mean[0].numel()
+        assert float(ours) == pytest.approx(float((flow_grpo * dims).mean()), rel=1e-4)
+        assert float(ours) == pytest.approx(float(exact) * (s - float(sigmas[i + 1])), rel=1e-4)  # = exact * |ds|
+    with pytest.raises(ChaintuneError, match="flow SDE"):
+        next(iter(GRPO(kl_coef=0.1, kl_form="flow-grpo").updates(_ctx(tiny_unet_model(), 0, reward=BLACKBOX,
+                                                                          reference=contextlib.nullcontext))))

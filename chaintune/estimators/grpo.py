@@ -16,7 +16,8 @@ Units: as everywhere in chaintune the policy term is backpropagated as D x DDPO'
 per-dimension KL; the ratio of the two terms, hence ``kl_coef`` = ``beta``, is Flow-GRPO's. One
 difference, on purpose: Flow-GRPO divides the squared mean difference by 2 g^2 with g its SDE's
 diffusion coefficient (``std_dev_t``), not by the step's variance g^2 |d sigma|, so its "KL" is the KL
-times |d sigma|; here it is the exact per-step KL (the same formula for DDPM/DDIM and flow steps).
+times |d sigma|; here it is the exact per-step KL (the same formula for DDPM/DDIM and flow steps), and
+``kl_form="flow-grpo"`` gives Flow-GRPO's (flow models).
 
 The reference policy comes from the context: ``ctx.reference()`` is a context manager under which
 ``ctx.model.denoise_fn`` runs the base model (LoRA adapters disabled, or a frozen copy swapped in;
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from chaintune.chain import transition
+from chaintune.chain import flow_sde_coefficient, is_flow_scheduler, transition
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext
 from chaintune.estimators.baselines import grpo_advantages, step_group_keys
@@ -41,17 +42,20 @@ from chaintune.estimators.reinforce import Reinforce
 class GRPO(Reinforce):
     name = "grpo"
 
-    options = ("inner_epochs", "clip_range", "kl_coef", "global_std")
+    options = ("inner_epochs", "clip_range", "kl_coef", "global_std", "kl_form")
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
-                 kl_coef: float = D.kl_coef, global_std: bool = D.global_std, step_fraction: float = 1.0,
-                 adv_clip: float = 5.0):
+                 kl_coef: float = D.kl_coef, global_std: bool = D.global_std, kl_form: str = D.kl_form,
+                 step_fraction: float = 1.0, adv_clip: float = 5.0):
         if kl_coef < 0:
             raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
+        if kl_form not in ("exact", "flow-grpo"):
+            raise ChaintuneError(f"kl_form must be exact or flow-grpo, got {kl_form!r}")
         super().__init__(inner_epochs=inner_epochs, clip_range=clip_range, normalize_advantages=False,
                          step_fraction=step_fraction, final_step="skip", adv_clip=adv_clip)
         self.kl_coef = kl_coef
         self.global_std = global_std
+        self.kl_form = kl_form
 
     def baseline(self, ctx: EstimationContext) -> str:
         return "group"
@@ -73,6 +77,9 @@ class GRPO(Reinforce):
 
     def check(self, ctx: EstimationContext) -> None:
         super().check(ctx)
+        if self.kl_coef > 0 and self.kl_form == "flow-grpo" and not is_flow_scheduler(ctx.scheduler):
+            raise ChaintuneError("kl_form flow-grpo is Flow-GRPO's KL of flow SDE steps; this model's chain is "
+                                 "DDPM-style (use kl_form exact)")
         if self.kl_coef > 0 and ctx.reference is None:
             raise ChaintuneError("grpo with kl_coef > 0 needs the reference policy: the trainer must pass "
                                  "EstimationContext(reference=...) (a context that runs the base model)")
@@ -84,7 +91,11 @@ class GRPO(Reinforce):
         with torch.no_grad(), ctx.reference():
             ref_mean, _, _ = transition(sched, ctx.model.denoise_fn(ctx.conditions)(x_i, t.to(x_i.device)), int(t),
                                         x_i, ctx.eta)
-        kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * std.float() ** 2)
+        if self.kl_form == "flow-grpo":  # Flow-GRPO: divided by 2 g^2 (its std_dev_t), not the step's variance
+            g = flow_sde_coefficient(sched, t, ctx.eta)
+            kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * g**2)
+        else:
+            kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * std.float() ** 2)
         return self.kl_coef * kl.mean()
 
     def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:

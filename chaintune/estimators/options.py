@@ -54,6 +54,9 @@ class EstimatorConfig:
                            "references: group (GRPO: per-prompt mean/std in the batch) | tracker (DDPO: per-prompt "
                            "running buffer). grpo always uses group.",
                            choices=("prompt", "batch", "none", "group", "tracker"))
+    kl_form: str = option("exact", "grpo: the KL's form: exact (the per-step Gaussian KL) | flow-grpo (Flow-GRPO's: "
+                          "divided by its SDE coefficient g^2 instead of the step's variance, i.e. times |d sigma|; "
+                          "flow models).", choices=("exact", "flow-grpo"))
     # DiffusionNFT's official code and Flow-Factory's NFTTrainingArguments: nft_beta 1.0
     nft_beta: float = option(1.0, "nft: beta, how far the implicit positive and negative policies lie from the "
                              "sampling policy (DiffusionNFT's default).", gt=0)
