@@ -20,7 +20,7 @@ run, and the table says so. Prints a table (min / median seconds, CPU seconds, p
 ``benchmarks/results/peers.json`` and ``peers.png``.
 
     python benchmarks/peers.py --repeats 3 --peer-python /work/peer-venv/bin/python
-    python benchmarks/peers.py --quick      # CI smoke: one repeat of chaintune's side and the floor
+    python benchmarks/peers.py --quick      # CI smoke: one repeat of chaintune's sampling and the floor, 2 steps
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from pathlib import Path
 
 PROMPTS = ["a red cat", "a blue dog", "a green car", "a tall tree", "a small boat", "an old house", "a fast bird",
            "a round stone"]
-STEPS, ETA, CFG, BATCH, RANK = 20, 1.0, 5.0, 8, 4
+ETA, CFG, BATCH, RANK = 1.0, 5.0, 8, 4
+STEPS = int(os.environ.get("PEERS_STEPS", "20"))  # --quick: 2 (a smoke run; the workers read it from here)
 OPS = ("sample", "ddpo", "alignprop", "rlr", "floor")
 PEER_OPS = ("sample", "ddpo", "alignprop")
 
@@ -185,8 +186,8 @@ def worker(side: str, op: str, path: str) -> dict:
 
 
 def _run(python: str, side: str, op: str, path: Path) -> dict | None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PEERS_STEPS": str(STEPS), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.run([python, __file__, "--worker", side, op, str(path)], capture_output=True, text=True, env=env,
                        timeout=1800)
     if p.returncode != 0:
@@ -206,15 +207,18 @@ def main(argv: list[str] | None = None) -> bool:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peer-python", default=None, help="interpreter of an environment with trl==0.11.4")
     p.add_argument("--ops", default=",".join(OPS))
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results; --quick: its tmp/)")
     p.add_argument("--quick", action="store_true", help="one repeat, chaintune's sample and the floor")
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(*a.worker)))
         return True
+    global STEPS
+    if a.quick:
+        STEPS = 2
     ops = ["sample", "floor"] if a.quick else a.ops.split(",")
     repeats = 1 if a.quick else a.repeats
-    out = Path(a.out) / ("tmp" if a.quick else "")
+    out = Path(a.out) if a.out else Path(__file__).parent / "results" / ("tmp" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     model = out / "peers_model"
     if not (model / "model_index.json").exists():

@@ -104,6 +104,14 @@ def test_sampler_quick(tmp_path):
     assert rows[0.0]["agree"]
 
 
+@pytest.mark.slow  # ~40 s: it builds a pipeline and runs two fresh processes
+def test_peers_quick_runs_chaintunes_side_and_the_floor_without_the_peer(tmp_path):
+    res = _run("peers", tmp_path)
+    ops = {t["op"]: t for t in res["table"]}
+    assert set(ops) == {"sample", "floor"} and res["settings"]["peer"] is None
+    assert ops["sample"]["chaintune"]["wall"][0] > 0 and ops["sample"]["over_floor_median"] > 0
+
+
 def test_transfer_quick(tmp_path):
     res = _run("transfer", tmp_path, "--variant", "psi-only:lam=0,bank-share=0.25")
     assert {"config", "references", "runs", "summary", "forgetting"} <= set(res)
