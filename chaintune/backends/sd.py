@@ -17,7 +17,20 @@ from chaintune.backends.base import Conditions, DiffusionModel, PromptConditione
 from chaintune.chain import as_chain_scheduler
 
 
-class StableDiffusionModel(PromptConditioned, VAELatents, DiffusionModel):
+class UNetPipelineReference:
+    """``reference_images`` of the UNet text-to-image pipelines (SD, SDXL): the model's own pipeline class with this
+    denoiser and DDIM on the pipeline's own scheduler config, eta 0 (a chain ported wrong differs from it)."""
+
+    def reference_images(self, x_T, steps, cond):
+        pipe = type(self.pipe)(**{**self.pipe.components, "unet": self.denoiser,
+                                  "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
+                        latents=x_T, eta=0.0, output_type="pt").images
+
+
+class StableDiffusionModel(UNetPipelineReference, PromptConditioned, VAELatents, DiffusionModel):
     kind = "sd"
 
     def __init__(self, pipe: StableDiffusionPipeline, source: str = "", vae_chunk: int | None = None):
@@ -103,15 +116,6 @@ class StableDiffusionModel(PromptConditioned, VAELatents, DiffusionModel):
             controlnet=controlnet, scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
             requires_safety_checker=False).save_pretrained(str(path), safe_serialization=True)
         return True
-
-    def reference_images(self, x_T, steps, cond):
-        """``StableDiffusionPipeline`` with this denoiser and DDIM on the pipeline's own scheduler config, eta 0."""
-        pipe = type(self.pipe)(**{**self.pipe.components, "unet": self.denoiser,
-                                  "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
-                        latents=x_T, eta=0.0, output_type="pt").images
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``."""

@@ -24,6 +24,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from chaintune.backends.base import Conditions, DiffusionModel, PooledPromptCFG, PromptConditioned, VAELatents
+from chaintune.backends.sd import UNetPipelineReference
 from chaintune.chain import SUPPORTED, as_chain_scheduler
 
 
@@ -36,7 +37,7 @@ def _chain_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, clip_sample=False, **extra)
 
 
-class SDXLModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
+class SDXLModel(UNetPipelineReference, PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
     kind = "sdxl"
 
     def __init__(self, pipe: StableDiffusionXLPipeline, source: str = "", vae_chunk: int | None = None,
@@ -163,15 +164,6 @@ class SDXLModel(PooledPromptCFG, PromptConditioned, VAELatents, DiffusionModel):
             scheduler=c["scheduler"], force_zeros_for_empty_prompt=self.zeros_for_empty_prompt,
             add_watermarker=False).save_pretrained(str(path), safe_serialization=True)
         return True
-
-    def reference_images(self, x_T, steps, cond):
-        """``StableDiffusionXLPipeline`` with this denoiser and DDIM on the pipeline's own scheduler config, eta 0."""
-        pipe = type(self.pipe)(**{**self.pipe.components, "unet": self.denoiser,
-                                  "scheduler": DDIMScheduler.from_config(self.pipe.scheduler.config)})
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            return pipe(prompt=cond.prompts, num_inference_steps=steps, guidance_scale=cond.guidance_scale,
-                        latents=x_T, eta=0.0, output_type="pt").images
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights`` (UNet

@@ -64,7 +64,9 @@ class CheckReport:
 def check(model: str | DiffusionModel, reward, estimator: str = "rlr", memory: str | None = None, steps: int = 10,
           n: int = 2, prompts: list[str] | None = None, guidance_scale: float | None = None, peft: str = "lora",
           device: str | None = None, seed: int = 0) -> CheckReport:
-    """Run the checks (module docstring) on ``model`` with ``reward``; each failure says what to change."""
+    """Run the checks (module docstring) on ``model`` with ``reward``; each failure says what to change. A model
+    passed in gets ``peft``'s adapters in place for the gradient check (pass a fresh one, or ``peft="none"`` to
+    check the weights as they are)."""
     if n < 2 or steps < 2:
         raise ChaintuneError(f"check needs n >= 2 samples and steps >= 2, got n={n}, steps={steps}")
     rew = get_reward(reward)  # an unknown reward is an input error, before the model loads

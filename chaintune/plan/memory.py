@@ -37,6 +37,7 @@ from chaintune.align.config import AlignConfig
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values
 from chaintune.sampling import initial_noise
+from chaintune.utils.devices import format_bytes
 
 _UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -67,13 +68,6 @@ class MemoryPlan:
     peft: str = "lora"
     requested_device: str | None = None  # the --device planned for (None: the best available, align's default)
 
-
-def _fmt(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(b) < 1024 or unit == "TB":
-            return f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} TB"
 
 
 def _rss_bytes(pid: int | str = "self") -> int:
@@ -205,7 +199,7 @@ def measure_peak(fn: Callable[[], dict | None], device: str | torch.device = "cp
         if timeout is not None and time.monotonic() - t0 > timeout:
             killed = {"error": f"timed out after {timeout:.0f} s", "timed_out": True}
         elif max_bytes is not None and rss - base > max_bytes:
-            killed = {"error": f"over the memory cap ({_fmt(max_bytes)} above the model)", "over_memory": True}
+            killed = {"error": f"over the memory cap ({format_bytes(max_bytes)} above the model)", "over_memory": True}
         if killed:
             os.kill(pid, signal.SIGKILL)
             break
@@ -270,6 +264,18 @@ def h_star(budget_left: int, b_h: int, b_z: int, steps: int, v_h: float | None =
     return max(0, min(h, steps - 1))
 
 
+def fixed_cost(model, budget_b: int) -> int:
+    """What a run holds whatever the estimator: the weights, plus gradients, two Adam moments and one perturbation
+    copy of the trainable ones; one input error when ``budget_b`` is not above it."""
+    weights = sum(p.numel() * p.element_size() for m in model.modules().values() for p in m.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.denoiser.parameters() if p.requires_grad)
+    fixed = weights + 4 * trainable
+    if budget_b <= fixed:
+        raise ChaintuneError(f"memory budget {format_bytes(budget_b)} is below the model's fixed cost "
+                             f"{format_bytes(fixed)} (weights + optimizer state); use --peft lora or a larger budget")
+    return fixed
+
+
 def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_size: int = 1, peft: str = "lora",
                 device: str | None = None, v_h: float | None = None, v_z: float | None = None) -> MemoryPlan:
 
@@ -280,13 +286,9 @@ def plan_memory(model_id: str, budget: str | int, sample_steps: int = 50, batch_
     budget_b = parse_bytes(budget) if isinstance(budget, str) else int(budget)
     model = chaintune.load(model_id, device=dev)
     apply_peft(model.denoiser, peft)
-    weights = sum(p.numel() * p.element_size() for m in model.modules().values() for p in m.parameters())
+    fixed = fixed_cost(model, budget_b)
     trainable = sum(p.numel() * p.element_size() for p in model.denoiser.parameters() if p.requires_grad)
-    fixed = weights + 4 * trainable  # grads, two Adam moments, one perturbation copy
     left = budget_b - fixed
-    if left <= 0:
-        raise ChaintuneError(f"memory budget {_fmt(budget_b)} is below the model's fixed cost {_fmt(fixed)} "
-                             f"(weights + optimizer state); use --peft lora or a larger budget")
     # without checkpointing first (faster); with it when that is what makes h = 2 (or the batch) fit
     ckpt = False
     b_h, b_z = measure_step(model, batch_size, checkpoint=False)
@@ -333,12 +335,12 @@ def suggested_flags(p: MemoryPlan) -> list[str]:
 
 def format_plan(p: MemoryPlan) -> str:
     lines = [
-        f"model                {p.kind or '?'}   trainable {_fmt(p.trainable)}",
+        f"model                {p.kind or '?'}   trainable {format_bytes(p.trainable)}",
         f"device               {p.device}",
-        f"budget               {_fmt(p.budget)}",
-        f"fixed (weights+opt)  {_fmt(p.fixed)}",
-        f"B_h (one HO step)    {_fmt(p.b_h)}   batch {p.batch_size}",
-        f"B_z (one ZO step)    {_fmt(p.b_z)}",
+        f"budget               {format_bytes(p.budget)}",
+        f"fixed (weights+opt)  {format_bytes(p.fixed)}",
+        f"B_h (one HO step)    {format_bytes(p.b_h)}   batch {p.batch_size}",
+        f"B_z (one ZO step)    {format_bytes(p.b_z)}",
         f"T                    {p.steps}",
         f"gradient ckpt        {'yes' if p.checkpointing else 'no'}",
         f"h*                   {p.h_star}" + ("" if p.fits else "   (does not fit: lower batch or steps)"),

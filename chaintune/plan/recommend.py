@@ -27,8 +27,9 @@ from chaintune.align.config import AlignConfig
 from chaintune.diagnostics import decision_profile
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values
-from chaintune.plan.memory import measure_step, parse_bytes
+from chaintune.plan.memory import fixed_cost, measure_step, parse_bytes
 from chaintune.rewards import get_reward
+from chaintune.utils.devices import format_bytes
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,8 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = chaintune.load(model_id, device=dev)
     apply_peft(model.denoiser, peft)
-    weights = sum(p.numel() * p.element_size() for m in model.modules().values() for p in m.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.denoiser.parameters() if p.requires_grad)
-    fixed = weights + 4 * trainable  # grads, two Adam moments, one perturbation copy
+    fixed = fixed_cost(model, budget_b)
     left = budget_b - fixed
-    if left <= 0:
-        raise ChaintuneError(f"memory budget {budget_b / 2**30:.2f} GiB is below the model's fixed cost "
-                             f"{fixed / 2**30:.2f} GiB (weights + optimizer state); use --peft lora or a larger budget")
     b_h, b_z = measure_step(model, batch_size, checkpoint=False)
     b_c, _ = measure_step(model, batch_size, checkpoint=True)
     profile = None
@@ -189,24 +185,17 @@ def recommend(model_id: str, reward: str, budget: str | int, sample_steps: int =
                           profile.as_dict() if profile is not None else None)
 
 
-def _fmt(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(b) < 1024 or unit == "TB":
-            return f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} TB"
-
 
 def format_recommendation(r: Recommendation) -> str:
     lines = [f"situation            {r.situation[0]} reward, {r.situation[1]} memory "
-             f"(budget {_fmt(r.budget)}, fixed {_fmt(r.fixed)}, T = {r.steps}, batch {r.batch_size})"]
+             f"(budget {format_bytes(r.budget)}, fixed {format_bytes(r.fixed)}, T = {r.steps}, batch {r.batch_size})"]
     if r.decided is not None:
         d = r.decided
         lines.append(f"reward decided       {d['where']} (share in the data half of the chain {d['late_share']:.2f}; "
                      f"RLR span range j = {d['span_range'][0]},{d['span_range'][1]})")
     lines.append("options within the budget (estimated peak above the fixed cost, denoiser evaluations per sample):")
     for o in r.options:
-        lines.append(f"  {'fits ' if o.fits else 'no   '} {o.label:<48s} {_fmt(o.peak):>10s} {o.work:>7.0f}")
+        lines.append(f"  {'fits ' if o.fits else 'no   '} {o.label:<48s} {format_bytes(o.peak):>10s} {o.work:>7.0f}")
     if r.choice is None:
         lines.append(f"recommendation       none: {r.why}")
     else:

@@ -53,7 +53,8 @@ def free_bytes(device: str | torch.device) -> int | None:
 _UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def _fmt(b: float) -> str:
+def format_bytes(b: float) -> str:
+    """``12.3 MB``: bytes in the largest unit below 1024 (binary units, as the planners report them)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(b) < 1024 or unit == "TB":
             return f"{b:.1f} {unit}"
@@ -86,8 +87,8 @@ def out_of_memory_error(e: BaseException, batch_size: int, grad_accum: int, devi
     and a batch that should fit (memory grows about linearly with the micro-batch, so the batch is scaled by what
     is free over what was needed), with the same samples per step through --grad-accum."""
     need, free = _requested_bytes(str(e)), free_bytes(device)
-    asked = f"an allocation of {_fmt(need)}" if need else "an allocation"
-    have = f" with {_fmt(free)} free" if free is not None else ""
+    asked = f"an allocation of {format_bytes(need)}" if need else "an allocation"
+    have = f" with {format_bytes(free)} free" if free is not None else ""
     fit = max(1, int(batch_size * free / (free + need))) if need and free is not None else max(1, batch_size // 2)
     fit = min(fit, batch_size - 1) if batch_size > 1 else 1
     accum = -(-batch_size * grad_accum // fit)
