@@ -166,6 +166,9 @@ class Estimator:
             )
         if not ctx.params:
             raise ChaintuneError("the model has no trainable parameters (requires_grad=False everywhere)")
+        if self.needs_reference and ctx.reference is None:
+            raise ChaintuneError(f"{self.name} needs the reference policy: the trainer must pass "
+                                 "EstimationContext(reference=...) (a context that runs the base model)")
 
     def __repr__(self) -> str:
         fields_ = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

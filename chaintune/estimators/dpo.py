@@ -74,12 +74,6 @@ class OnlineDPO(Estimator):
     def plan(self, num_steps, generator=None):
         return [StepGrad.NONE] * num_steps  # the rollout carries no gradient; training is on the forward process
 
-    def check(self, ctx: EstimationContext) -> None:
-        super().check(ctx)
-        if ctx.reference is None:
-            raise ChaintuneError("dpo needs the reference policy: the trainer must pass EstimationContext("
-                                 "reference=...) (a context that runs the base model)")
-
     def updates(self, ctx: EstimationContext):
         self.check(ctx)
         x_T, noises = draw_noise(ctx, ctx.n)
@@ -97,13 +91,13 @@ class OnlineDPO(Estimator):
         sched = prepare_scheduler(ctx.scheduler, ctx.steps, device=x0.device)
         times = training_times(traj.timesteps, self.train_timesteps, ctx.generator)
         denoise = ctx.model.denoise_fn(cond)
+        dims = tuple(range(1, x0.dim()))
         total = accuracy = 0.0
         for t in times:
             eps = torch.randn((p, *x0.shape[1:]), generator=ctx.generator).to(x0).repeat(2, *[1] * (x0.dim() - 1))
             tb = t.expand(2 * p)
             x_t = add_noise(sched, x0_pairs, eps, tb)
             target = training_target(sched, x0_pairs, eps, tb)
-            dims = tuple(range(1, x0.dim()))
             with ctx.autocast():
                 err = ((denoise(x_t, t.to(x_t.device)).float() - target.float()) ** 2).mean(dims)
                 with torch.no_grad(), ctx.reference():

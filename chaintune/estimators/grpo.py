@@ -80,9 +80,6 @@ class GRPO(Reinforce):
         if self.kl_coef > 0 and self.kl_form == "flow-grpo" and not is_flow_scheduler(ctx.scheduler):
             raise ChaintuneError("kl_form flow-grpo is Flow-GRPO's KL of flow SDE steps; this model's chain is "
                                  "DDPM-style (use kl_form exact)")
-        if self.kl_coef > 0 and ctx.reference is None:
-            raise ChaintuneError("grpo with kl_coef > 0 needs the reference policy: the trainer must pass "
-                                 "EstimationContext(reference=...) (a context that runs the base model)")
 
     def _penalty(self, ctx, denoise, sched, traj, i, mean, std):
         if self.kl_coef <= 0:
@@ -91,11 +88,9 @@ class GRPO(Reinforce):
         with torch.no_grad(), ctx.reference():
             ref_mean, _, _ = transition(sched, ctx.model.denoise_fn(ctx.conditions)(x_i, t.to(x_i.device)), int(t),
                                         x_i, ctx.eta)
-        if self.kl_form == "flow-grpo":  # Flow-GRPO: divided by 2 g^2 (its std_dev_t), not the step's variance
-            g = flow_sde_coefficient(sched, t, ctx.eta)
-            kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * g**2)
-        else:
-            kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * std.float() ** 2)
+        # Flow-GRPO divides by its SDE coefficient g^2 (std_dev_t), not by the step's variance std^2 = g^2 |d sigma|
+        var = flow_sde_coefficient(sched, t, ctx.eta) ** 2 if self.kl_form == "flow-grpo" else std.float() ** 2
+        kl = ((mean.float() - ref_mean.float()) ** 2).flatten(1).sum(1) / (2 * var)
         return self.kl_coef * kl.mean()
 
     def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:

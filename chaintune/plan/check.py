@@ -17,13 +17,13 @@ with what to change when it fails:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 import chaintune
 from chaintune.adapters import apply_peft
+from chaintune.align.objective import base_model_weights
 from chaintune.backends.base import DiffusionModel
 from chaintune.chain import StepGrad, prepare_scheduler
 from chaintune.errors import ChaintuneError
@@ -180,8 +180,8 @@ def _gradient(model, rew, estimator, steps, n, cond, peft, seed) -> Finding:
                        "unfreeze the adapters (requires_grad) or choose --peft")
     est = get_estimator(estimator)
     ctx = EstimationContext(model=model, reward=rew, n=n, steps=steps, eta=1.0, conditions=cond,
-                            generator=torch.Generator().manual_seed(seed), reference=lambda: _base(model),
-                            scheduler=chain_scheduler(model, "ddim"))
+                            generator=torch.Generator().manual_seed(seed), scheduler=chain_scheduler(model, "ddim"),
+                            reference=lambda: base_model_weights(model, None))  # adapters off: the base policy
     for _, p in params:
         p.grad = None
     try:
@@ -206,22 +206,6 @@ def _gradient(model, rew, estimator, steps, n, cond, peft, seed) -> Finding:
                        "prompt with grpo?)")
     return Finding("gradient", True, f"{estimator}: reaches all {len(params)} trainable tensors, finite (norm "
                    f"{norm:.3g})")
-
-
-def _base(model):
-    """The reference policy for estimators that need one (DPO's): the adapters switched off."""
-    disable = getattr(model.denoiser, "disable_adapters", None)
-    if disable is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def off():
-        model.denoiser.disable_adapters()
-        try:
-            yield
-        finally:
-            model.denoiser.enable_adapters()
-    return off()
 
 
 def format_report(report: CheckReport) -> str:
