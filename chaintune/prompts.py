@@ -234,7 +234,7 @@ class StagedModel:
         for stage in STAGES:
             prompts = self.stages.prompts_for(stage, cond.prompts, n)
             out[stage] = Conditions(labels=cond.labels, prompts=prompts, guidance_scale=cond.guidance_scale,
-                                    extra=dict(cond.extra))
+                                    extra=dict(cond.extra), control=cond.control)
         return out
 
     def denoise_fn(self, cond: Conditions, encoded=None):

@@ -88,6 +88,7 @@ def sample(
     batch_size: int | None = None,
     decode: bool = True,
     progress: str | None = None,
+    conditions: Conditions | None = None,
 ) -> Trajectory:
     """Sample ``n`` images without gradients and return the full trajectory.
 
@@ -96,12 +97,14 @@ def sample(
     posterior variance instead and ignores ``eta``. ``batch_size`` splits large ``n`` into
     chunks to bound memory (the noise is drawn chunk by chunk, so results depend on it).
     ``progress``: a label for a progress bar over the model calls (long sampling phases of trainers).
+    ``conditions``: the batch's conditions as they are (e.g. a ControlNet's control images), instead of
+    ``labels``/``prompts``/``guidance_scale``.
     """
     if n < 1:
         raise ChaintuneError("n must be >= 1")
     sched = chain_scheduler(model, scheduler)
-    cond = make_conditions(model, n, labels=labels, prompts=prompts, guidance_scale=guidance_scale,
-                           generator=generator)
+    cond = conditions if conditions is not None else make_conditions(
+        model, n, labels=labels, prompts=prompts, guidance_scale=guidance_scale, generator=generator)
     x_T = initial_noise(model, n, generator)
     bs = batch_size or n
     parts = []

@@ -45,7 +45,7 @@ def test_new_controlnet_is_an_exact_noop(which):
     x0, y = _digits(3, base.pixel_shape[0])
     cond = Conditions(labels=y) if base.takes_labels else Conditions(prompts=["a 1", "a 2", ""])
     ctrl = Conditions(labels=cond.labels, prompts=cond.prompts,
-                      extra={"control": control_images(model, "edges", x0)})
+                      control=control_images(model, "edges", x0))
     g = torch.Generator().manual_seed(0)
     x = torch.randn((3, *base.latent_shape), generator=g)
     t = torch.tensor([10, 500, 990])
@@ -185,7 +185,7 @@ def _digit_uint8() -> np.ndarray:
 def test_extractors_agree_across_grey_rgb_rgba_and_16bit(kind):
     from PIL import Image
 
-    from chaintune.controlnet.conditions import extract
+    from chaintune.data.conditions import extract
 
     grey = _digit_uint8()
     ref = extract(kind, grey)
@@ -205,7 +205,7 @@ def test_extractors_agree_across_grey_rgb_rgba_and_16bit(kind):
 def test_extractors_read_16bit_png_files(tmp_path):
     from PIL import Image
 
-    from chaintune.controlnet.conditions import edges, load_condition_image
+    from chaintune.data.conditions import edges, load_condition_image
 
     wide = _digit_uint8().astype(np.uint16) * 257
     Image.fromarray(wide).save(tmp_path / "d16.png")
@@ -225,14 +225,14 @@ def test_extractors_read_16bit_png_files(tmp_path):
     ([[0, 1]], "tensor, numpy array, PIL image or path"),
 ])
 def test_bad_condition_inputs_get_a_clear_error(bad, needle):
-    from chaintune.controlnet.conditions import edges
+    from chaintune.data.conditions import edges
 
     with pytest.raises(ChaintuneError, match=needle):
         edges(bad)
 
 
 def test_condition_iou_is_one_for_the_source_and_lower_for_another():
-    from chaintune.controlnet.conditions import condition_iou, edges
+    from chaintune.data.conditions import condition_iou, edges
 
     x, _ = _digits(8)
     assert torch.allclose(condition_iou("edges", x, edges(x)), torch.ones(8))
@@ -296,7 +296,7 @@ def test_lora_on_the_controlnet_reaches_the_zero_convolutions(tmp_path):
                            base=base, data=(x, y), eval_data=(x[:2], y[:2]))
     assert any(n.startswith("controlnet_mid_block.lora_") for n in res.trainable)
     model = load_controlled(str(tmp_path / "run"))  # merged into a plain ControlNetModel
-    cond = Conditions(labels=y[:2], extra={"control": control_images(model, "edges", x[:2])})
+    cond = Conditions(labels=y[:2], control=control_images(model, "edges", x[:2]))
     xt, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 800])
     with torch.no_grad():
         assert (model.model_output(xt, t, cond) - base.model_output(xt, t, cond)).abs().max() > 1e-3

@@ -39,6 +39,13 @@ class ChainConfig:
     mid_prompt: str | None = option(None, "Prompt for the middle stage of the chain.")
     fine_prompt: str | None = option(None, "Prompt for the last (fine) stage of the chain.")
     stage_boundaries: str = option("0.3333,0.6667", "Chain-position fractions b1,b2 splitting coarse/mid/fine.")
+    controlnet: str | None = option(None, "Reward fine-tuning of a ControlNet: a chaintune controlnet run (or an "
+                                    "align run of one, or a *ControlNetPipeline dir). Its ControlNet (or LoRA on it) "
+                                    "trains, the base stays frozen, and every sample follows a control image from "
+                                    "--control-data; --model is read only for a bare ControlNetModel dir.")
+    control_data: str = option("auto", "With --controlnet: images whose conditions the samples follow (auto: the "
+                               "ControlNet run's training data). Evaluation uses held-out ones: digits:test for "
+                               "digit data, else the last 10% of these.")
 
 
 @dataclass
@@ -140,6 +147,9 @@ class AlignConfig:
                                      f"steps; step 1 is the first-order step), got {e.j!r}")
         if self.optim.peft not in ("none", "lora"):
             raise ChaintuneError("align trains full weights (peft none) or LoRA (peft lora)")
+        if self.chain.controlnet is not None and self.guards.retention_weight > 0:
+            raise ChaintuneError("--retention-weight replays the base model's samples without a control; with "
+                                 "--controlnet the base is frozen and keeps what it knew: use --retention-weight 0")
         if self.chain.group_size is not None and self.optim.batch_size % self.chain.group_size:
             raise ChaintuneError(f"batch_size={self.optim.batch_size} must be a multiple of group_size="
                                  f"{self.group_size} (samples per prompt)")

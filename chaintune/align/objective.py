@@ -20,8 +20,10 @@ import torch
 
 import chaintune
 from chaintune.align.config import AlignConfig, ChainConfig
+from chaintune.align.controls import ControlPool
 from chaintune.align.guard import HackingGuard, guard_policy
 from chaintune.backends.base import Conditions, DiffusionModel
+from chaintune.backends.controlled import load_controlled
 from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, resolve_sampled
@@ -138,8 +140,13 @@ class AlignObjective(Objective):
             run.log_line(f"note: {self.reward.name!r} is black-box, so RLR's first-order last step becomes a "
                          "zeroth-order one; on the black-box digit target DDPO (--estimator reinforce) learned "
                          "3x more (27.6% vs 9.4% held-out share)")
-        model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk,
-                               video_shape=chain.video_shape)
+        self.controls = None
+        if chain.controlnet is not None:  # the ControlNet trains (model.denoiser), its base stays frozen
+            model = load_controlled(chain.controlnet, base=chain.model, device=str(run.device))
+            self.controls = ControlPool.load(model, chain.controlnet, chain.control_data)
+        else:
+            model = chaintune.load(chain.model, device=str(run.device), vae_chunk=chain.vae_chunk,
+                                   video_shape=chain.video_shape)
         run.threads_for(model)  # the retention bank below samples under the rule
         self.prompts = self._prompts(model)
         pool = self.prompts is not None or chain.labels is not None  # conditions drawn from a pool can repeat
@@ -169,7 +176,7 @@ class AlignObjective(Objective):
 
         with torch.no_grad():
             images = self.model.decode(initial_noise(self.model, 2, torch.Generator().manual_seed(0)))
-            validate_reward_output(self.reward(images, prompts=c.prompts, labels=c.labels), 2, self.reward.name)
+            validate_reward_output(self.reward(images, **c.reward_kwargs()), 2, self.reward.name)
 
     def _prompts(self, model: DiffusionModel) -> list[str] | None:
         """Prompts from --prompt-file (.txt one a line with # comments, .json list, or builtin:NAME) or --prompt;
@@ -194,9 +201,26 @@ class AlignObjective(Objective):
         return StagePrompts(coarse=chain.coarse_prompt, mid=chain.mid_prompt, fine=chain.fine_prompt,
                             boundaries=(b1, b2))
 
-    def _conditions(self, n: int, gen: torch.Generator, group: int = 1) -> Conditions:
-        """``n`` conditions: prompts/labels drawn at random, each repeated ``group`` times in a row (GRPO groups)."""
+    def _conditions(self, n: int, gen: torch.Generator, group: int = 1, heldout: bool = False) -> Conditions:
+        """``n`` conditions: prompts/labels drawn at random, each repeated ``group`` times in a row (GRPO groups);
+        a ControlNet's samples also get control images (drawn alike; ``heldout``: the evaluation's) and, without
+        labels or prompts, the null condition, so that the control alone steers them."""
 
+        labels, prompts = self.cfg.chain.labels, self.prompts
+        if self.controls is not None:
+            if labels is None and prompts is None:
+                cond = self.model.null_conditions(n)
+                if self.cfg.chain.guidance_scale is not None:
+                    cond.guidance_scale = self.cfg.chain.guidance_scale
+            else:
+                cond = self._drawn_conditions(n, gen, group)
+            pool = self.controls
+            cond.control = (pool.heldout_controls(n) if heldout else pool.draw(n, gen, group)).to(
+                self.model.device, self.model.dtype)
+            return cond
+        return self._drawn_conditions(n, gen, group)
+
+    def _drawn_conditions(self, n: int, gen: torch.Generator, group: int) -> Conditions:
         labels, prompts = self.cfg.chain.labels, self.prompts
 
         def draw(pool):
@@ -254,12 +278,15 @@ class AlignObjective(Objective):
         cfg, chain = self.cfg, self.cfg.chain
         n = cfg.eval.eval_samples
         eval_gen = torch.Generator().manual_seed(10_000 + cfg.run.seed)  # held-out seeds: never used in training
-        c = self._conditions(n, eval_gen)
+        c = self._conditions(n, eval_gen, heldout=True)
         with run.autocast():
             tr = sample(self.model, n, steps=chain.sample_steps, eta=chain.eta, generator=eval_gen, labels=c.labels,
                         prompts=c.prompts, guidance_scale=c.guidance_scale, scheduler=self.sched,
-                        progress=f"evaluation (step {step})" if run.bars else None)
-        metrics = self.evaluation(tr.images, prompts=c.prompts, labels=c.labels)
+                        progress=f"evaluation (step {step})" if run.bars else None,
+                        conditions=c if self.controls is not None else None)
+        metrics = self.evaluation(tr.images, **c.reward_kwargs())
+        if self.controls is not None:
+            metrics.update(self.controls.metrics(tr.images))
         metrics["eval/base_distance"] = self.guard.base_distance(tr.images)
         return Evaluation(metrics, tr.images[:64], score=metrics.get("eval/heldout_reward", metrics["eval/reward"]),
                           alarm=self.guard.alarm(metrics), captions=None if c.prompts is None else c.prompts[:64])
@@ -277,7 +304,11 @@ class AlignObjective(Objective):
 
     def info(self) -> dict:
         # the model actually trained (one passed in Python may not be the configured id): what load() needs for adapter/
-        return {"base_model": self.model.source or self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}
+        info = {"base_model": self.model.source or self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}
+        if self.controls is not None:  # what `chaintune sample --controlnet` and a further align run read back
+            info.update(controlnet=self.cfg.chain.controlnet, condition=self.controls.kind,
+                        control_data=self.controls.data)
+        return info
 
 
 def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,

@@ -26,12 +26,18 @@ from chaintune.errors import ChaintuneError
 
 @dataclass
 class Conditions:
-    """Per-sample conditioning for a batch: class labels and/or prompts, plus guidance."""
+    """Per-sample conditioning for a batch: class labels and/or prompts, plus guidance.
+
+    ``control`` holds one control image per sample ([n, C, H, W] in [0, 1]) for a model steered by a
+    ControlNet; it is indexed with the batch (``subset``, ``repeat``, ``cat``) and reaches rewards as
+    ``metadata["control"]`` (:meth:`reward_kwargs`), so a consistency reward sees what each sample was asked to
+    follow."""
 
     labels: torch.Tensor | None = None
     prompts: list[str] | None = None
     guidance_scale: float = 1.0
     extra: dict = field(default_factory=dict)
+    control: torch.Tensor | None = None
 
     def repeat(self, times: int) -> Conditions:
         return Conditions(
@@ -39,6 +45,7 @@ class Conditions:
             prompts=None if self.prompts is None else [p for p in self.prompts for _ in range(times)],
             guidance_scale=self.guidance_scale,
             extra=dict(self.extra),
+            control=None if self.control is None else self.control.repeat_interleave(times, 0),
         )
 
     def subset(self, idx: Sequence[int]) -> Conditions:
@@ -47,13 +54,19 @@ class Conditions:
             prompts=None if self.prompts is None else [self.prompts[i] for i in idx],
             guidance_scale=self.guidance_scale,
             extra=dict(self.extra),
+            control=None if self.control is None else self.control[list(idx)],
         )
+
+    def reward_kwargs(self) -> dict:
+        """What a reward is called with besides the images (``reward(images, **cond.reward_kwargs())``)."""
+        return {"prompts": self.prompts, "labels": self.labels,
+                "metadata": None if self.control is None else {"control": self.control}}
 
     @staticmethod
     def cat(parts: Sequence[Conditions]) -> Conditions:
         """One batch from several (e.g. target samples, then bank samples on the null branch).
 
-        Every part must carry the same fields (labels and/or prompts), the same guidance and no
+        Every part must carry the same fields (labels and/or prompts, control), the same guidance and no
         ``extra``: a backend reads a batch's conditions as a whole, so "given for some samples, missing
         for others" cannot be expressed. Raises ``ValueError`` otherwise (callers then run the parts
         as separate batches).
@@ -64,14 +77,16 @@ class Conditions:
         for p in parts:
             if p.extra:
                 raise ValueError("Conditions with extra fields cannot be concatenated")
-            if (p.labels is None) != (first.labels is None) or (p.prompts is None) != (first.prompts is None):
-                raise ValueError("Conditions.cat: parts differ in which of labels/prompts they carry")
+            if ((p.labels is None) != (first.labels is None) or (p.prompts is None) != (first.prompts is None)
+                    or (p.control is None) != (first.control is None)):
+                raise ValueError("Conditions.cat: parts differ in which of labels/prompts/control they carry")
             if p.guidance_scale != first.guidance_scale:
                 raise ValueError("Conditions.cat: parts differ in guidance_scale")
         return Conditions(
             labels=None if first.labels is None else torch.cat([p.labels for p in parts]),
             prompts=None if first.prompts is None else [q for p in parts for q in p.prompts],
             guidance_scale=first.guidance_scale,
+            control=None if first.control is None else torch.cat([p.control for p in parts]),
         )
 
 

@@ -8,7 +8,7 @@ unchanged on ``base.with_denoiser(ControlledUNet(...))``; when CFG doubles the b
 is repeated to match, as ``StableDiffusionControlNetPipeline`` does (``guess_mode=False``). So chaintune's
 sampler and the diffusers pipeline compute the same thing.
 
-The control image travels in ``Conditions.extra["control"]``: [n, C, H, W] in [0, 1] at the model's
+The control image travels in ``Conditions.control``: [n, C, H, W] in [0, 1] at the model's
 pixel size, C = ``ControlNetModel.config.conditioning_channels``.
 """
 
@@ -173,7 +173,7 @@ class ControlledModel(DiffusionModel):
 
     # --------------------------------------------------------------- the controlled denoiser
     def _runner(self, cond: Conditions) -> DiffusionModel:
-        control = cond.extra.get("control")
+        control = cond.control
         if control is None:
             raise ChaintuneError(f"{self.source!r} is a ControlNet run: give a condition image "
                                  f"(chaintune sample --controlnet RUN --condition IMG)")
@@ -207,6 +207,7 @@ def load_controlnet_into(base: DiffusionModel, directory: str | Path, **options)
     directory = Path(directory)
     cn = ControlNetModel.from_pretrained(str(directory), torch_dtype=base.dtype, **options).to(base.device).eval()
     cn.requires_grad_(False)  # loaded to sample; a trainer makes what it trains trainable itself
+    _lora_reaches_the_control_path(cn)  # reward fine-tuning (align --controlnet) may put LoRA on it
     meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
     return ControlledModel(base, cn, meta.get("condition", "edges"), float(meta.get("conditioning_scale", 1.0)),
                            source=str(directory.parent))
@@ -220,8 +221,9 @@ def load_controlled(model_id: str, base: str | None = None, device: str | None =
     path = Path(model_id).expanduser()
     if is_run_dir(path):
         info = read_run_info(path)
-        if info.get("command") != "controlnet":
-            raise ChaintuneError(f"{path} is a {info.get('command')!r} run, not a controlnet run")
+        if info.get("command") != "controlnet" and not (info.get("command") == "align" and info.get("controlnet")):
+            raise ChaintuneError(f"{path} is a {info.get('command')!r} run, not a ControlNet's (chaintune controlnet, "
+                                 "or chaintune align --controlnet)")
         path = path / "model"
     if not path.is_dir():
         raise ChaintuneError(f"--controlnet {model_id}: no such run or directory")

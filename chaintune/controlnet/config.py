@@ -10,7 +10,7 @@ from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
 
 METHODS = ("diff-tuning", "plain")
 TIMESTEP_LAWS = ("psi", "uniform")
-CONDITIONS = ("edges", "silhouette")  # chaintune.controlnet.conditions.CONDITIONS (kept torch-free here)
+CONDITIONS = ("edges", "silhouette")  # chaintune.data.conditions.CONDITIONS (kept torch-free here)
 
 
 @dataclass

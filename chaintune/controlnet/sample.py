@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from chaintune.backends.controlled import load_controlled
 from chaintune.backends.files import reading_model
-from chaintune.controlnet.conditions import load_condition_image, to_grey
 from chaintune.controlnet.trainer import control_images, sample_controlled
+from chaintune.data.conditions import load_condition_image, to_grey
 from chaintune.errors import ChaintuneError
 from chaintune.sampling import check_conditions, check_sample_memory
 from chaintune.utils.images import save_grid, save_images

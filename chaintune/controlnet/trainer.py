@@ -37,8 +37,8 @@ from chaintune.backends.base import DiffusionModel
 from chaintune.backends.controlled import ControlledModel, new_controlnet
 from chaintune.chain import StepGrad, add_noise, run_chain, training_target
 from chaintune.classifiers import load_classifier
-from chaintune.controlnet.conditions import condition_iou, extract
 from chaintune.controlnet.config import ControlNetConfig
+from chaintune.data.conditions import condition_iou, extract
 from chaintune.errors import ChaintuneError
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions
@@ -46,7 +46,8 @@ from chaintune.transfer.conditioning import target_conditions
 from chaintune.transfer.data import encode, load_target
 from chaintune.transfer.timesteps import sample_timesteps
 
-__all__ = ["ControlNetObjective", "train_controlnet", "sample_controlled", "control_images"]
+__all__ = ["ControlNetObjective", "train_controlnet", "sample_controlled", "control_images", "split_control_data",
+           "judged_by_digits", "control_metrics"]
 
 
 def control_images(model: ControlledModel | DiffusionModel, kind: str, images: torch.Tensor,
@@ -55,6 +56,46 @@ def control_images(model: ControlledModel | DiffusionModel, kind: str, images: t
     maps = extract(kind, images)
     c = channels or getattr(model, "conditioning_channels", 1)
     return maps.repeat(1, c, 1, 1) if c > 1 else maps
+
+
+def split_control_data(base: DiffusionModel, data: str, eval_data: str = "auto",
+                       given: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       given_eval: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Training images (x, y) and held-out ones (ex, ey) whose conditions steer a ControlNet: ``eval_data``
+    ``auto`` is digits:test for digit data, else the last 10% of ``data`` (taken out of training)."""
+    x, y = given if given is not None else load_target(base, data)
+    if given_eval is not None:
+        ex, ey = given_eval
+    elif eval_data == "auto" and data.partition(":")[0] in ("digits", "digits-fewshot"):
+        ex, ey = load_target(base, "digits:test")
+    elif eval_data == "auto":  # hold out the last 10% of the training images
+        k = max(1, len(x) // 10)
+        if len(x) - k < 1:
+            raise ChaintuneError(f"{data} has {len(x)} images: too few to hold some out; give --eval-data")
+        x, y, ex, ey = x[:-k], y[:-k], x[-k:], y[-k:]
+    else:
+        ex, ey = load_target(base, eval_data)
+    if not len(x):
+        raise ChaintuneError(f"{data} holds no images")
+    return x, y, ex, ey
+
+
+def judged_by_digits(data: str, labels: torch.Tensor) -> bool:
+    """Whether the shipped digit classifier can judge samples drawn from ``data``'s conditions."""
+    return bool(data.partition(":")[0] in ("digits", "digits-fewshot") and len(labels) and int(labels.max()) < 10)
+
+
+def control_metrics(kind: str, images: torch.Tensor, maps: torch.Tensor,
+                    digits: torch.Tensor | None = None) -> dict[str, float]:
+    """How well samples follow their controls: ``condition_iou`` (IoU of the condition extracted from each sample
+    with its map) and, given the digits the controls came from, ``digit_agreement`` (share the shipped digits-cnn
+    labels as that digit)."""
+    metrics = {"eval/condition_iou": float(condition_iou(kind, images, maps).mean())}
+    if digits is not None:
+        with torch.no_grad():
+            pred = load_classifier("digits-cnn")(images).argmax(1).cpu()
+        metrics["eval/digit_agreement"] = float((pred == digits.cpu()).float().mean())
+    return metrics
 
 
 @torch.no_grad()
@@ -80,7 +121,7 @@ def sample_controlled(model: ControlledModel, control: torch.Tensor, *, steps: i
     for s in range(0, n, batch_size):
         idx = list(range(s, min(n, s + batch_size)))
         c = cond.subset(idx)
-        c.extra = {"control": control[idx].to(model.device, model.dtype)}
+        c.control = control[idx].to(model.device, model.dtype)
         traj = run_chain(model.denoise_fn(c), sched, x_T[idx], num_steps=steps, eta=eta, generator=generator,
                          modes=StepGrad.NONE)
         out.append(model.decode(traj.x0).float().cpu())
@@ -106,20 +147,7 @@ class ControlNetObjective(Objective):
         controlnet = new_controlnet(base)
         self.model = ControlledModel(base, controlnet, cfg.condition, cfg.control.conditioning_scale,
                                      source=f"controlnet over {cfg.model}")
-        x, y = self.data if self.data is not None else load_target(base, cfg.data)
-        if self.eval_data is not None:
-            ex, ey = self.eval_data
-        elif cfg.eval.eval_data == "auto" and cfg.data.partition(":")[0] in ("digits", "digits-fewshot"):
-            ex, ey = load_target(base, "digits:test")
-        elif cfg.eval.eval_data == "auto":  # hold out the last 10% of the training images
-            k = max(1, len(x) // 10)
-            if len(x) - k < 1:
-                raise ChaintuneError(f"{cfg.data} has {len(x)} images: too few to hold some out; give --eval-data")
-            x, y, ex, ey = x[:-k], y[:-k], x[-k:], y[-k:]
-        else:
-            ex, ey = load_target(base, cfg.eval.eval_data)
-        if not len(x):
-            raise ChaintuneError(f"{cfg.data} holds no images")
+        x, y, ex, ey = split_control_data(base, cfg.data, cfg.eval.eval_data, self.data, self.eval_data)
         self.x0_all = encode(base, x).to(run.device)
         self.y = y.long()
         self.control_all = control_images(self.model, cfg.condition, x)
@@ -127,8 +155,7 @@ class ControlNetObjective(Objective):
         self.eval_images, self.eval_labels = ex[:n_eval].float(), ey[:n_eval].long()
         self.eval_control = control_images(self.model, cfg.condition, self.eval_images)
         self.eval_maps = extract(cfg.condition, self.eval_images)
-        self.digits = bool(cfg.data.partition(":")[0] in ("digits", "digits-fewshot") and len(ey)
-                           and int(ey.max()) < 10)  # the shipped digit classifier can judge these
+        self.digits = judged_by_digits(cfg.data, ey)
         if cfg.optim.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
         g = torch.Generator().manual_seed(cfg.run.seed + 4242)
@@ -144,7 +171,7 @@ class ControlNetObjective(Objective):
             idx = torch.randint(0, len(self.x0_all), (n,), generator=g)
             x0 = self.x0_all[idx.to(self.x0_all.device)]
             cond = target_conditions(model, self.y[idx], cfg.control.label_dropout, cfg.control.prompt, None, g)
-            cond.extra = {"control": self.control_all[idx].to(run.device, model.dtype)}
+            cond.control = self.control_all[idx].to(run.device, model.dtype)
             t = sample_timesteps(n, sched.config.num_train_timesteps, law, alpha, generator=g).to(x0.device)
             noise = torch.randn(x0.shape, generator=g).to(x0)
             xt = add_noise(sched, x0, noise, t)
@@ -160,11 +187,7 @@ class ControlNetObjective(Objective):
         images = sample_controlled(self.model, self.eval_control, steps=ev.sample_steps, eta=ev.sample_eta,
                                    generator=torch.Generator().manual_seed(self.cfg.run.seed + 777),
                                    x_T=self.eval_noise)
-        metrics = {"eval/condition_iou": float(condition_iou(self.cfg.condition, images, self.eval_maps).mean())}
-        if self.digits:
-            with torch.no_grad():
-                pred = load_classifier("digits-cnn")(images).argmax(1)
-            metrics["eval/digit_agreement"] = float((pred == self.eval_labels).float().mean())
+        metrics = control_metrics(self.cfg.condition, images, self.eval_maps, self.eval_labels if self.digits else None)
         k = min(ev.grid_samples, len(images))
         cond_rgb = self.eval_maps[:k].repeat(1, images.shape[1], 1, 1)
         pairs = torch.stack([cond_rgb, images[:k]], 1).flatten(0, 1)  # condition, sample, condition, sample ...

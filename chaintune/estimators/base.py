@@ -207,7 +207,7 @@ def rollout(
                          perturb=perturb, noises=noises, checkpoint=ctx.checkpoint, stop_at=stop_at)
     with torch.set_grad_enabled(grad_reward):
         images = ctx.model.decode(traj.x0 if grad_reward else traj.x0.detach())
-        r = ctx.reward(images, prompts=cond.prompts, labels=cond.labels)
+        r = ctx.reward(images, **cond.reward_kwargs())
     r = validate_reward_output(r, x_T.shape[0], getattr(ctx.reward, "name", "reward"))
     return traj, images, r
 

@@ -60,7 +60,7 @@ def final_step_pathwise(ctx: EstimationContext, x_last: torch.Tensor, noises, co
         traj = run_chain(ctx.model.denoise_fn(cond), ctx.scheduler, x_last, num_steps=ctx.steps, eta=ctx.eta,
                          modes=modes, noises=noises, checkpoint=ctx.checkpoint, start=last)
     images = ctx.model.decode(traj.x0)
-    return ctx.reward(images, prompts=cond.prompts, labels=cond.labels)
+    return ctx.reward(images, **cond.reward_kwargs())
 
 
 class HalfOrder(Estimator):

@@ -356,6 +356,6 @@ class RLRReleased(RLR):
                              checkpoint=ctx.checkpoint, start=T - 1)
         images = ctx.model.decode(last.x0)
         cond = ctx.conditions
-        r = ctx.reward(images, prompts=cond.prompts, labels=cond.labels)
+        r = ctx.reward(images, **cond.reward_kwargs())
         r = validate_reward_output(r, x_T.shape[0], getattr(ctx.reward, "name", "reward"))
         return traj, images, r

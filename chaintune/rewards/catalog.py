@@ -8,7 +8,7 @@ registry's content back (no import circle).
 from __future__ import annotations
 
 from chaintune.errors import ChaintuneError, shown
-from chaintune.rewards import builtin, moving, scale, video
+from chaintune.rewards import builtin, control, moving, scale, video
 from chaintune.rewards.base import BlackBox
 from chaintune.rewards.evaluation import digit_metrics
 from chaintune.rewards.registry import (
@@ -135,6 +135,21 @@ def _register_builtins() -> None:
                     no_arg("video-compressibility-heldout", lambda: moving.VideoCompressibilityReward(True)),
                     "video-compressibility-heldout", "-(LZMA size of the raw clip in kB); black-box",
                     heldout=fixed("video-compressibility"), metrics=moving.metrics)
+
+    # ControlNets (chaintune align --controlnet RUN): the sample against the control it was drawn with
+    register_reward("edge-consistency", no_arg("edge-consistency", lambda: control.ConsistencyReward("edges")),
+                    "edge-consistency", "soft IoU of the sample's soft Sobel edges with the control's edges "
+                    "(ControlNet++'s consistency reward)", True, heldout=fixed("edge-chamfer"))
+    register_reward("edge-chamfer", no_arg("edge-chamfer", control.EdgeChamferReward), "edge-chamfer",
+                    "-(symmetric chamfer distance, px) between the sample's edge map and the control's; black-box",
+                    heldout=fixed("edge-consistency"))
+    register_reward("silhouette-consistency",
+                    no_arg("silhouette-consistency", lambda: control.ConsistencyReward("silhouette")),
+                    "silhouette-consistency", "soft IoU of the sample's soft silhouette with the control", True,
+                    heldout=fixed("silhouette-iou"))
+    register_reward("silhouette-iou", no_arg("silhouette-iou", control.SilhouetteIoUReward), "silhouette-iou",
+                    "IoU of the sample's silhouette (binarised at 0.5) with the control's; black-box",
+                    heldout=fixed("silhouette-consistency"))
 
 
 _register_builtins()

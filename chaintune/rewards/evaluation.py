@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,13 +52,14 @@ class RewardEvaluation:
     heldout_spec: str | None = None
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
-                 labels: torch.Tensor | Sequence[int] | None = None) -> dict[str, float]:
-        """The evaluation row (keys in the order: reward, diversity, heldout_reward, then term metrics)."""
+                 labels: torch.Tensor | Sequence[int] | None = None, metadata: Any = None) -> dict[str, float]:
+        """The evaluation row (keys in the order: reward, diversity, heldout_reward, then term metrics);
+        ``metadata`` reaches the rewards as it does in training (ControlNets: ``{"control": images}``)."""
         with torch.no_grad():
-            row = {"eval/reward": float(self.reward(images, prompts=prompts, labels=labels).mean()),
+            row = {"eval/reward": float(self.reward(images, prompts=prompts, labels=labels, metadata=metadata).mean()),
                    "eval/diversity": pairwise_diversity(images)}
             if self.heldout is not None:
-                h = self.heldout(images, prompts=prompts, labels=labels).float()
+                h = self.heldout(images, prompts=prompts, labels=labels, metadata=metadata).float()
                 row["eval/heldout_reward"] = float(h.mean())
                 if len(h) > 1:  # its standard error: how far the mean moves by the draw of samples alone
                     row["eval/heldout_reward_se"] = float(h.std() / len(h) ** 0.5)

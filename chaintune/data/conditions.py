@@ -1,5 +1,8 @@
 """Condition extractors: control maps computed on the fly from plain images (no OpenCV, torch only).
 
+They make ControlNets' controls (:mod:`chaintune.controlnet`) and are what the consistency rewards
+(:mod:`chaintune.rewards.control`) apply to samples.
+
 * ``edges``: Sobel gradient magnitude of the grey image, thresholded at ``EDGE_THRESHOLD`` of its
   per-image maximum (scale-free: the same map for a dim and a bright copy of an image). Binary {0, 1}.
 * ``silhouette``: the object mask (grey > half the per-image maximum), average-pooled to a
