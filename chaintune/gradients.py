@@ -26,19 +26,22 @@ def estimate_gradient(
     baseline: str = "prompt",
     checkpoint: bool = True,
     return_stats: bool = False,
+    control: torch.Tensor | None = None,
     **estimator_kwargs,
 ):
     """Estimate grad_theta E[R(x_0)] over the trainable parameters (``requires_grad``).
 
     Returns ``{parameter name: gradient}`` in the *ascent* direction (the gradient of the
     expected reward). The parameters' ``.grad`` are left as they were. For PPO-style estimators
-    only the first (on-policy) pass is used.
+    only the first (on-policy) pass is used. ``control``: the control images of a ControlNet-steered model
+    (``chaintune.backends.controlled``), one per sample; they reach the reward as ``metadata["control"]``.
     """
 
     est = get_estimator(estimator, **estimator_kwargs)
     rew = get_reward(reward)
     gen = generator or torch.Generator().manual_seed(0)
     cond = make_conditions(model, n, labels=labels, prompts=prompts, guidance_scale=guidance_scale, generator=gen)
+    cond.control = control  # a ControlNet-steered model's control images, [n, C, H, W]
     ctx = EstimationContext(model=model, reward=rew, n=n, steps=steps, eta=eta,
                             scheduler=chain_scheduler(model, scheduler), generator=gen, conditions=cond,
                             checkpoint=checkpoint, baseline=baseline)

@@ -59,12 +59,12 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("estimator", ["rlr", "reinforce"])
+@pytest.mark.parametrize("estimator", ["rlr", "reinforce", "refl"])  # refl: ControlNet++'s one-step reward
 def test_only_the_controlnet_changes(pixel_controlnet, tmp_path, estimator):
     from chaintune.backends.controlled import load_controlled
 
     before = load_controlled(str(pixel_controlnet))
-    res = _align(pixel_controlnet, tmp_path / "al", estimator=estimator)
+    res = _align(pixel_controlnet, tmp_path / "al", estimator=estimator, final_model="last")
     assert res.trainable and all(not n.startswith("base_") for n in res.trainable)
     after = load_controlled(str(tmp_path / "al"))
     base0, base1 = _state(before.base.denoiser), _state(after.base.denoiser)
@@ -258,3 +258,19 @@ def test_a_run_that_is_not_a_controlnets_is_refused(tmp_path, capsys):
         main(["align", "--controlnet", str(tmp_path / "nothing"), "--reward", "edge-consistency", "--steps", "1",
               "--out", str(tmp_path / "al"), "--no-progress"])
     assert e.value.code == 2 and "--controlnet" in capsys.readouterr().err
+
+
+def test_estimate_gradient_takes_the_control(pixel_controlnet):
+    import chaintune
+    from chaintune.backends.controlled import load_controlled
+    from chaintune.controlnet.trainer import control_images
+
+    model = load_controlled(str(pixel_controlnet))
+    model.denoiser.requires_grad_(True)
+    x, _ = _digits(4)
+    control = control_images(model, "edges", x)
+    grads = chaintune.estimate_gradient(model, "edge-consistency", "full-backprop", 4, steps=3, control=control)
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+    with pytest.raises(ChaintuneError, match="control"):
+        chaintune.estimate_gradient(model, "edge-consistency", "full-backprop", 4, steps=3)

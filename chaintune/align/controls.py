@@ -50,6 +50,7 @@ class ControlPool:
     heldout: torch.Tensor  # [M, C, H, W]
     heldout_maps: torch.Tensor  # [M, 1, H, W]: what samples are judged against
     heldout_digits: torch.Tensor | None  # [M]: the digit each held-out control came from (digit data only)
+    per_control: int = PER_CONTROL  # evaluation samples per held-out control
 
     @classmethod
     def load(cls, model: ControlledModel, controlnet: str, control_data: str) -> ControlPool:
@@ -66,11 +67,12 @@ class ControlPool:
         return self.train[picks[:n]]
 
     def _heldout_index(self, n: int) -> torch.Tensor:
-        m = min(len(self.heldout), -(-n // PER_CONTROL))
-        return torch.arange(m).repeat_interleave(PER_CONTROL).repeat(-(-n // (m * PER_CONTROL)))[:n]
+        k = self.per_control
+        m = min(len(self.heldout), -(-n // k))
+        return torch.arange(m).repeat_interleave(k).repeat(-(-n // (m * k)))[:n]
 
     def heldout_controls(self, n: int) -> torch.Tensor:
-        """``n`` evaluation controls: the first held-out ones, ``PER_CONTROL`` samples each (the same every time)."""
+        """``n`` evaluation controls: the first held-out ones, ``per_control`` samples each (the same every time)."""
         return self.heldout[self._heldout_index(n)]
 
     def metrics(self, images: torch.Tensor) -> dict[str, float]:

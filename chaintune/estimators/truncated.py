@@ -45,7 +45,8 @@ class TruncatedBackprop(Estimator):
         stop_at = None
         if self.stop_range is not None:
             # "late": ReFL's last quarter of this chain, final step excluded (the chain length is the run's)
-            a, b = (int(ctx.steps * 0.75), ctx.steps - 2) if self.stop_range == "late" else self.stop_range
+            a, b = (min(int(ctx.steps * 0.75), ctx.steps - 2), ctx.steps - 2) if self.stop_range == "late" \
+                else self.stop_range
             if not 0 <= a <= b < ctx.steps:
                 raise ChaintuneError(f"stop_range {self.stop_range} must lie in [0, {ctx.steps - 1}]")
             stop_at = int(torch.randint(a, b + 1, (1,), generator=ctx.generator))
