@@ -197,6 +197,15 @@ def test_controlnet_quick(tmp_path):
     assert all(len(r["condition_iou"]) == len(r["steps"]) for r in res["runs"])
 
 
+@pytest.mark.slow  # ~60 s: two supervised ControlNets, 4 fine-tunings, 6 judgements, 4 memory probes
+def test_controlnet_reward_quick(tmp_path):
+    res = _run("controlnet_reward", tmp_path)
+    assert set(res["chosen_lr"]) == {"rlr", "refl", "full-backprop", "ddpo"}
+    assert {"supervised (start)", "rlr", "refl", "full-backprop", "ddpo"} <= set(res["summary"])
+    assert all("condition_iou" in res["summary"][m]["eta0"] for m in res["summary"])
+    assert {r["method"] for r in res["memory"] if "peak_mib" in r} == {"rlr", "refl", "full-backprop", "ddpo"}
+
+
 def test_chain_diagnostics_quick(tmp_path):
     res = _run("chain_diagnostics", tmp_path)
     assert {r["target"] for r in res["decided"]} == {"image", "video"}
