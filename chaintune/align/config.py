@@ -77,6 +77,34 @@ class GuardConfig:
 
 
 @dataclass
+class PilotConfig:
+    """Short probe runs before the full run: the learning rate (and estimator) chosen on the user's model and reward."""
+
+    pilot: bool = option(False, "Before the run, probe each LR of --pilot-lrs (x each of --pilot-estimators) for "
+                         "--pilot-steps; keep the probe with the highest held-out reward that raised no hacking "
+                         "alarm, and run the full job with its settings (the probes go into the run's status file "
+                         "and report).")
+    pilot_lrs: str = option("3e-5,1e-4,3e-4", "Learning rates the pilot probes (comma-separated).")
+    pilot_estimators: str = option("", "Estimators the pilot probes (comma-separated; default: --estimator).")
+    pilot_steps: int = option(0, "Steps of each probe (0: a fifth of --steps, at least 10).", min=0)
+
+    def lrs(self) -> list[float]:
+        from chaintune.errors import ChaintuneError
+
+        try:
+            lrs = [float(v) for v in self.pilot_lrs.split(",") if v.strip()]
+        except ValueError:
+            raise ChaintuneError(f"--pilot-lrs must be numbers separated by commas, got {self.pilot_lrs!r}") from None
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise ChaintuneError(f"--pilot-lrs must be positive numbers, got {self.pilot_lrs!r}")
+        return lrs
+
+    def estimators(self, configured: str) -> list[str]:
+        names = [v.strip() for v in self.pilot_estimators.split(",") if v.strip()]
+        return names or [configured]
+
+
+@dataclass
 class AlignEvalConfig(EvalConfig):
     heldout_reward: str | None = option("auto", "Reward evaluated but never trained on (auto: the reward family's "
                                         "held-out twin, e.g. digit:K -> digit-heldout:K; '' for none).")
@@ -100,6 +128,7 @@ class AlignConfig:
     # pairs); at 150 steps digit:9 seed 0 stayed at 75-78% (74% on fresh seeds), the rest 86-97%
     optim: OptimConfig = section(OptimConfig, lr=1e-4, lr_schedule="cosine", steps=250)
     guards: GuardConfig = section(GuardConfig)
+    pilot: PilotConfig = section(PilotConfig)
     eval: AlignEvalConfig = section(AlignEvalConfig, final_model="best")
     run: RunConfig = section(RunConfig, out="runs/align")
 
@@ -147,6 +176,14 @@ class AlignConfig:
                                      f"steps; step 1 is the first-order step), got {e.j!r}")
         if self.optim.peft not in ("none", "lora"):
             raise ChaintuneError("align trains full weights (peft none) or LoRA (peft lora)")
+        if self.pilot.pilot:
+            from chaintune.errors import unknown_name
+            from chaintune.estimators.registry import ESTIMATORS
+
+            self.pilot.lrs()
+            for name in self.pilot.estimators(e.name):
+                if name not in ESTIMATORS:
+                    raise unknown_name("estimator", name, tuple(ESTIMATORS))
         if self.chain.controlnet is not None and self.guards.retention_weight > 0:
             raise ChaintuneError("--retention-weight replays the base model's samples without a control; with "
                                  "--controlnet the base is frozen and keeps what it knew: use --retention-weight 0")

@@ -22,6 +22,7 @@ import chaintune
 from chaintune.align.config import AlignConfig, ChainConfig
 from chaintune.align.controls import ControlPool
 from chaintune.align.guard import HackingGuard, guard_policy
+from chaintune.align.pilot import run_pilot
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.backends.controlled import load_controlled
 from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
@@ -31,6 +32,7 @@ from chaintune.estimators.registry import estimator_from_config
 from chaintune.prompts import StagedModel, StagePrompts, load_prompts
 from chaintune.rewards import validate_reward_output
 from chaintune.rewards.evaluation import reward_evaluation
+from chaintune.run.rundir import check_run_dir
 from chaintune.run.trainer import Evaluation, Objective, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
 
@@ -119,6 +121,7 @@ class AlignObjective(Objective):
         self.cfg = cfg
         self.guard = HackingGuard(cfg.guards.realism_tolerance, cfg.guards.collapse_ratio)
         self.alarm_policy = guard_policy(cfg.guards)
+        self.pilot: dict | None = None  # what `--pilot` probed and chose, for the status file and report
 
     def fsdp_refusal(self) -> str | None:
         if self.cfg.guards.kl_weight > 0:
@@ -305,6 +308,8 @@ class AlignObjective(Objective):
     def info(self) -> dict:
         # the model actually trained (one passed in Python may not be the configured id): what load() needs for adapter/
         info = {"base_model": self.model.source or self.cfg.chain.model, "heldout_reward": self.evaluation.heldout_spec}
+        if self.pilot is not None:
+            info["pilot"] = self.pilot
         if self.controls is not None:  # what `chaintune sample --controlnet` and a further align run read back
             info.update(controlnet=self.cfg.chain.controlnet, condition=self.controls.kind,
                         control_data=self.controls.data)
@@ -322,6 +327,23 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, sh
 
 def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,
               thread_policy: bool = True):
-    """Like :func:`align`, returning the :class:`~chaintune.run.trainer.RunResult` (history, final metrics)."""
-    return Trainer(cfg, AlignObjective(cfg), out=cfg.run.out, overwrite=overwrite, resume=resume,
+    """Like :func:`align`, returning the :class:`~chaintune.run.trainer.RunResult` (history, final metrics).
+
+    With ``cfg.pilot.pilot`` (and not resuming) the pilot's probes run first (:mod:`chaintune.align.pilot`); the run
+    then trains with the chosen estimator and LR, and its status file and report record the probes."""
+    pilot = None
+    if cfg.pilot.pilot and not resume:
+        cfg.validate()
+        check_run_dir(cfg.run.out, overwrite=overwrite, resume=resume)  # a refused --out fails before the probes
+
+        def fit(c: AlignConfig) -> tuple[dict, dict, list[str]]:
+            objective = AlignObjective(c)
+            trainer = Trainer(c, objective, out=None, show_progress=False, thread_policy=thread_policy)
+            res = trainer.fit()
+            return res.final, res.first_eval, [e["reason"] for e in trainer.state.get(objective.alarm_policy.name, [])]
+
+        cfg, pilot = run_pilot(cfg, fit)
+    objective = AlignObjective(cfg)
+    objective.pilot = pilot
+    return Trainer(cfg, objective, out=cfg.run.out, overwrite=overwrite, resume=resume,
                    show_progress=show_progress, thread_policy=thread_policy).fit()

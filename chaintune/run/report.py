@@ -190,6 +190,22 @@ def _hacking_section(info: dict) -> str:
             f"</th><th>action</th></tr>{rows}</table>")
 
 
+def _pilot_section(info: dict) -> str:
+    """``align --pilot``: the probes and the choice (a table before the run's own metrics)."""
+    pilot = info.get("pilot")
+    if not isinstance(pilot, dict) or not pilot.get("probes"):
+        return ""
+    chosen = pilot.get("chosen") or {}
+    rows = "".join(
+        f"<tr><td>{_esc(p.get('estimator'))}</td><td class='num'>{_esc(_fmt(p.get('lr')))}</td>"
+        f"<td class='num'>{_esc(_fmt(p.get('start')))}</td><td class='num'>{_esc(_fmt(p.get('score')))}</td>"
+        f"<td>{_esc('; '.join(p.get('alarms') or []) or 'none')}</td>"
+        f"<td>{'chosen' if (p.get('estimator'), p.get('lr')) == (chosen.get('estimator'), chosen.get('lr')) else ''}"
+        f"</td></tr>" for p in pilot["probes"])
+    return (f"<h2>Pilot ({_esc(pilot.get('steps'))} steps a probe)</h2><table><tr><th>estimator</th><th>LR</th>"
+            f"<th>held-out at start</th><th>held-out at end</th><th>alarms</th><th></th></tr>{rows}</table>")
+
+
 # fractions of evaluation samples (binomial noise): shares of a class, of clips that move the prompt's way ...
 SHARE_METRICS = ("class_share", "identity", "direction", "follows_prompt")
 RELATIVE_NOISE = 0.01  # without a standard error, a change under 1% of the value is taken as evaluation noise
@@ -295,6 +311,7 @@ def render_report(run_dir: str | Path) -> str:
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1><p class='meta'>{meta}</p><p class='meta'>{_esc(run_dir.resolve())}</p>",
         _hacking_section(info),
+        _pilot_section(info),
         _table_section(series, info),
         _curves_section(series, bad, metrics_path.exists()),
         _samples_section(sample_grids(run_dir)),
