@@ -37,7 +37,7 @@ class Probe:
 
 
 def pilot_steps(cfg: AlignConfig) -> int:
-    return cfg.pilot.pilot_steps or max(10, cfg.optim.steps // 5)
+    return cfg.pilot.pilot_steps or min(cfg.optim.steps, max(10, cfg.optim.steps // 5))
 
 
 def _score(metrics: dict) -> float:

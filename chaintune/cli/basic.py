@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
             help="Video models: sample FRAMESxHEIGHTxWIDTH pixels (default: the size the model was saved at).")]
         = None,
         controlnet: Annotated[str | None, typer.Option(
-            help="A `chaintune controlnet` run (or its model/, or a bare ControlNetModel dir over --model) that "
-            "steers the samples; needs --condition.")] = None,
+            help="A `chaintune controlnet` run or an `align --controlnet` run of one (or its model/, or a bare "
+            "ControlNetModel dir over --model) that steers the samples; needs --condition.")] = None,
         condition: Annotated[Path | None, typer.Option(
             help="With --controlnet: an image (grey, RGB, RGBA or 16-bit) whose edges/silhouette, the kind the "
             "ControlNet was trained on, every sample follows.")] = None,
