@@ -58,9 +58,12 @@ class Conditions:
         )
 
     def reward_kwargs(self) -> dict:
-        """What a reward is called with besides the images (``reward(images, **cond.reward_kwargs())``)."""
-        return {"prompts": self.prompts, "labels": self.labels,
-                "metadata": None if self.control is None else {"control": self.control}}
+        """What a reward is called with besides the images (``reward(images, **cond.reward_kwargs())``); metadata
+        only where there is some, so a plain ``fn(images, prompts, labels)`` keeps working."""
+        kwargs = {"prompts": self.prompts, "labels": self.labels}
+        if self.control is not None:
+            kwargs["metadata"] = {"control": self.control}
+        return kwargs
 
     @staticmethod
     def cat(parts: Sequence[Conditions]) -> Conditions:
