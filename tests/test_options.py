@@ -11,12 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from chaintune.align.config import AlignConfig
+from chaintune.cli.basic import SampleConfig
 from chaintune.errors import ChaintuneError
 from chaintune.options import from_dict, option, section, specs, to_dict
 from chaintune.pretrain.config import PretrainConfig
 from chaintune.transfer.config import TransferConfig
 
-COMMANDS = {"align": AlignConfig, "transfer": TransferConfig, "pretrain": PretrainConfig}
+COMMANDS = {"align": AlignConfig, "transfer": TransferConfig, "pretrain": PretrainConfig, "sample": SampleConfig}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -40,6 +41,20 @@ def test_config_yaml_round_trips_and_flat_equals_nested(cls):
     assert from_dict(cls, nested) == cfg
     flat = {s.name: s.default for s in specs(cfg)}
     assert from_dict(cls, flat) == cfg
+
+
+def test_sample_reads_a_config_file_and_flags_override_it(tmp_path, monkeypatch):
+    from chaintune.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("num: 3\nsteps: 2\nout: from_file\nseed: 5\n")
+    main(["sample", "--config", "s.yaml"])
+    assert len(list((tmp_path / "from_file").glob("sample_*.png"))) == 3
+    main(["sample", "--config", "s.yaml", "--num", "2", "--out", "from_flags"])
+    assert len(list((tmp_path / "from_flags").glob("sample_*.png"))) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--resume", "--out", "x"])  # sample writes no run: there is nothing to resume
+    assert e.value.code == 2
 
 
 def test_flat_and_nested_keys_set_the_same_field():

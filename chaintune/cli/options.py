@@ -9,6 +9,7 @@ given on the command line. Torch-free: ``--help`` must not load a model library.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import typing
@@ -47,13 +48,20 @@ def _help(spec: Spec) -> str:
     return where + spec.help + repeat
 
 
+RUN_OVERWRITE = ("Replace an existing run in --out (only a chaintune run directory that holds nothing else; never the "
+                 "working directory).")
+
+
 def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[..., None], *, help: str,
-                   code_options: tuple[str, ...] = ()) -> None:
+                   code_options: tuple[str, ...] = (), resumable: bool = True,
+                   overwrite_help: str = RUN_OVERWRITE, precheck: Callable[[dict], None] | None = None) -> None:
     """Register ``chaintune NAME``: flags from ``config_cls``; ``run(cfg, resume=, overwrite=)`` does the work.
 
     ``code_options`` name options whose value may import and run Python code (``module:function``
     rewards): taken from a config file that belongs to a run directory (the config ``--resume`` reads, or any
-    ``--config`` inside a run), they need ``--trust-code``."""
+    ``--config`` inside a run), they need ``--trust-code``. A command that writes no run (``sample``) is
+    ``resumable=False`` (no ``--resume``) and says what its ``--overwrite`` replaces. ``precheck(values)`` sees the
+    option values before they are converted (for messages that name a command's flags)."""
     defaults = config_cls()
     opts = specs(defaults)
     clash = {s.name for s in opts} & set(_FIXED)
@@ -64,14 +72,15 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
             Path | None, typer.Option(help="YAML/TOML file with any of these options (flat keys, or nested by "
                                       "section as config.yaml is written).")]),
-        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-            bool, typer.Option(help="Continue the run in --out from its newest intact checkpoint, with its saved "
-                               "config.yaml. Flags may change only steps and evaluation/logging/checkpoint "
-                               "settings; a changed model, estimator, LR or schedule is refused.")]),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-            bool, typer.Option(help="Replace an existing run in --out (only a chaintune run directory that holds "
-                               "nothing else; never the working directory).")]),
+            bool, typer.Option(help=overwrite_help)]),
     ]
+    if resumable:
+        resume = typer.Option(help="Continue the run in --out from its newest intact checkpoint, with its saved "
+                              "config.yaml. Flags may change only steps and evaluation/logging/checkpoint settings; "
+                              "a changed model, estimator, LR or schedule is refused.")
+        params.insert(2, inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                           annotation=Annotated[bool, resume]))
     if code_options:
         trust = typer.Option(help="Allow a config from a run directory (the one --resume reads, or a --config inside a "
                              "run) to import and run Python code (a module:function reward). A run directory from "
@@ -85,7 +94,7 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
 
     def command(**kwargs: Any) -> None:
         ctx: typer.Context = kwargs.pop("ctx")
-        config, resume, overwrite = kwargs.pop("config"), kwargs.pop("resume"), kwargs.pop("overwrite")
+        config, resume, overwrite = kwargs.pop("config"), kwargs.pop("resume", False), kwargs.pop("overwrite")
         trust = kwargs.pop("trust_code", False)
         source = config_source(kwargs.get("out"), config, resume)
         values = resolve(config_cls, ctx, kwargs, config, resume)
@@ -93,6 +102,8 @@ def config_command(app: typer.Typer, name: str, config_cls: type, run: Callable[
             owner = run_holding(source)
             if owner is not None:
                 _refuse_saved_code(values, [k for k in code_options if not _on_command_line(ctx, k)], source, owner)
+        if precheck is not None:
+            precheck({**dataclasses.asdict(config_cls()), **values})
         run(from_dict(config_cls, values, f"{name} option"), resume=resume, overwrite=overwrite)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
