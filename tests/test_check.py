@@ -76,3 +76,32 @@ def test_builtin_video_model_checks_with_the_prompts_it_ships(capsys):
     main(["check", "--model", "builtin:moving-digits", "--reward", "moving-digit", "--sample-steps", "4"])
     out = capsys.readouterr().out
     assert "all checks passed" in out and "n/a   sampler" in out  # pixel-space: no diffusers pipeline to compare
+
+
+def test_transfer_data_bank_and_features_are_checked():
+    report = check("builtin:digits", data="digits-fewshot:10", steps=3)
+    names = {f.name: f for f in report.findings}
+    assert report.ok and set(names) == {"data", "bank", "features"}
+    assert "100 images" in names["data"].detail and "10 classes" in names["data"].detail
+    assert "128-dim" in names["features"].detail  # digits-cnn, what transfer's auto picks for digit data
+
+
+@pytest.mark.parametrize("data,feature,failed", [("/no/such/folder", "auto", "data"),
+                                                 ("digits:test", "inception:/no/weights.pt", "features")])
+def test_bad_transfer_inputs_fail_their_check_with_a_fix(tmp_path, capsys, data, feature, failed):
+    from chaintune.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--data", data, "--feature", feature, "--sample-steps", "3"])
+    assert e.value.code == 3
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("FAIL"))
+    assert line.split()[1] == failed and "fix:" in out
+
+
+def test_check_needs_a_reward_or_data(capsys):
+    from chaintune.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check"])
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from chaintune.align.config import AlignConfig, ChainConfig
 from chaintune.cli.options import config_command
 from chaintune.options import INT64, field_help
 from chaintune.run.config import OptimConfig, RunConfig
+from chaintune.transfer.config import TransferConfig, TransferEvalConfig
 
 
 def _align(cfg: AlignConfig, *, resume: bool, overwrite: bool) -> None:
@@ -51,7 +52,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def check(
-        reward: Annotated[str, typer.Option(help="The reward to check (a name, SPEC or module:function).")],
+        reward: Annotated[str | None, typer.Option(help="The reward to check (a name, SPEC or module:function).")]
+        = None,
         model: Annotated[str, typer.Option(help=field_help(ChainConfig, "model"))] = "builtin:digits",
         estimator: Annotated[str, typer.Option(help="The estimator whose gradient is checked.")] = "rlr",
         memory_budget: Annotated[str | None, typer.Option("--memory-budget", "--memory", help="Also report which "
@@ -63,15 +65,20 @@ def register(app: typer.Typer) -> None:
         guidance_scale: Annotated[float | None, typer.Option(help=field_help(ChainConfig, "guidance_scale"))] = None,
         peft: Annotated[str, typer.Option(help=field_help(OptimConfig, "peft"))] = "lora",
         device: Annotated[str | None, typer.Option(help=field_help(RunConfig, "device"))] = None,
+        data: Annotated[str | None, typer.Option(help="Check transfer data too: " + field_help(TransferConfig, "data"))]
+        = None,
+        feature: Annotated[str, typer.Option(help=field_help(TransferEvalConfig, "feature"))] = "auto",
     ):
         """Check the model, the reward and one gradient estimate on your own setting in minutes, before a long run:
         sampler == the model's diffusers pipeline, PPO ratio 1 before an update, reward shape and gradient, the
-        gradient reaching every trainable parameter, what fits the memory. Exit 3 when a check fails."""
+        gradient reaching every trainable parameter, what fits the memory; with --data, transfer's data, knowledge
+        bank and FID features. Exit 3 when a check fails."""
         from chaintune.plan.check import check as run_check
         from chaintune.plan.check import format_report
 
         report = run_check(model, reward, estimator=estimator, memory=memory_budget, steps=sample_steps,
-                           n=batch_size, prompts=prompt, guidance_scale=guidance_scale, peft=peft, device=device)
+                           n=batch_size, prompts=prompt, guidance_scale=guidance_scale, peft=peft, device=device,
+                           data=data, feature=feature)
         typer.echo(format_report(report))
         if not report.ok:
             raise typer.Exit(3)

@@ -13,6 +13,13 @@ with what to change when it fails:
 * **gradient** — one estimate of the chosen estimator reaches every trainable parameter (LoRA included) and is finite;
 * **memory** — with ``memory``, the planner's probe: which estimator configurations fit, and the recommended one
   (:func:`chaintune.plan.recommend.recommend`), with where along the chain the reward is decided.
+
+With ``data`` (what ``chaintune transfer --data`` would read), the transfer checks:
+
+* **data** — the images load at the model's size, with how many classes;
+* **bank** — the knowledge bank builds: base-model samples through the bank's own code path, finite;
+* **features** — the FID features (``feature``; ``auto`` as ``transfer`` resolves it) load and give finite vectors
+  of one size for data and bank images alike.
 """
 
 from __future__ import annotations
@@ -61,19 +68,26 @@ class CheckReport:
         return all(f.ok is not False for f in self.findings)
 
 
-def check(model: str | DiffusionModel, reward, estimator: str = "rlr", memory: str | None = None, steps: int = 10,
-          n: int = 2, prompts: list[str] | None = None, guidance_scale: float | None = None, peft: str = "lora",
-          device: str | None = None, seed: int = 0) -> CheckReport:
-    """Run the checks (module docstring) on ``model`` with ``reward``; each failure says what to change. A model
-    passed in gets ``peft``'s adapters in place for the gradient check (pass a fresh one, or ``peft="none"`` to
-    check the weights as they are)."""
+def check(model: str | DiffusionModel, reward=None, estimator: str = "rlr", memory: str | None = None,
+          steps: int = 10, n: int = 2, prompts: list[str] | None = None, guidance_scale: float | None = None,
+          peft: str = "lora", device: str | None = None, seed: int = 0, data: str | None = None,
+          feature: str | None = "auto") -> CheckReport:
+    """Run the checks (module docstring) on ``model`` with ``reward`` (alignment) and/or ``data`` (transfer); each
+    failure says what to change. A model passed in gets ``peft``'s adapters in place for the gradient check (pass a
+    fresh one, or ``peft="none"`` to check the weights as they are)."""
     if n < 2 or steps < 2:
         raise ChaintuneError(f"check needs n >= 2 samples and steps >= 2, got n={n}, steps={steps}")
-    rew = get_reward(reward)  # an unknown reward is an input error, before the model loads
+    if reward is None and data is None:
+        raise ChaintuneError("check what? give --reward (for align) and/or --data (for transfer)")
+    rew = None if reward is None else get_reward(reward)  # an unknown reward is an input error, before the model loads
     model_id = model if isinstance(model, str) else (model.source or type(model).__name__)
     if isinstance(model, str):
         model = chaintune.load(model, device=device)
-    report = CheckReport(str(model_id), getattr(rew, "name", str(reward)), estimator)
+    report = CheckReport(str(model_id), "" if rew is None else getattr(rew, "name", str(reward)), estimator)
+    if data is not None:
+        report.findings += _transfer_data(model, data, feature, steps, n, seed)
+    if rew is None:
+        return report
     gen = torch.Generator().manual_seed(seed)
     if prompts is None and model.takes_prompts and getattr(model, "default_prompts", None):
         pool = load_prompts(model.default_prompts).prompts  # the prompts the model ships, as align draws them
@@ -208,9 +222,52 @@ def _gradient(model, rew, estimator, steps, n, cond, peft, seed) -> Finding:
                    f"{norm:.3g})")
 
 
+def _transfer_data(model: DiffusionModel, data: str, feature: str | None, steps: int, n: int,
+                   seed: int) -> list[Finding]:
+    """The data, bank and features checks (module docstring)."""
+    import tempfile
+
+    from chaintune.metrics import feature_network
+    from chaintune.transfer.bank import build_bank
+    from chaintune.transfer.config import BankConfig
+    from chaintune.transfer.data import default_feature, load_target
+
+    try:
+        x, y = load_target(model, data)
+    except ChaintuneError as e:
+        return [Finding("data", False, str(e), "give a folder of images (one subfolder per class), or digits:train")]
+    classes = len(torch.unique(y)) if y is not None and len(y) else 0
+    found = [Finding("data", bool(len(x)), f"{data}: {len(x)} images {list(x.shape[1:])}"
+                     + (f", {classes} classes" if classes else ""), "" if len(x) else "the data holds no images")]
+    with tempfile.TemporaryDirectory() as root:
+        bank = build_bank(model, BankConfig(size=n, steps=steps, seed=seed), root=root)
+    finite = bool(torch.isfinite(bank.latents).all() and torch.isfinite(bank.images).all())
+    found.append(Finding("bank", finite, f"{len(bank)} base-model samples on the bank's path, "
+                         + ("finite" if finite else "NOT finite"),
+                         "" if finite else "the base model samples NaN/inf: check its weights and dtype"))
+    name = default_feature(data) if feature == "auto" else feature
+    if not name:
+        found.append(Finding("features", None, "no FID features for this data (auto: digits-cnn for the built-in "
+                             "domains, else inception when CHAINTUNE_INCEPTION is set)",
+                             "pass --feature inception:/path/to/weights for FID"))
+        return found
+    try:
+        net = feature_network(name)
+        with torch.no_grad():
+            fa, fb = net(x[:n].float()), net(bank.images[:n].float())
+    except ChaintuneError as e:
+        found.append(Finding("features", False, str(e), "pass --feature digits-cnn | inception:/path/to/weights"))
+        return found
+    ok = fa.shape[1:] == fb.shape[1:] and bool(torch.isfinite(fa).all() and torch.isfinite(fb).all())
+    found.append(Finding("features", ok, f"{name}: {fa.shape[-1]}-dim features for data and bank images"
+                         + ("" if ok else ", NOT finite or of different sizes"), "" if ok else "another --feature"))
+    return found
+
+
 def format_report(report: CheckReport) -> str:
     mark = {True: "ok", False: "FAIL", None: "n/a"}
-    lines = [f"chaintune check: {report.model}, reward {report.reward}, estimator {report.estimator}", ""]
+    what = f"reward {report.reward}, estimator {report.estimator}" if report.reward else "transfer data"
+    lines = [f"chaintune check: {report.model}, {what}", ""]
     width = max(len(f.name) for f in report.findings)
     for f in report.findings:
         lines.append(f"  {mark[f.ok]:4}  {f.name:{width}}  {f.detail}")
