@@ -8,8 +8,9 @@ full run at *every* LR of the grid (seed 0, the defaults' 250 steps), judged on 
   ``default``: the full run at the default LR (1e-4, what a user without the pilot gets);
 * ``regret``: best - chosen (0: the pilot picked the best LR); ``cost``: the pilot's seconds over one full run's.
 
-Targets: digit:2 and digit:6 on builtin:digits (two digits the defaults were not tuned on). The held-out judge is the family's twin (digit-heldout:K, a classifier training never saw);
-``class_share`` is the share of samples it labels K.
+Targets: digit:2 and digit:6 on builtin:digits (two digits the defaults were not tuned on). The held-out judge
+is the family's twin (digit-heldout:K, a classifier training never saw); ``class_share`` is the share of samples
+it labels K.
 
     python benchmarks/pilot.py            # ~45 min on 2 busy CPU cores (--jobs 2)
     python benchmarks/pilot.py --quick    # CI smoke
