@@ -53,11 +53,11 @@ def _fit(c) -> tuple[dict, dict, list[str]]:
 
 def pilot(target: str, s: dict) -> dict:
     C.setup_threads(1)
-    from chaintune.align.pilot import run_pilot
+    from chaintune.align.objective import align_pilot
 
     t0 = time.time()
-    full, record = run_pilot(_cfg(target, s, pilot=True, pilot_lrs=",".join(map(str, s["lrs"]))), _fit,
-                             log=lambda line: None)
+    full, record = align_pilot(_cfg(target, s, pilot=True, pilot_lrs=",".join(map(str, s["lrs"]))),
+                               thread_policy=False, log=lambda line: None)
     return {"target": target, "kind": "pilot", "chosen_lr": full.optim.lr, "probes": record["probes"],
             "seconds": round(time.time() - t0, 1)}
 

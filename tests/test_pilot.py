@@ -8,42 +8,55 @@ import json
 import pytest
 
 from chaintune.align.config import AlignConfig
-from chaintune.align.pilot import Probe, choose, pilot_steps, run_pilot
+from chaintune.align.objective import align_pilot
 from chaintune.errors import ChaintuneError
+from chaintune.run.pilot import Probe, choose, pilot_steps
 
 FAST = {"tensorboard": False, "report": False, "progress": False, "save_every": 0}
 
 
 def _p(est, lr, score, alarms=()):
-    return Probe(est, lr, score, 0.0, list(alarms), 1.0)
+    return Probe({"estimator": est, "lr": lr}, score, 0.0, list(alarms), 1.0)
 
 
 def test_choose_takes_the_best_probe_without_an_alarm():
     probes = [_p("rlr", 1e-4, 0.5), _p("rlr", 3e-4, 0.9, ["nn_distance 2x"]), _p("ddpo", 1e-4, 0.7),
               _p("rlr", 1e-3, float("nan"))]
-    assert (choose(probes).estimator, choose(probes).lr) == ("ddpo", 1e-4)
+    assert choose(probes).settings == {"estimator": "ddpo", "lr": 1e-4}
     with pytest.raises(ChaintuneError, match="lower --pilot-lrs"):
         choose([_p("rlr", 3e-4, 0.9, ["collapse"]), _p("rlr", 1e-3, float("nan"))])
 
 
-def test_pilot_grid_and_the_config_it_returns():
+def test_pilot_grid_and_the_config_it_returns(monkeypatch):
+    import chaintune.align.objective as objective
+
     cfg = AlignConfig.from_dict({"steps": 100, "pilot": True, "pilot_lrs": "1e-4,3e-4",
                                  "pilot_estimators": "rlr,reinforce"})
-    assert pilot_steps(cfg) == 20
+    assert pilot_steps(100, 0) == 20 and pilot_steps(30, 0) == 10 and pilot_steps(4, 0) == 4
     seen = []
+    score = {("rlr", 1e-4): 0.2, ("rlr", 3e-4): 0.8, ("reinforce", 1e-4): 0.5, ("reinforce", 3e-4): 0.9}
 
-    def fit(c):  # stands in for a probe run: scores the (estimator, LR) it was given
-        seen.append((c.estimator.name, c.optim.lr, c.optim.steps, c.guards.on_hacking, c.pilot.pilot))
-        score = {("rlr", 1e-4): 0.2, ("rlr", 3e-4): 0.8, ("reinforce", 1e-4): 0.5, ("reinforce", 3e-4): 0.9}
-        alarms = ["diversity fell"] if (c.estimator.name, c.optim.lr) == ("reinforce", 3e-4) else []
-        return {"eval/heldout_reward": score[c.estimator.name, c.optim.lr]}, {"eval/heldout_reward": 0.1}, alarms
+    class FakeTrainer:  # stands in for a probe run: scores the (estimator, LR) it was given
+        def __init__(self, c, objective, **kw):
+            self.c, self.state = c, {}
+            seen.append((c.estimator.name, c.optim.lr, c.optim.steps, c.guards.on_hacking, c.pilot.pilot,
+                         kw["out"]))
 
-    full, record = run_pilot(cfg, fit, log=lambda s: None)
+        def fit(self):
+            key = (self.c.estimator.name, self.c.optim.lr)
+            if key == ("reinforce", 3e-4):
+                self.state["hacking"] = [{"reason": "diversity fell"}]
+            return type("R", (), {"final": {"eval/heldout_reward": score[key]},
+                                  "first_eval": {"eval/heldout_reward": 0.1}})()
+
+    monkeypatch.setattr(objective, "Trainer", FakeTrainer)
+    full, record = align_pilot(cfg, log=lambda s: None)
     assert [(e, lr) for e, lr, *_ in seen] == [("rlr", 1e-4), ("rlr", 3e-4), ("reinforce", 1e-4), ("reinforce", 3e-4)]
-    assert all(steps == 20 and hack == "warn" and not pilot for *_, steps, hack, pilot in seen)
+    assert all(steps == 20 and hack == "warn" and not pilot and out is None for *_, steps, hack, pilot, out in seen)
     assert (full.estimator.name, full.optim.lr, full.pilot.pilot, full.optim.steps) == ("rlr", 3e-4, False, 100)
     assert cfg.optim.lr == 1e-4 and cfg.pilot.pilot  # the caller's config is left as it was
     assert record["chosen"] == {"estimator": "rlr", "lr": 3e-4} and len(record["probes"]) == 4
+    assert record["probes"][3]["alarms"] == ["diversity fell"]
 
 
 @pytest.mark.parametrize("bad,needle", [({"pilot_lrs": "1e-4,x"}, "--pilot-lrs"), ({"pilot_lrs": "0"}, "positive"),
@@ -64,9 +77,9 @@ def test_cli_pilot_probes_then_runs_with_the_choice(tmp_path, capsys):
     assert "pilot 2/2" in out and "pilot: chose" in out
     info = json.loads((run / "chaintune_run.json").read_text())
     pilot = info["pilot"]
-    assert [p["lr"] for p in pilot["probes"]] == [1e-4, 3e-4] and pilot["steps"] == 2
+    assert [p["settings"]["lr"] for p in pilot["probes"]] == [1e-4, 3e-4] and pilot["steps"] == 2
     usable = [p for p in pilot["probes"] if not p["alarms"]]
-    assert pilot["chosen"]["lr"] == max(usable, key=lambda p: p["score"])["lr"]
+    assert pilot["chosen"] == max(usable, key=lambda p: p["score"])["settings"]
     assert info["config"]["lr"] == pilot["chosen"]["lr"] and info["config"]["pilot"] is False
     assert "Pilot (2 steps a probe)" in (run / "report.html").read_text()
 
@@ -81,3 +94,29 @@ def test_pilot_refuses_an_occupied_out_before_probing(tmp_path, capsys):
     assert e.value.code == 2
     captured = capsys.readouterr()
     assert "pilot" not in captured.out and (tmp_path / "run" / "mine.txt").read_text() == "user data"
+
+
+def test_transfer_pilot_compares_methods_by_held_out_fid(tmp_path, capsys):
+    from chaintune.cli.main import main
+
+    run = tmp_path / "run"
+    main(["transfer", "--steps", "4", "--batch-size", "8", "--eval-samples", "20", "--sample-steps", "3",
+          "--bank-size", "20", "--bank-steps", "3", "--bank-dir", str(tmp_path / "banks"), "--pilot", "--pilot-lrs",
+          "1e-4,1e-3", "--pilot-steps", "2", "--out", str(run), "--no-tensorboard", "--no-progress"])
+    assert "pilot 4/4" in capsys.readouterr().out
+    info = json.loads((run / "chaintune_run.json").read_text())
+    probes = info["pilot"]["probes"]
+    assert [p["settings"] for p in probes] == [{"method": m, "lr": lr} for m in ("diff-tuning", "plain")
+                                               for lr in (1e-4, 1e-3)]
+    assert all(p["score"] < 0 for p in probes)  # -FID
+    best = max(probes, key=lambda p: p["score"])["settings"]
+    assert info["pilot"]["chosen"] == best
+    assert (info["config"]["method"], info["config"]["lr"], info["config"]["pilot"]) == (best["method"], best["lr"],
+                                                                                         False)
+
+
+def test_transfer_pilot_options_are_checked():
+    from chaintune.transfer.config import TransferConfig
+
+    with pytest.raises(ChaintuneError, match="--pilot-methods"):
+        TransferConfig.from_dict({"pilot": True, "pilot_methods": "diff-tuning,lora"}).validate()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from chaintune.estimators.options import GROUPED, EstimatorConfig
 from chaintune.options import option, section
-from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
+from chaintune.run.config import EvalConfig, OptimConfig, PilotConfig, RunConfig
 
 
 @dataclass
@@ -77,27 +77,10 @@ class GuardConfig:
 
 
 @dataclass
-class PilotConfig:
-    """Short probe runs before the full run: the learning rate (and estimator) chosen on the user's model and reward."""
+class AlignPilotConfig(PilotConfig):
+    """The pilot of ``align``: (estimator, LR) probes judged by the held-out reward; an alarmed probe is not chosen."""
 
-    pilot: bool = option(False, "Before the run, probe each LR of --pilot-lrs (x each of --pilot-estimators) for "
-                         "--pilot-steps; keep the probe with the highest held-out reward that raised no hacking "
-                         "alarm, and run the full job with its settings (the probes go into the run's status file "
-                         "and report).")
-    pilot_lrs: str = option("3e-5,1e-4,3e-4", "Learning rates the pilot probes (comma-separated).")
     pilot_estimators: str = option("", "Estimators the pilot probes (comma-separated; default: --estimator).")
-    pilot_steps: int = option(0, "Steps of each probe (0: a fifth of --steps, at least 10).", min=0)
-
-    def lrs(self) -> list[float]:
-        from chaintune.errors import ChaintuneError
-
-        try:
-            lrs = [float(v) for v in self.pilot_lrs.split(",") if v.strip()]
-        except ValueError:
-            raise ChaintuneError(f"--pilot-lrs must be numbers separated by commas, got {self.pilot_lrs!r}") from None
-        if not lrs or any(not lr > 0 for lr in lrs):
-            raise ChaintuneError(f"--pilot-lrs must be positive numbers, got {self.pilot_lrs!r}")
-        return lrs
 
     def estimators(self, configured: str) -> list[str]:
         names = [v.strip() for v in self.pilot_estimators.split(",") if v.strip()]
@@ -128,7 +111,7 @@ class AlignConfig:
     # pairs); at 150 steps digit:9 seed 0 stayed at 75-78% (74% on fresh seeds), the rest 86-97%
     optim: OptimConfig = section(OptimConfig, lr=1e-4, lr_schedule="cosine", steps=250)
     guards: GuardConfig = section(GuardConfig)
-    pilot: PilotConfig = section(PilotConfig)
+    pilot: AlignPilotConfig = section(AlignPilotConfig)
     eval: AlignEvalConfig = section(AlignEvalConfig, final_model="best")
     run: RunConfig = section(RunConfig, out="runs/align")
 
@@ -179,8 +162,9 @@ class AlignConfig:
         if self.pilot.pilot:
             from chaintune.errors import unknown_name
             from chaintune.estimators.registry import ESTIMATORS
+            from chaintune.run.pilot import parse_lrs
 
-            self.pilot.lrs()
+            parse_lrs(self.pilot.pilot_lrs)
             for name in self.pilot.estimators(e.name):
                 if name not in ESTIMATORS:
                     raise unknown_name("estimator", name, tuple(ESTIMATORS))

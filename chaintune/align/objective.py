@@ -22,7 +22,6 @@ import chaintune
 from chaintune.align.config import AlignConfig, ChainConfig
 from chaintune.align.controls import ControlPool
 from chaintune.align.guard import HackingGuard, guard_policy
-from chaintune.align.pilot import run_pilot
 from chaintune.backends.base import Conditions, DiffusionModel
 from chaintune.backends.controlled import load_controlled
 from chaintune.chain import add_noise, prepare_scheduler, run_chain, training_target, transition
@@ -32,6 +31,7 @@ from chaintune.estimators.registry import estimator_from_config
 from chaintune.prompts import StagedModel, StagePrompts, load_prompts
 from chaintune.rewards import validate_reward_output
 from chaintune.rewards.evaluation import reward_evaluation
+from chaintune.run.pilot import parse_lrs, pilot_steps, run_pilot
 from chaintune.run.rundir import check_run_dir
 from chaintune.run.trainer import Evaluation, Objective, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions, sample
@@ -325,6 +325,34 @@ def align(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, sh
                      thread_policy=thread_policy).out
 
 
+def _heldout_score(metrics: dict) -> float:
+    return float(metrics.get("eval/heldout_reward", metrics.get("eval/reward", float("nan"))))
+
+
+def align_pilot(cfg: AlignConfig, *, thread_policy: bool = True, log=print) -> tuple[AlignConfig, dict]:
+    """``--pilot``'s probes over --pilot-estimators x --pilot-lrs (:mod:`chaintune.run.pilot`): each the run's
+    config for the pilot's steps, evaluated half-way and at the end, the hacking guard warning (never rolling back);
+    returns the full run's config (pilot off, so a resumed run does not probe again) and the pilot's record."""
+    steps = pilot_steps(cfg.optim.steps, cfg.pilot.pilot_steps)
+    grid = [{"estimator": e, "lr": lr} for e in cfg.pilot.estimators(cfg.estimator.name)
+            for lr in parse_lrs(cfg.pilot.pilot_lrs)]
+
+    def apply(c: AlignConfig, point: dict) -> None:
+        c.estimator.name, c.optim.lr, c.pilot.pilot = point["estimator"], point["lr"], False
+
+    def fit(c: AlignConfig) -> tuple[float, float, list[str]]:
+        c.optim.steps, c.eval.eval_every, c.eval.final_model = steps, max(1, steps // 2), "last"
+        c.guards.on_hacking = "warn"  # a probe is judged by its alarms, not rolled back
+        c.run.tensorboard = c.run.report = False
+        objective = AlignObjective(c)
+        trainer = Trainer(c, objective, out=None, show_progress=False, thread_policy=thread_policy)
+        res = trainer.fit()
+        alarms = [e["reason"] for e in trainer.state.get(objective.alarm_policy.name, [])]
+        return _heldout_score(res.final), _heldout_score(res.first_eval), alarms
+
+    return run_pilot(cfg, grid, apply, steps, fit, score_name="held-out reward", log=log)
+
+
 def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool | None = None,
               thread_policy: bool = True):
     """Like :func:`align`, returning the :class:`~chaintune.run.trainer.RunResult` (history, final metrics).
@@ -335,14 +363,7 @@ def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False
     if cfg.pilot.pilot and not resume:
         cfg.validate()
         check_run_dir(cfg.run.out, overwrite=overwrite, resume=resume)  # a refused --out fails before the probes
-
-        def fit(c: AlignConfig) -> tuple[dict, dict, list[str]]:
-            objective = AlignObjective(c)
-            trainer = Trainer(c, objective, out=None, show_progress=False, thread_policy=thread_policy)
-            res = trainer.fit()
-            return res.final, res.first_eval, [e["reason"] for e in trainer.state.get(objective.alarm_policy.name, [])]
-
-        cfg, pilot = run_pilot(cfg, fit)
+        cfg, pilot = align_pilot(cfg, thread_policy=thread_policy)
     objective = AlignObjective(cfg)
     objective.pilot = pilot
     return Trainer(cfg, objective, out=cfg.run.out, overwrite=overwrite, resume=resume,

@@ -76,3 +76,14 @@ class RunConfig:
     fsdp: bool = option(False, "Full fine-tuning sharded over the processes of `accelerate launch` (FSDP2): each "
                         "of N processes holds 1/N of the weights, gradients and AdamW state; only with --peft none "
                         "(one process: no sharding).", resumable=True)  # checkpoints hold full tensors either way
+
+
+@dataclass
+class PilotConfig:
+    """``--pilot``: short probe runs that choose the settings before the full run (:mod:`chaintune.run.pilot`)."""
+
+    pilot: bool = option(False, "Before the run, probe each point of the pilot's grid (--pilot-lrs x the trainer's "
+                         "other pilot choices) for --pilot-steps on held-out data, keep the best, and run the full "
+                         "job with it (the probes go into the run's status file and report).")
+    pilot_lrs: str = option("3e-5,1e-4,3e-4", "Learning rates the pilot probes (comma-separated).")
+    pilot_steps: int = option(0, "Steps of each probe (0: a fifth of --steps, at least 10).", min=0)

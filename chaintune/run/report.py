@@ -196,14 +196,16 @@ def _pilot_section(info: dict) -> str:
     if not isinstance(pilot, dict) or not pilot.get("probes"):
         return ""
     chosen = pilot.get("chosen") or {}
+    keys = list(chosen) or list(pilot["probes"][0].get("settings") or {})
     rows = "".join(
-        f"<tr><td>{_esc(p.get('estimator'))}</td><td class='num'>{_esc(_fmt(p.get('lr')))}</td>"
-        f"<td class='num'>{_esc(_fmt(p.get('start')))}</td><td class='num'>{_esc(_fmt(p.get('score')))}</td>"
+        "<tr>" + "".join(f"<td>{_esc(_fmt((p.get('settings') or {}).get(k)))}</td>" for k in keys)
+        + f"<td class='num'>{_esc(_fmt(p.get('start')))}</td><td class='num'>{_esc(_fmt(p.get('score')))}</td>"
         f"<td>{_esc('; '.join(p.get('alarms') or []) or 'none')}</td>"
-        f"<td>{'chosen' if (p.get('estimator'), p.get('lr')) == (chosen.get('estimator'), chosen.get('lr')) else ''}"
-        f"</td></tr>" for p in pilot["probes"])
-    return (f"<h2>Pilot ({_esc(pilot.get('steps'))} steps a probe)</h2><table><tr><th>estimator</th><th>LR</th>"
-            f"<th>held-out at start</th><th>held-out at end</th><th>alarms</th><th></th></tr>{rows}</table>")
+        f"<td>{'chosen' if p.get('settings') == chosen else ''}</td></tr>" for p in pilot["probes"])
+    what = _esc(pilot.get("score", "score"))
+    return (f"<h2>Pilot ({_esc(pilot.get('steps'))} steps a probe)</h2><table><tr>"
+            + "".join(f"<th>{_esc(k)}</th>" for k in keys)
+            + f"<th>{what} at start</th><th>{what} at end</th><th>alarms</th><th></th></tr>{rows}</table>")
 
 
 # fractions of evaluation samples (binomial noise): shares of a class, of clips that move the prompt's way ...

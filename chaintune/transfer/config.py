@@ -7,7 +7,7 @@ from pathlib import Path
 
 from chaintune.errors import ChaintuneError
 from chaintune.options import option, section
-from chaintune.run.config import EvalConfig, OptimConfig, RunConfig
+from chaintune.run.config import EvalConfig, OptimConfig, PilotConfig, RunConfig
 
 METHODS = ("diff-tuning", "plain")
 TIMESTEP_MODES = ("sampling", "weighting")
@@ -70,6 +70,21 @@ class TransferEvalConfig(EvalConfig):
 
 
 @dataclass
+class TransferPilotConfig(PilotConfig):
+    """The pilot of ``transfer``: (method, LR) probes judged by FID against held-out images."""
+
+    pilot_methods: str = option("diff-tuning,plain", "Methods the pilot probes (comma-separated).")
+
+    def methods(self) -> list[str]:
+        names = [v.strip() for v in self.pilot_methods.split(",") if v.strip()]
+        bad = [m for m in names if m not in METHODS]
+        if not names or bad:
+            raise ChaintuneError(f"--pilot-methods takes {', '.join(METHODS)} (comma-separated), got "
+                                 f"{self.pilot_methods!r}")
+        return names
+
+
+@dataclass
 class TransferConfig:
     """Every option of ``chaintune transfer`` (CLI flags and config-file keys share these names)."""
 
@@ -85,6 +100,7 @@ class TransferConfig:
     diff_tuning: DiffTuningConfig = section(DiffTuningConfig)
     bank: BankConfig = section(BankConfig, prefix="bank_")
     optim: OptimConfig = section(OptimConfig, steps=1000, lr=1e-4, ema_decay=0.999, gradient_checkpointing=False)
+    pilot: TransferPilotConfig = section(TransferPilotConfig)
     eval: TransferEvalConfig = section(TransferEvalConfig, eval_every=0, eval_samples=500)
     run: RunConfig = section(RunConfig, out="runs/transfer", log_every=10, save_every=0)
 
@@ -99,6 +115,11 @@ class TransferConfig:
         if self.retains() and self.bank_batch() == 0:
             raise ChaintuneError(f"batch_size {self.optim.batch_size} with bank_share {dt.bank_share} leaves no "
                                  "bank samples per batch; raise one of them (or set bank_share 0 for no retention)")
+        if self.pilot.pilot:
+            from chaintune.run.pilot import parse_lrs
+
+            parse_lrs(self.pilot.pilot_lrs)
+            self.pilot.methods()
         labels = self.bank.labels
         if isinstance(labels, str) and labels not in ("random", "null"):
             try:

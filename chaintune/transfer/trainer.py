@@ -29,6 +29,8 @@ import chaintune
 from chaintune.backends.base import DiffusionModel
 from chaintune.errors import ChaintuneError
 from chaintune.metrics import feature_network, fid_kid
+from chaintune.run.pilot import parse_lrs, pilot_steps, run_pilot
+from chaintune.run.rundir import check_run_dir
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.bank import KnowledgeBank, build_bank
 from chaintune.transfer.conditioning import target_conditions
@@ -63,6 +65,7 @@ class TransferObjective(Objective):
                  target: tuple[torch.Tensor, torch.Tensor] | None = None, eval_images: torch.Tensor | None = None):
         self.cfg, self.given_model, self.target, self.eval_images = cfg, model, target, eval_images
         self.bank: KnowledgeBank | None = None
+        self.pilot: dict | None = None  # what `--pilot` probed and chose, for the status file and report
 
     def prepare(self, run: Trainer) -> None:
         cfg = self.cfg
@@ -137,9 +140,12 @@ class TransferObjective(Objective):
 
     def info(self) -> dict:
         # the model actually trained (one passed in Python may not be the configured id): what load() needs for adapter/
-        return {"base_model": self.model.source or self.cfg.model,
+        info = {"base_model": self.model.source or self.cfg.model,
                 "bank": str(self.bank.path) if self.bank is not None else None,
                 "eval_data": self.eval_name, "feature": self.feature}
+        if self.pilot is not None:
+            info["pilot"] = self.pilot
+        return info
 
 
 def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, overwrite: bool = False,
@@ -153,7 +159,52 @@ def transfer(config: TransferConfig | dict, out: str | Path | None = None, *, ov
     its latest checkpoint (weights, EMA, optimizer, LR schedule, RNG states), bit-identically.
     """
     cfg = TransferConfig.from_dict(config) if isinstance(config, dict) else config
+    pilot = None
+    if cfg.pilot.pilot and not resume:
+        cfg.validate()
+        if out is not None:  # a refused --out fails before the probes
+            check_run_dir(out, overwrite=overwrite, resume=resume)
+        cfg, pilot = transfer_pilot(cfg, model=model, target=target, eval_images=eval_images, **trainer)
     obj = TransferObjective(cfg, model, target, eval_images)
+    obj.pilot = pilot
     res = Trainer(cfg, obj, out=out, overwrite=overwrite, resume=resume, show_progress=show_progress,
                   **trainer).fit()
     return TransferResult(**vars(res), bank=obj.bank)
+
+
+def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
+                   target: tuple[torch.Tensor, torch.Tensor] | None = None, eval_images: torch.Tensor | None = None,
+                   log=print, **trainer: Any) -> tuple[TransferConfig, dict]:
+    """``--pilot``'s probes over --pilot-methods x --pilot-lrs (:mod:`chaintune.run.pilot`), each judged by FID
+    against held-out images: the data's test split (``--eval-data``, auto for the built-ins), else its last 10%,
+    which the probes then do not train on. Returns the full run's config (pilot off) and the pilot's record."""
+    base = model if model is not None else chaintune.load(cfg.model)
+    x, y = target if target is not None else load_target(base, cfg.data)
+    held = eval_images
+    if held is None:
+        name = default_eval_data(cfg.data) if cfg.eval.eval_data == "auto" else cfg.eval.eval_data
+        if name:
+            held = load_target(base, name)[0]
+        else:
+            k = max(1, len(x) // 10)
+            if len(x) - k < 1:
+                raise ChaintuneError(f"{cfg.data} has {len(x)} images: too few for the pilot to hold some out")
+            x, y, held = x[:-k], y[:-k], x[-k:]
+    feature = default_feature(cfg.data) if cfg.eval.feature == "auto" else cfg.eval.feature
+    if not feature:
+        raise ChaintuneError("the pilot judges its probes by FID and this data has no default features: pass "
+                             "--feature inception:/path/to/weights (or digits-cnn for digit-like data)")
+    steps = pilot_steps(cfg.optim.steps, cfg.pilot.pilot_steps)
+    grid = [{"method": m, "lr": lr} for m in cfg.pilot.methods() for lr in parse_lrs(cfg.pilot.pilot_lrs)]
+
+    def apply(c: TransferConfig, point: dict) -> None:
+        c.method, c.optim.lr, c.pilot.pilot = point["method"], point["lr"], False
+
+    def fit(c: TransferConfig) -> tuple[float, float, list[str]]:
+        c.optim.steps, c.eval.eval_every, c.eval.feature = steps, 0, feature
+        c.run.tensorboard = c.run.report = False
+        res = Trainer(c, TransferObjective(c, copy.deepcopy(base), (x, y), held), out=None, show_progress=False,
+                      **trainer).fit()
+        return -float(res.final.get("fid", float("nan"))), float("nan"), []
+
+    return run_pilot(cfg, grid, apply, steps, fit, score_name="-FID (held out)", log=log)
