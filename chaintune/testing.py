@@ -286,3 +286,28 @@ def tiny_flux_model(seed: int = 0):
     """A :class:`~chaintune.backends.flux.FluxModel` on :func:`tiny_flux_pipeline`: 16x16 px, 8 T5 tokens."""
 
     return FluxModel(tiny_flux_pipeline(seed), source="tiny-flux", max_sequence_length=8, height=16, width=16)
+
+
+def assert_controlnet_run_matches_diffusers(run_dir, control, steps: int = 3, prompts=("a 3", "a 7"),
+                                            guidance_scale: float = 3.0) -> None:
+    """A ControlNet run over a tiny SD base (``chaintune controlnet`` or ``align --controlnet``): chaintune's sampler
+    and diffusers' ``StableDiffusionControlNetPipeline`` on its ``model/`` give the same images from the same latents
+    (DDIM, eta 0, CFG)."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from chaintune.backends.controlled import load_controlled
+    from chaintune.controlnet.trainer import sample_controlled
+
+    model = load_controlled(str(run_dir))
+    n = len(control)
+    x_T = torch.randn((n, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    ours = sample_controlled(model, control, steps=steps, eta=0.0, prompts=list(prompts), guidance_scale=guidance_scale,
+                             x_T=x_T)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(Path(run_dir) / "model"), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = model.pixel_shape[1:]
+    theirs = pipe(list(prompts), image=control, height=h, width=w, num_inference_steps=steps,
+                  guidance_scale=guidance_scale, eta=0.0, latents=x_T.clone(), output_type="pt").images
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)

@@ -151,11 +151,9 @@ class _Recorder:
 
 
 def test_trained_controlnet_round_trips_through_the_diffusers_pipeline(tmp_path):
-    from diffusers import StableDiffusionControlNetPipeline
-
     from chaintune.backends.controlled import load_controlled
-    from chaintune.controlnet.trainer import control_images, sample_controlled, train_controlnet
-    from chaintune.testing import tiny_sd_model
+    from chaintune.controlnet.trainer import control_images, train_controlnet
+    from chaintune.testing import assert_controlnet_run_matches_diffusers, tiny_sd_model
 
     x, y = _digits(32, 3)
     cfg = {"model": "tiny-sd", "steps": 3, "batch_size": 4, "lr": 1e-2, "eval_every": 0, "eval_samples": 2,
@@ -163,14 +161,7 @@ def test_trained_controlnet_round_trips_through_the_diffusers_pipeline(tmp_path)
     train_controlnet(cfg, tmp_path / "run", base=tiny_sd_model(), data=(x, y), eval_data=(x[:2], y[:2]))
     model = load_controlled(str(tmp_path / "run"))
     assert float(model.denoiser.controlnet_mid_block.weight.detach().abs().max()) > 0  # it trained: not the no-op
-    control = control_images(model, "edges", x[:2])
-    x_T = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(1))
-    ours = sample_controlled(model, control, steps=4, eta=0.0, prompts=["a 3", "a 7"], guidance_scale=3.0, x_T=x_T)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(tmp_path / "run" / "model"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(["a 3", "a 7"], image=control, height=16, width=16, num_inference_steps=4, guidance_scale=3.0,
-                  eta=0.0, latents=x_T.clone(), output_type="pt").images
-    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+    assert_controlnet_run_matches_diffusers(tmp_path / "run", control_images(model, "edges", x[:2]), steps=4)
 
 
 # ------------------------------------------------------------------------------------- condition extractors

@@ -102,11 +102,9 @@ def test_lora_on_the_controlnet_is_merged_into_a_plain_controlnet(pixel_controln
 
 
 def test_reward_tuned_controlnet_round_trips_through_the_diffusers_pipeline(tmp_path):
-    from diffusers import StableDiffusionControlNetPipeline
-
     from chaintune.backends.controlled import load_controlled
-    from chaintune.controlnet.trainer import control_images, sample_controlled, train_controlnet
-    from chaintune.testing import tiny_sd_model
+    from chaintune.controlnet.trainer import control_images, train_controlnet
+    from chaintune.testing import assert_controlnet_run_matches_diffusers, tiny_sd_model
 
     x, y = _digits(32, 3)
     train_controlnet({"model": "tiny-sd", **CN}, tmp_path / "cn", base=tiny_sd_model(), data=(x, y),
@@ -114,14 +112,7 @@ def test_reward_tuned_controlnet_round_trips_through_the_diffusers_pipeline(tmp_
     _align(tmp_path / "cn", tmp_path / "al", estimator="full-backprop", sample_steps=2, batch_size=2,
            eval_samples=2, peft="lora", lora_rank=2, kl_weight=0.0)
     model = load_controlled(str(tmp_path / "al"))
-    control = control_images(model, "edges", x[:2])
-    x_T = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(1))
-    ours = sample_controlled(model, control, steps=3, eta=0.0, prompts=["a 3", "a 7"], guidance_scale=3.0, x_T=x_T)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(str(tmp_path / "al" / "model"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(["a 3", "a 7"], image=control, height=16, width=16, num_inference_steps=3, guidance_scale=3.0,
-                  eta=0.0, latents=x_T.clone(), output_type="pt").images
-    torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+    assert_controlnet_run_matches_diffusers(tmp_path / "al", control_images(model, "edges", x[:2]))
 
 
 @pytest.mark.parametrize("spec,kind", [("edge-consistency", "edges"), ("silhouette-consistency", "silhouette")])
