@@ -44,22 +44,25 @@ class Ranking:
 # names the runs behind it (3 seeds each, the LR chosen on a fourth seed, a held-out judge).
 RANKINGS: dict[tuple[str, str], Ranking] = {
     ("differentiable", "loose"): Ranking(
-        ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
-        "digit:5, 4,800 samples, 3 seeds, LR per method on a fourth (benchmarks/results/which_image.json): full "
-        "backprop 100% 5s, RLR h=2 96.4%, DDPO and GRPO 31.2%, AlignProp 8.9% (base 7.3%); video prompt fidelity, "
-        "1,600 clips, 3 seeds (which_video.json): full backprop 90.6%, RLR 74.0-76.0%, GRPO 75.0%, DDPO 74.0% "
-        "(base 71.9%); first at equal wall-clock too"),
+        ("full-backprop", "rlr", "nft", "ddpo", "truncated-backprop"),
+        "digit:5, 4,800 samples, 3 seeds, LR per method on a fourth (benchmarks/results/which_image.json, "
+        "which_image_nft_dpo.json): full backprop 100% 5s, DiffusionNFT 97.9%, RLR h=2 96.4% (a tie with NFT), DPO "
+        "50.0%, DDPO and GRPO 31.2%, AlignProp 8.9% (base 7.3%); video prompt fidelity, 1,600 clips, 3 seeds "
+        "(which_video.json): full backprop 90.6%, RLR 74.0-76.0%, GRPO 75.0%, DDPO 74.0% (base 71.9%; NFT not "
+        "measured on video, so RLR stays ahead of it here); first at equal wall-clock too"),
     ("differentiable", "tight"): Ranking(
-        ("full-backprop", "rlr", "ddpo", "truncated-backprop"),
+        ("full-backprop", "rlr", "nft", "ddpo", "truncated-backprop"),
         "at RLR h=2's memory checkpointed full backprop in micro-batches of 16 still fits and delivered 100% at "
         "equal samples and equal time against RLR h=2's 96.4% (benchmarks/results/budgets_image.json); RLR is next "
         "where even that does not fit"),
     ("black-box", "loose"): Ranking(
-        ("ddpo", "grpo", "rlr", "zeroth-order"),
+        ("nft", "ddpo", "grpo", "rlr", "zeroth-order"),
         "digit-blackbox:5, 4,800 samples, 3 seeds (benchmarks/results/which_image-blackbox.json): DDPO and GRPO "
-        "27.6% 5s, RLR 7.3%, zeroth-order 7.3% (base 7.3%)"),
+        "27.6% 5s, RLR 7.3%, zeroth-order 7.3% (base 7.3%); DiffusionNFT never uses the reward's gradient, and on "
+        "digit:5 (the same classifier before the 8-bit rounding) it delivered 97.9% over 3 seeds "
+        "(which_image_nft_dpo.json): first, though not run on the black-box target itself"),
     ("black-box", "tight"): Ranking(
-        ("ddpo", "grpo", "rlr", "zeroth-order"),
+        ("nft", "ddpo", "grpo", "rlr", "zeroth-order"),
         "black-box rewards get no pathwise terms, so memory does not change the ranking"),
 }
 
@@ -133,6 +136,9 @@ def _options(b_h: int, b_c: int, b_z: int, steps: int, batch: int, left: int, di
                        (h + int(differentiable)) * b_h + T * b_z, T + 2 + 4 * 3 * h, bool(hs)))
     lr_peak = b_h + T * b_z
     opts.append(Option("ddpo", "ddpo", {"estimator": "reinforce"}, lr_peak, 4 * T - 3, lr_peak <= left))
+    # DiffusionNFT: a no-grad rollout, then one tracked denoiser call per trained timestep (DDPO's peak, measured
+    # equal: 38 MiB both, docs/results.md); T forwards plus T forward/backward pairs
+    opts.append(Option("nft", "nft", {"estimator": "nft"}, lr_peak, 4 * T, lr_peak <= left))
     opts.append(Option("grpo", "grpo", {"estimator": "grpo"}, lr_peak, 4 * T - 3, lr_peak <= left))
     if not differentiable:
         opts.append(Option("zeroth-order", "zeroth-order", {"estimator": "zeroth-order"}, T * b_z, T, T * b_z <= left))
