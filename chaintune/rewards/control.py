@@ -88,22 +88,28 @@ def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 1e-6, inter / union.clamp(min=1e-6), torch.ones_like(union))
 
 
+# condition -> (reward name, agreement of the samples' soft map with the control's map): edge maps are binary, so the
+# control is binarised; a silhouette is soft on both sides
+_SOFT = {
+    "edges": ("edge-consistency", lambda images, target: soft_iou(soft_edges(images), (target > 0.5).to(target.dtype))),
+    "silhouette": ("silhouette-consistency", lambda images, target: soft_iou(soft_silhouette(images), target)),
+}
+
+
 class ConsistencyReward(Reward):
     """Soft IoU of the condition extracted from the sample with the control (``edges`` or ``silhouette``)."""
 
     differentiable = True
 
-    def __init__(self, kind: str) -> None:
-        self.kind, self.name = kind, {"edges": "edge-consistency", "silhouette": "silhouette-consistency"}[kind]
+    def __init__(self, condition: str) -> None:
+        self.name, self.agreement = _SOFT[condition]
 
     def forward(self, images, prompts, labels, metadata):
         target = control_of(metadata, len(images), self.name).to(images.device, _grey(images).dtype)
         if target.shape[-2:] != images.shape[-2:]:
             raise ChaintuneError(f"reward {self.name!r}: control {tuple(target.shape[-2:])} and samples "
                                  f"{tuple(images.shape[-2:])} differ in size")
-        if self.kind == "edges":
-            return soft_iou(soft_edges(images), (target > 0.5).float())
-        return soft_iou(soft_silhouette(images), target)
+        return self.agreement(images, target)
 
 
 class EdgeChamferReward(Reward):
