@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from chaintune.backends.controlled import load_controlled
 from chaintune.backends.dit import DiTModel
 from chaintune.backends.flow import FlowModel
 from chaintune.backends.flux import FluxModel
@@ -19,6 +20,7 @@ from chaintune.backends.sd import StableDiffusionModel
 from chaintune.backends.sdxl import SDXLModel
 from chaintune.backends.unet import UNetModel
 from chaintune.backends.wan import WanModel
+from chaintune.controlnet.trainer import sample_controlled
 from chaintune.pretrain.objective import char_tokenizer
 
 
@@ -293,12 +295,7 @@ def assert_controlnet_run_matches_diffusers(run_dir, control, steps: int = 3, pr
     """A ControlNet run over a tiny SD base (``chaintune controlnet`` or ``align --controlnet``): chaintune's sampler
     and diffusers' ``StableDiffusionControlNetPipeline`` on its ``model/`` give the same images from the same latents
     (DDIM, eta 0, CFG)."""
-    from pathlib import Path
-
     from diffusers import StableDiffusionControlNetPipeline
-
-    from chaintune.backends.controlled import load_controlled
-    from chaintune.controlnet.trainer import sample_controlled
 
     model = load_controlled(str(run_dir))
     n = len(control)

@@ -24,6 +24,7 @@ With ``data`` (what ``chaintune transfer --data`` would read), the transfer chec
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +38,14 @@ from chaintune.errors import ChaintuneError
 from chaintune.estimators import get_estimator
 from chaintune.estimators.base import EstimationContext, draw_noise, rollout
 from chaintune.estimators.ppo import step_log_prob
+from chaintune.metrics import feature_network
 from chaintune.plan.recommend import format_recommendation, recommend
 from chaintune.prompts import load_prompts
 from chaintune.rewards import get_reward, validate_reward_output
 from chaintune.sampling import chain_scheduler, make_conditions
+from chaintune.transfer.bank import build_bank
+from chaintune.transfer.config import BankConfig
+from chaintune.transfer.data import default_feature, load_target
 
 SAMPLER_TOL = 1e-4  # images in [0, 1]: a ported scheduler or conditioning that differs moves them by far more
 
@@ -225,13 +230,6 @@ def _gradient(model, rew, estimator, steps, n, cond, peft, seed) -> Finding:
 def _transfer_data(model: DiffusionModel, data: str, feature: str | None, steps: int, n: int,
                    seed: int) -> list[Finding]:
     """The data, bank and features checks (module docstring)."""
-    import tempfile
-
-    from chaintune.metrics import feature_network
-    from chaintune.transfer.bank import build_bank
-    from chaintune.transfer.config import BankConfig
-    from chaintune.transfer.data import default_feature, load_target
-
     try:
         x, y = load_target(model, data)
     except ChaintuneError as e:
