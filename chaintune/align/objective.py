@@ -358,7 +358,7 @@ def align_run(cfg: AlignConfig, *, overwrite: bool = False, resume: bool = False
               thread_policy: bool = True):
     """Like :func:`align`, returning the :class:`~chaintune.run.trainer.RunResult` (history, final metrics).
 
-    With ``cfg.pilot.pilot`` (and not resuming) the pilot's probes run first (:mod:`chaintune.align.pilot`); the run
+    With ``cfg.pilot.pilot`` (and not resuming) the pilot's probes run first (:func:`align_pilot`); the run
     then trains with the chosen estimator and LR, and its status file and report record the probes."""
     pilot = None
     if cfg.pilot.pilot and not resume:
