@@ -43,7 +43,7 @@ from chaintune.errors import ChaintuneError
 from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.sampling import chain_scheduler, initial_noise, make_conditions
 from chaintune.transfer.conditioning import target_conditions
-from chaintune.transfer.data import encode, load_target
+from chaintune.transfer.data import encode, hold_out, load_target
 from chaintune.transfer.timesteps import sample_timesteps
 
 __all__ = ["ControlNetObjective", "train_controlnet", "sample_controlled", "control_images", "split_control_data",
@@ -68,11 +68,8 @@ def split_control_data(base: DiffusionModel, data: str, eval_data: str = "auto",
         ex, ey = given_eval
     elif eval_data == "auto" and data.partition(":")[0] in ("digits", "digits-fewshot"):
         ex, ey = load_target(base, "digits:test")
-    elif eval_data == "auto":  # hold out the last 10% of the training images
-        k = max(1, len(x) // 10)
-        if len(x) - k < 1:
-            raise ChaintuneError(f"{data} has {len(x)} images: too few to hold some out; give --eval-data")
-        x, y, ex, ey = x[:-k], y[:-k], x[-k:], y[-k:]
+    elif eval_data == "auto":
+        x, y, ex, ey = hold_out(x, y, data)
     else:
         ex, ey = load_target(base, eval_data)
     if not len(x):

@@ -82,6 +82,15 @@ def default_eval_data(data: str) -> str | None:
     return None
 
 
+def hold_out(x: torch.Tensor, y: torch.Tensor, data: str, what: str = "--eval-data"):
+    """(x, y, held-out images, their labels): the last 10% of ``data``'s images, taken out of training, for data
+    without a test split of its own (a folder)."""
+    k = max(1, len(x) // 10)
+    if len(x) - k < 1:
+        raise ChaintuneError(f"{data} has {len(x)} images: too few to hold some out; give {what}")
+    return x[:-k], y[:-k], x[-k:], y[-k:]
+
+
 def default_feature(data: str) -> str | None:
     import os
 

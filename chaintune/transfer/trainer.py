@@ -35,7 +35,7 @@ from chaintune.run.trainer import Evaluation, Objective, RunResult, Trainer
 from chaintune.transfer.bank import KnowledgeBank, build_bank
 from chaintune.transfer.conditioning import target_conditions
 from chaintune.transfer.config import FEW_SHOT_RETENTION_WINS, UNCONDITIONAL_RETENTION, TransferConfig
-from chaintune.transfer.data import default_eval_data, default_feature, encode, generate, load_target
+from chaintune.transfer.data import default_eval_data, default_feature, encode, generate, hold_out, load_target
 from chaintune.transfer.folding import fold_difffit, has_difffit
 from chaintune.transfer.loss import diff_tuning_loss
 
@@ -186,10 +186,7 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
         if name:
             held = load_target(base, name)[0]
         else:
-            k = max(1, len(x) // 10)
-            if len(x) - k < 1:
-                raise ChaintuneError(f"{cfg.data} has {len(x)} images: too few for the pilot to hold some out")
-            x, y, held = x[:-k], y[:-k], x[-k:]
+            x, y, held, _ = hold_out(x, y, cfg.data, what="--eval-data (images the pilot judges on)")
     feature = default_feature(cfg.data) if cfg.eval.feature == "auto" else cfg.eval.feature
     if not feature:
         raise ChaintuneError("the pilot judges its probes by FID and this data has no default features: pass "
