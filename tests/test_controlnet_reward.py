@@ -210,7 +210,7 @@ def test_diversity_is_measured_under_one_control():
     assert len(pool.heldout_controls(n)) == n
 
 
-def test_cli_fine_tunes_then_samples_with_the_reward_tuned_controlnet(pixel_controlnet, tmp_path):
+def test_cli_fine_tunes_then_samples_with_the_reward_tuned_controlnet(pixel_controlnet, tmp_path, capsys):
     from PIL import Image
 
     from chaintune.cli.main import main
@@ -219,6 +219,8 @@ def test_cli_fine_tunes_then_samples_with_the_reward_tuned_controlnet(pixel_cont
     main(["align", "--controlnet", str(pixel_controlnet), "--reward", "silhouette-consistency", "--steps", "1",
           "--batch-size", "4", "--sample-steps", "3", "--eval-samples", "4", "--out", str(run), "--no-tensorboard",
           "--no-report", "--no-progress"])
+    # the summary tells how to sample it: a ControlNet run needs a condition image, not --model
+    assert f"sample: chaintune sample --controlnet {run} --condition IMG" in capsys.readouterr().out
     x, _ = _digits(1)
     Image.fromarray((x[0, 0].numpy() * 255).round().astype("uint8")).save(tmp_path / "cond.png")
     main(["sample", "--controlnet", str(run), "--condition", str(tmp_path / "cond.png"), "--num", "2", "--steps", "2",

@@ -8,7 +8,7 @@ Code outside ``chaintune.backends`` never branches on a backend's ``kind`` (a re
 manifests and messages); it asks the model what it can do: :attr:`~DiffusionModel.takes_labels`,
 :attr:`~DiffusionModel.takes_prompts`, :meth:`~DiffusionModel.null_conditions`,
 :attr:`~DiffusionModel.has_null_branch`, :attr:`~DiffusionModel.decodes_latents`,
-:attr:`~DiffusionModel.pixel_shape`, :attr:`~DiffusionModel.produces_video` and
+:attr:`~DiffusionModel.pixel_shape`, :attr:`~DiffusionModel.produces_video`, :attr:`~DiffusionModel.needs_control` and
 :meth:`~DiffusionModel.save_lora_weights`. A new backend answers these and every trainer works.
 """
 
@@ -174,6 +174,11 @@ class DiffusionModel:
     @property
     def decodes_latents(self) -> bool:
         """Whether the denoiser works on VAE latents (``decode``/``encode_images`` run the VAE)."""
+        return False
+
+    @property
+    def needs_control(self) -> bool:
+        """Whether every sample needs a control image (``Conditions.control``): a ControlNet-steered model."""
         return False
 
     @property

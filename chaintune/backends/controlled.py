@@ -149,6 +149,8 @@ class ControlledModel(DiffusionModel):
     has_null_branch = property(lambda self: self.base.has_null_branch)
     decodes_latents = property(lambda self: self.base.decodes_latents)
 
+    needs_control = True
+
     @property
     def conditioning_channels(self) -> int:
         return int(self.denoiser.config.conditioning_channels)

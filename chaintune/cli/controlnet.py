@@ -13,8 +13,7 @@ def _controlnet(cfg: ControlNetConfig, *, resume: bool, overwrite: bool) -> None
     from chaintune.run.trainer import format_summary
 
     res = train_controlnet(cfg, cfg.run.out, overwrite=overwrite, resume=resume)
-    typer.echo(format_summary(res).replace(f"chaintune sample --model {res.out})",
-                                           f"chaintune sample --controlnet {res.out} --condition IMG)"))
+    typer.echo(format_summary(res))
 
 
 def register(app: typer.Typer) -> None:

@@ -694,6 +694,6 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  {'loss':<16} {final['loss']:.4g}")
     lines += [f"  note: {n}" for n in result.notes]
     if result.out is not None:
-        lines.append(f"  run: {result.out}  (report: {result.out / 'report.html'}; "
-                     f"sample: chaintune sample --model {result.out})")
+        how = f"--controlnet {result.out} --condition IMG" if result.model.needs_control else f"--model {result.out}"
+        lines.append(f"  run: {result.out}  (report: {result.out / 'report.html'}; sample: chaintune sample {how})")
     return "\n".join(lines)
