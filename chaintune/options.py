@@ -29,14 +29,16 @@ __all__ = ["option", "section", "field_help", "Spec", "specs", "from_dict", "to_
 def option(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
            choices: tuple | None = None, min: float | None = None, gt: float | None = None,
            max: float | None = None, flags: tuple[str, ...] = (), key: str | None = None,
-           resumable: bool = False, parse: Callable[[Any], Any] | None = None) -> Any:
+           resumable: bool = False, parse: Callable[[Any], Any] | None = None, used_by: tuple[str, ...] = ()) -> Any:
     """A config field. ``key`` renames its flat name (flag ``--key``, config key ``key``); ``flags``
     adds flag spellings (``--lambda``); ``min``/``gt``/``max`` bound numbers; ``choices`` restricts.
     ``resumable``: ``--resume`` may change it (how long to train, how to evaluate, log and checkpoint); any
     other change would make the resumed run another experiment than its checkpoints', so it is refused.
-    ``parse``: checks the value's form (raising ChaintuneError); the option keeps the value as given."""
+    ``parse``: checks the value's form (raising ChaintuneError); the option keeps the value as given.
+    ``used_by``: the variants that read it (an estimator option names its estimators: they take their option list
+    from these declarations, and ``--help`` shows them in place of the section)."""
     meta = {"help": help, "choices": choices, "min": min, "gt": gt, "max": max, "flags": flags, "key": key,
-            "resumable": resumable, "parse": parse}
+            "resumable": resumable, "parse": parse, "used_by": tuple(used_by)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,6 +66,7 @@ class Spec:
     flags: tuple[str, ...] = ()
     resumable: bool = False
     parse: Callable[[Any], Any] | None = None
+    used_by: tuple[str, ...] = ()
 
     @property
     def section(self) -> str:
@@ -92,7 +95,8 @@ def specs(config: Any, _path: tuple[str, ...] = (), _prefix: str = "") -> list[S
         out.append(Spec(name=_prefix + (m.get("key") or f.name), path=(*_path, f.name), type=hints[f.name],
                         default=value, help=m.get("help", ""), choices=m.get("choices"), min=m.get("min"),
                         gt=m.get("gt"), max=m.get("max"), flags=tuple(m.get("flags") or ()),
-                        resumable=bool(m.get("resumable")), parse=m.get("parse")))
+                        resumable=bool(m.get("resumable")), parse=m.get("parse"),
+                        used_by=tuple(m.get("used_by") or ())))
     if not _path:
         names = [s.name for s in out]
         dup = {n for n in names if names.count(n) > 1}

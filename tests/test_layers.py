@@ -193,3 +193,27 @@ def test_the_api_and_the_cli_build_the_same_estimator_for_every_name():
             assert hasattr(DEFAULTS, option), (name, option)
     rlr = get_estimator("rlr")
     assert (rlr.h, rlr.zo, rlr.spans) == (DEFAULTS.h, DEFAULTS.zo, DEFAULTS.spans)
+
+
+def test_each_estimator_option_names_its_estimators_and_they_take_exactly_those():
+    """Declared once: an option's ``used_by`` is what the estimator's constructor receives (``takes``), what
+    ``--help`` shows, and it names real estimators that accept it; the torch-free GROUPED agrees with the
+    classes' own ``compares_group``."""
+    import inspect
+    from dataclasses import fields
+
+    from chaintune.estimators import ESTIMATORS
+    from chaintune.estimators.options import GROUPED, EstimatorConfig, takes
+    from chaintune.options import specs
+
+    names = {cls.name for cls in ESTIMATORS.values()}
+    for f in fields(EstimatorConfig):
+        assert set(f.metadata.get("used_by", ())) <= names, f.name  # no typo in an estimator's name
+    for cls in ESTIMATORS.values():
+        assert cls.options == takes(cls.name), cls.name
+        params = set(inspect.signature(cls).parameters)
+        assert set(cls.options) <= params, (cls.name, set(cls.options) - params)
+    assert {cls.name for cls in ESTIMATORS.values() if cls.compares_group} == set(GROUPED)
+    read = {o for cls in ESTIMATORS.values() for o in cls.options}
+    unread = {s.name for s in specs(EstimatorConfig())} - read - {"estimator", "baseline"}
+    assert not unread, f"options no estimator reads: {unread}"

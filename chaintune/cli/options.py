@@ -43,6 +43,8 @@ def _flags(spec: Spec) -> list[str]:
 
 def _help(spec: Spec) -> str:
     where = f"[{spec.section}] " if spec.section else ""
+    if spec.used_by:
+        where = f"[{spec.section}: {', '.join(spec.used_by)}] "
     repeat = " (repeat the flag for several values)" if typing.get_origin(_cli_type(spec)) is list or any(
         typing.get_origin(a) is list for a in typing.get_args(_cli_type(spec))) else ""
     return where + spec.help + repeat

@@ -106,7 +106,10 @@ class Estimator:
     # whether it has likelihood-ratio terms, whose variance a reward baseline lowers (``EstimationContext.baseline``);
     # align then draws prompts in groups so that a per-prompt baseline has samples to compare within
     uses_baseline = False
-    # the EstimatorConfig fields its constructor takes (chaintune.estimators.options: their one declaration)
+    # whether it compares the samples of one prompt (GRPO/NFT advantages, DPO pairs): align then draws prompts in
+    # groups (the torch-free config reads the same fact from chaintune.estimators.options.GROUPED)
+    compares_group = False
+    # the EstimatorConfig fields its constructor takes: ``takes(name)``, from the options' own ``used_by``
     options: tuple[str, ...] = ()
     _tracker: PerPromptStatTracker | None = None
 

@@ -28,6 +28,7 @@ from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_
 from chaintune.estimators.baselines import group_keys
 from chaintune.estimators.nft import training_times
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 
 
 def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -59,7 +60,8 @@ def preference_pairs(rewards: torch.Tensor, keys: list[str], group_size: int) ->
 
 class OnlineDPO(Estimator):
     name = "dpo"
-    options = ("dpo_beta", "train_timesteps")
+    compares_group = True
+    options = takes("dpo")
 
     def __init__(self, dpo_beta: float = D.dpo_beta, train_timesteps: int = D.train_timesteps):
         if dpo_beta <= 0 or train_timesteps < 0:

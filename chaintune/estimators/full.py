@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from chaintune.chain import StepGrad
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
+from chaintune.estimators.options import takes
 
 
 class FullBackprop(Estimator):
     name = "full-backprop"
     needs_differentiable_reward = True
-    options = ()
+    options = takes("full-backprop")
 
     def plan(self, num_steps, generator=None):
         return [StepGrad.PATHWISE] * num_steps

@@ -36,13 +36,15 @@ from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext
 from chaintune.estimators.baselines import grpo_advantages, step_group_keys
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 from chaintune.estimators.reinforce import Reinforce
 
 
 class GRPO(Reinforce):
     name = "grpo"
 
-    options = ("inner_epochs", "clip_range", "kl_coef", "global_std", "kl_form")
+    compares_group = True
+    options = takes("grpo")
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  kl_coef: float = D.kl_coef, global_std: bool = D.global_std, kl_form: str = D.kl_form,

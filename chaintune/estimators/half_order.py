@@ -20,6 +20,7 @@ from chaintune.chain import StepGrad, run_chain
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 
 
 def spans_ending_at(ends: list[int], h: int, floor: int = 0) -> list[tuple[int, int]]:
@@ -67,7 +68,7 @@ class HalfOrder(Estimator):
     name = "half-order"
     uses_baseline = True
 
-    options = ("h", "tracker_buffer", "tracker_min_count")
+    options = takes("half-order")
 
     def __init__(self, h: int = D.h, normalize_advantages: bool = False, tracker_buffer: int = D.tracker_buffer,
                  tracker_min_count: int = D.tracker_min_count):

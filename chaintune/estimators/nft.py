@@ -36,6 +36,7 @@ from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Sampled, Stats, draw_noise, rollout
 from chaintune.estimators.baselines import grpo_advantages, step_group_keys
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 
 
 def nft_loss(x_theta: torch.Tensor, x_old: torch.Tensor, x0: torch.Tensor, r: torch.Tensor, beta: float,
@@ -54,7 +55,8 @@ def nft_loss(x_theta: torch.Tensor, x_old: torch.Tensor, x0: torch.Tensor, r: to
 
 class DiffusionNFT(Estimator):
     name = "nft"
-    options = ("nft_beta", "global_std", "train_timesteps")
+    compares_group = True
+    options = takes("nft")
 
     def __init__(self, nft_beta: float = D.nft_beta, global_std: bool = D.global_std,
                  train_timesteps: int = D.train_timesteps, adv_clip: float = 5.0):

@@ -27,6 +27,7 @@ from chaintune.estimators.base import EstimationContext, Estimator, Sampled, Sta
 from chaintune.estimators.baselines import group_keys
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
 
 
@@ -34,7 +35,7 @@ class Reinforce(Estimator):
     name = "reinforce"
     uses_baseline = True
 
-    options = ("inner_epochs", "clip_range", "tracker_buffer", "tracker_min_count")
+    options = takes("reinforce")
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  normalize_advantages: bool = True, step_fraction: float = 1.0, final_step: str = "skip",

@@ -49,6 +49,7 @@ from chaintune.estimators.base import (
 )
 from chaintune.estimators.half_order import replay_span_log_prob
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 from chaintune.estimators.ppo import ppo_objective
 from chaintune.rewards import validate_reward_output
 
@@ -56,8 +57,7 @@ from chaintune.rewards import validate_reward_output
 class RLR(Estimator):
     name = "rlr"
     uses_baseline = True
-    options = ("h", "j", "sigma", "zo", "ho", "fo", "spans", "shared_perturbation", "tracker_buffer",
-               "tracker_min_count")
+    options = takes("rlr")
 
     def __init__(self, h: int = D.h, j: str | tuple[int, int] = D.j, sigma: float = D.sigma, zo: bool = D.zo,
                  ho: bool = D.ho, shared_perturbation: bool = D.shared_perturbation, norm_decay: float = 0.9,
@@ -275,7 +275,7 @@ class RLRReleased(RLR):
 
     name = "rlr-released"
     needs_differentiable_reward = True
-    options = ("chain_len", "final_eta", "lr_clip_range", "fo_coef", "lr_coef", "tracker_buffer", "tracker_min_count")
+    options = takes("rlr-released")
 
     def __init__(self, chain_len: int = D.chain_len, final_eta: float | None = D.final_eta,
                  lr_clip_range: float = D.lr_clip_range, fo_coef: float = D.fo_coef, lr_coef: float = D.lr_coef,

@@ -15,13 +15,14 @@ from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Stats, draw_noise, rollout
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 
 
 class TruncatedBackprop(Estimator):
     name = "truncated-backprop"
     needs_differentiable_reward = True
 
-    options = ("k",)
+    options = takes("truncated-backprop")
 
     def __init__(self, k: int = D.k, random_k: bool = False, stop_range: tuple[int, int] | str | None = None):
         if k < 1:
@@ -67,6 +68,7 @@ class AlignProp(TruncatedBackprop):
     """AlignProp (Prabhudesai et al. 2023): truncated backprop with a randomised K, drawn from 1..k per estimate."""
 
     name = "alignprop"
+    options = takes("alignprop")
 
     def __init__(self, k: int = D.k):
         super().__init__(k=k, random_k=True)
@@ -77,7 +79,7 @@ class ReFL(TruncatedBackprop):
     its x_0 prediction. Default range: the last 25% of whatever chain it runs on, final step excluded."""
 
     name = "refl"
-    options = ()
+    options = takes("refl")
 
     def __init__(self, stop_range: tuple[int, int] | None = None):
         super().__init__(k=1, stop_range=stop_range or "late")

@@ -13,12 +13,13 @@ import torch
 from chaintune.chain import StepGrad
 from chaintune.estimators.base import EstimationContext, Estimator, mirrored_zeroth_order
 from chaintune.estimators.options import DEFAULTS as D
+from chaintune.estimators.options import takes
 
 
 class ZerothOrder(Estimator):
     name = "zeroth-order"
 
-    options = ("sigma", "shared_perturbation")
+    options = takes("zeroth-order")
 
     def __init__(self, sigma: float = D.sigma, shared_perturbation: bool = D.shared_perturbation):
         self.sigma = sigma
