@@ -428,7 +428,8 @@ def _run_parallel(args, jobs: list[tuple]) -> list[dict]:
     if not jobs:
         return reused
     out = list(reused)
-    pool = mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) if args.workers > 1 else None
+    # spawn, not fork: a worker forked from this process (torch's threads running) can deadlock on a lock
+    pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) if args.workers > 1 else None
     with pool or contextlib.nullcontext():
         for r in (pool.imap_unordered(_ranking_run, jobs) if pool else map(_ranking_run, jobs)):
             C.log(f"  {r['method']:20s} lr {r['lr']:g} seed {r['seed']}: "

@@ -139,7 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:KEY=VALUE,...`` -> (NAME, overrides); values are parsed as YAML scalars (numbers, bools)."""
+    """``NAME:KEY=VALUE,...`` -> (NAME, overrides); values are parsed as YAML scalars (numbers, bools).
+    ``schedule=forgetting``: alpha, beta and lam are derived per run as ``transfer --pilot`` derives them (a plain
+    probe of a fifth of the steps, same seed, then its chain of forgetting on the held-out images)."""
     from chaintune.errors import ChaintuneError
     from chaintune.transfer import TransferConfig
 
@@ -150,8 +152,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not eq or not name:
             raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if overrides.get("schedule", "forgetting") != "forgetting":
+        raise SystemExit(f"--variant {text!r}: schedule takes only 'forgetting'")
     try:  # unknown option names fail here, before anything runs
-        TransferConfig.from_dict({"method": "diff-tuning", **overrides})
+        TransferConfig.from_dict({"method": "diff-tuning", **{k: v for k, v in overrides.items() if k != "schedule"}})
     except ChaintuneError as e:
         raise SystemExit(f"--variant {text!r}: {e}") from None
     return name, {"method": "diff-tuning", **overrides}
@@ -221,10 +225,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from chaintune.data import load_dataset
     from chaintune.metrics import fid_kid
+    from chaintune.run.pilot import pilot_steps
     from chaintune.transfer import TransferConfig, transfer
     from chaintune.transfer.bank import build_bank
     from chaintune.transfer.data import generate
-    from chaintune.transfer.forgetting import analyze
+    from chaintune.transfer.forgetting import analyze, measure_schedule
 
     t_start = time.time()
     base, base_id = pretrained_base(args.base, args.resolution, args.num_classes, args.pretrain_steps,
@@ -255,15 +260,31 @@ def main(argv=None) -> dict:
     runs: list[dict] = []
     tuned_models: dict = {}
 
-    def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
-        overrides = args.variants.get(method, {"method": method})
-        cfg = TransferConfig.from_dict({
+    def settings(k: int, seed: int, peft: str) -> dict:
+        return {
             "model": base_id, "data": args.target.format(k=k), "peft": peft, "steps": args.steps,
             "lr": args.lr if peft == "none" else args.lr * args.peft_lr_scale,
             "bank_size": args.bank_size, "bank_labels": args.bank_labels, "bank_dir": str(bank_root),
             "eval_data": args.eval_data, "feature": feature, "eval_every": args.eval_every,
             "eval_samples": args.eval_samples, "sample_steps": sample_steps, "sample_guidance": args.sample_guidance,
-            "seed": seed, "log_every": max(1, args.steps // 10), **overrides})
+            "seed": seed, "log_every": max(1, args.steps // 10)}
+
+    def derived_schedule(k: int, seed: int, peft: str) -> dict:
+        """What `transfer --pilot` derives: a plain probe of a fifth of the steps (its pilot_steps), same seed, and
+        its chain of forgetting on the held-out images (the pilot's held-out set is the same test split)."""
+        cfg = TransferConfig.from_dict({**settings(k, seed, peft), "method": "plain", "eval_every": 0,
+                                        "steps": pilot_steps(args.steps, 0)})
+        probe = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
+        return measure_schedule(base, probe.model, test_x, test_y, seed=seed, lam=cfg.diff_tuning.lam)
+
+    def run(method: str, k: int, seed: int, peft: str = "none") -> dict:
+        overrides = dict(args.variants.get(method, {"method": method}))
+        derived = derived_schedule(k, seed, peft) if overrides.pop("schedule", None) else None
+        if derived:
+            overrides.update(alpha=derived["alpha"], beta=derived["beta"], lam=derived["lam"])
+            print(f"  {method}: derived alpha {derived['alpha']:g}, beta {derived['beta']:g}, "
+                  f"lambda {derived['lam']:g} (gain centred on t = {derived.get('gain_mean_t', 'n/a')})", flush=True)
+        cfg = TransferConfig.from_dict({**settings(k, seed, peft), **overrides})
         t0 = time.time()
         res = transfer(cfg, model=copy.deepcopy(base), show_progress=False, eval_images=test_x)
         seconds = round(time.time() - t0, 1)  # training and its evaluations, not the report below
@@ -273,7 +294,7 @@ def main(argv=None) -> dict:
         report = model_sample_report(res.model, targets[k], test_x, n=o["eval_samples"], steps=o["sample_steps"],
                                      eta=o["sample_eta"], seed=o["seed"] + 12345,
                                      guidance_scale=o["sample_guidance"], classifier=args.report_classifier)
-        row = {"method": method, "overrides": overrides, "peft": peft, "shots": k, "seed": seed,
+        row = {"method": method, "overrides": overrides, "derived": derived, "peft": peft, "shots": k, "seed": seed,
                "steps": args.steps, "fid": m["fid"],
                "kid": m["kid"], "kid_std": m["kid_std"], "fid_curve": curve,
                "samples": report,

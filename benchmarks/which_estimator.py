@@ -229,7 +229,8 @@ def run_jobs(args, jobs: list[tuple]) -> list[dict]:
     C.log(f"  {len(reused)} runs reused, {len(todo)} to run")
     out = list(reused)
     finished = list(done.values())
-    pool = mp.get_context("fork").Pool(args.workers, maxtasksperchild=1) if args.workers > 1 and todo else None
+    # spawn, not fork: a worker forked from this process (torch's threads running) can deadlock on a lock
+    pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) if args.workers > 1 and todo else None
     judge = DOMAINS[args.domain]["judge"]
     with pool or contextlib.nullcontext():
         for r in (pool.imap_unordered(_run, todo) if pool else map(_run, todo)):

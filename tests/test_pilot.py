@@ -103,11 +103,19 @@ def test_transfer_pilot_compares_methods_by_held_out_fid(tmp_path, capsys):
     main(["transfer", "--steps", "4", "--batch-size", "8", "--eval-samples", "20", "--sample-steps", "3",
           "--bank-size", "20", "--bank-steps", "3", "--bank-dir", str(tmp_path / "banks"), "--pilot", "--pilot-lrs",
           "1e-4,1e-3", "--pilot-steps", "2", "--out", str(run), "--no-tensorboard", "--no-progress"])
-    assert "pilot 4/4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pilot 4/4" in out and "pilot 5/5" in out and "alpha" in out
     info = json.loads((run / "chaintune_run.json").read_text())
     probes = info["pilot"]["probes"]
-    assert [p["settings"] for p in probes] == [{"method": m, "lr": lr} for m in ("diff-tuning", "plain")
-                                               for lr in (1e-4, 1e-3)]
+    assert [p["settings"] for p in probes[:4]] == [{"method": m, "lr": lr} for m in ("diff-tuning", "plain")
+                                                   for lr in (1e-4, 1e-3)]
+    # the fifth: Diff-Tuning at its best LR with the schedule the best plain probe's chain of forgetting gave
+    sched = info["pilot"]["schedule"]
+    best_dt = max(probes[:2], key=lambda p: p["score"])["settings"]["lr"]
+    assert probes[4]["settings"] == {"method": "diff-tuning", "lr": best_dt, "alpha": sched["alpha"],
+                                     "beta": sched["beta"], "lam": sched["lam"]}
+    assert -0.9 <= sched["alpha"] <= 4 and -0.9 <= sched["beta"] <= 4 and 0 <= sched["lam"] <= 0.2
+    assert "Derived from the best plain probe" in (run / "report.html").read_text()
     assert all(p["score"] < 0 for p in probes)  # -FID
     best = max(probes, key=lambda p: p["score"])["settings"]
     assert info["pilot"]["chosen"] == best
@@ -120,3 +128,50 @@ def test_transfer_pilot_options_are_checked():
 
     with pytest.raises(ChaintuneError, match="--pilot-methods"):
         TransferConfig.from_dict({"pilot": True, "pilot_methods": "diff-tuning,lora"}).validate()
+
+
+def test_transfer_pilot_without_the_derived_schedule(tmp_path, capsys):
+    from chaintune.cli.main import main
+
+    run = tmp_path / "run"
+    main(["transfer", "--steps", "4", "--batch-size", "8", "--eval-samples", "20", "--sample-steps", "3",
+          "--bank-size", "20", "--bank-steps", "3", "--bank-dir", str(tmp_path / "banks"), "--pilot", "--pilot-lrs",
+          "1e-3", "--pilot-steps", "2", "--no-pilot-schedule", "--out", str(run), "--no-tensorboard",
+          "--no-progress"])
+    info = json.loads((run / "chaintune_run.json").read_text())
+    assert len(info["pilot"]["probes"]) == 2 and "schedule" not in info["pilot"]
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_a_gain_growing_as_a_power_of_t_gives_that_power_back(power):
+    """The paper's premise as a measurement (the target's need grows as (t + 1)^a) returns psi's power a; the
+    check uses the discrete law (timestep_probs), independent of the closed form derive_schedule solves."""
+    import torch
+
+    from chaintune.transfer.forgetting import derive_schedule
+    from chaintune.transfer.timesteps import timestep_probs
+
+    T = 1000
+    ts = list(range(0, T, 10))
+    gain = [(t + 1) ** power for t in ts]
+    d = derive_schedule(ts, [1.0 + g for g in gain], [1.0] * len(ts), T)
+    assert d["alpha"] == pytest.approx(power, abs=0.1)  # the grid of every 10th t, against the continuous law
+    mean_psi = float((timestep_probs(T, "psi", d["alpha"]) * torch.arange(T)).sum())
+    assert mean_psi == pytest.approx(d["gain_mean_t"], abs=0.01 * T)
+    if power == 1.0:  # a linear ramp is what alpha = beta = 1 assume: the paper's schedule comes back (up to the
+        # grid: the gain's maximum sits at t = 990, where s = 1 - g / max g reaches 0, not at T)
+        assert d["beta"] == pytest.approx(1.0, abs=0.1) and d["lam"] == pytest.approx(0.1, abs=0.005)
+
+
+def test_a_gain_at_low_noise_gives_falling_laws_and_no_gain_keeps_the_paper_schedule():
+    from chaintune.transfer.forgetting import derive_schedule
+    from chaintune.transfer.timesteps import timestep_probs
+
+    T = 1000
+    ts = list(range(0, T, 50))
+    low = derive_schedule(ts, [2.0 if t < 300 else 1.0 for t in ts], [1.0] * len(ts), T)
+    assert low["alpha"] < 0 and low["beta"] < 0  # reconsolidate at small t, retain at large t
+    p = timestep_probs(T, "psi", low["alpha"])
+    assert p[0] > p[-1] and abs(float(p.sum()) - 1) < 1e-12
+    same = derive_schedule(ts, [1.0] * len(ts), [1.0 + 0.1] * len(ts), T)  # tuning made the target worse
+    assert (same["alpha"], same["beta"], same["lam"]) == (1.0, 1.0, 0.1)

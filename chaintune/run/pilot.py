@@ -9,7 +9,8 @@ point of the grid, evaluated on held-out samples:
 * ``align``: (estimator, LR), judged by the held-out reward (the judge training never sees; the training reward
   where a reward has no twin), with the hacking guard on: a probe that raised an alarm is not chosen;
 * ``transfer``: (method, LR), judged by FID against held-out images (the data's test split, else its last 10%,
-  held out of the probes' training).
+  held out of the probes' training); then Diff-Tuning once more with ψ/ξ (alpha, beta) and lam derived from the
+  chain-of-forgetting measurement of the best plain probe (:func:`chaintune.transfer.forgetting.derive_schedule`).
 
 The pilot keeps the best probe; probes write nothing to disk, and what they measured goes into the full run's status
 file and report.
@@ -73,20 +74,29 @@ def choose(probes: list[Probe]) -> Probe:
 
 
 def run_pilot(cfg: Any, grid: list[dict], apply: Callable[[Any, dict], None], steps: int, fit: Fit, *,
-              score_name: str, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-    """Probe every point of ``grid`` (``apply(config, point)`` sets it on a copy of ``cfg``) for ``steps``, choose,
-    and return the full run's config (the chosen point applied) with the record of the pilot."""
+              score_name: str, log: Callable[[str], None] = print,
+              follow_up: Callable[[list[Probe]], list[dict]] | None = None) -> tuple[Any, dict]:
+    """Probe every point of ``grid`` (``apply(config, point)`` sets it on a copy of ``cfg``) for ``steps``, then the
+    points ``follow_up(probes)`` derives from those probes (if given), choose, and return the full run's config (the
+    chosen point applied) with the record of the pilot."""
     log(f"pilot: {len(grid)} probes of {steps} steps, judged by {score_name}")
-    probes = []
-    for i, point in enumerate(grid, 1):
+    probes: list[Probe] = []
+
+    def probe(point: dict, total: int) -> None:
         c = copy.deepcopy(cfg)
         apply(c, point)
         t0 = time.time()
         score, start, alarms = fit(c)
         probes.append(p := Probe(point, score, start, alarms, round(time.time() - t0, 1)))
-        log(f"pilot {i}/{len(grid)}: {p.label()}: {score_name} " + (f"{start:.4g} -> " if start == start else "")
-            + f"{score:.4g}"
+        log(f"pilot {len(probes)}/{total}: {p.label()}: {score_name} "
+            + (f"{start:.4g} -> " if start == start else "") + f"{score:.4g}"
             + (f"; alarm: {alarms[0]}" if alarms else "") + f" ({p.seconds:.0f} s)")
+
+    for point in grid:
+        probe(point, len(grid))
+    more = follow_up(probes) if follow_up is not None else []
+    for point in more:
+        probe(point, len(grid) + len(more))
     best = choose(probes)
     log(f"pilot: chose {best.label()} ({score_name} {best.score:.4g}); the full run starts")
     full = copy.deepcopy(cfg)

@@ -196,16 +196,22 @@ def _pilot_section(info: dict) -> str:
     if not isinstance(pilot, dict) or not pilot.get("probes"):
         return ""
     chosen = pilot.get("chosen") or {}
-    keys = list(chosen) or list(pilot["probes"][0].get("settings") or {})
+    keys = list(dict.fromkeys(k for p in pilot["probes"] for k in (p.get("settings") or {})))
     rows = "".join(
         "<tr>" + "".join(f"<td>{_esc(_fmt((p.get('settings') or {}).get(k)))}</td>" for k in keys)
         + f"<td class='num'>{_esc(_fmt(p.get('start')))}</td><td class='num'>{_esc(_fmt(p.get('score')))}</td>"
         f"<td>{_esc('; '.join(p.get('alarms') or []) or 'none')}</td>"
         f"<td>{'chosen' if p.get('settings') == chosen else ''}</td></tr>" for p in pilot["probes"])
     what = _esc(pilot.get("score", "score"))
+    sched = pilot.get("schedule")
+    derived = (f"<p>Derived from the best plain probe's chain of forgetting (its gain on held-out images centres on "
+               f"t = {_esc(_fmt(sched.get('gain_mean_t')))}): alpha {_esc(_fmt(sched.get('alpha')))}, beta "
+               f"{_esc(_fmt(sched.get('beta')))}, lambda {_esc(_fmt(sched.get('lam')))}.</p>"
+               if isinstance(sched, dict) else "")
     return (f"<h2>Pilot ({_esc(pilot.get('steps'))} steps a probe)</h2><table><tr>"
             + "".join(f"<th>{_esc(k)}</th>" for k in keys)
-            + f"<th>{what} at start</th><th>{what} at end</th><th>alarms</th><th></th></tr>{rows}</table>")
+            + f"<th>{what} at start</th><th>{what} at end</th><th>alarms</th><th></th></tr>{rows}</table>"
+            + derived)
 
 
 # fractions of evaluation samples (binomial noise): shares of a class, of clips that move the prompt's way ...

@@ -44,8 +44,11 @@ class BankConfig:
 class DiffTuningConfig:
     """Diff-Tuning's objective (defaults as the authors' code)."""
 
-    alpha: float = option(1.0, "psi(t) ∝ (t + 1)^alpha: the target's timestep law (more weight on large t).", min=0)
-    beta: float = option(1.0, "xi(t) ∝ (T - t)^beta: the bank's timestep law (more weight on small t).", min=0)
+    # > -1: a falling law is allowed (the pilot may derive one from the chain of forgetting, forgetting.derive_schedule)
+    alpha: float = option(1.0, "psi(t) ∝ (t + 1)^alpha: the target's timestep law (more weight on large t; a "
+                          "negative alpha, on small t).", gt=-1)
+    beta: float = option(1.0, "xi(t) ∝ (T - t)^beta: the bank's timestep law (more weight on small t; a negative "
+                         "beta, on large t).", gt=-1)
     lam: float = option(0.1, "Weight of the retention loss (0: no bank, only the psi timestep law).", min=0,
                         flags=("--lambda",))
     bank_share: float = option(0.2, "Share of each batch drawn from the knowledge bank (0: no bank).", min=0)
@@ -74,6 +77,10 @@ class TransferPilotConfig(PilotConfig):
     """The pilot of ``transfer``: (method, LR) probes judged by FID against held-out images."""
 
     pilot_methods: str = option("diff-tuning,plain", "Methods the pilot probes (comma-separated).")
+    pilot_schedule: bool = option(True, "With both methods probed: derive Diff-Tuning's alpha, beta and lambda from "
+                                  "the chain of forgetting of the best plain probe (where, along the chain, it gains "
+                                  "on the held-out images) and probe Diff-Tuning with them at its best LR "
+                                  "(--no-pilot-schedule: the configured schedule only).")
 
     def methods(self) -> list[str]:
         names = [v.strip() for v in self.pilot_methods.split(",") if v.strip()]

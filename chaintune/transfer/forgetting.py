@@ -33,7 +33,8 @@ from chaintune.sampling import chain_scheduler, initial_noise
 from chaintune.transfer.data import draw_labels, encode
 from chaintune.utils.io import atomic_file, save_json
 
-__all__ = ["handover_denoise", "per_timestep_losses", "handover_fid", "analyze", "write_report", "spearman"]
+__all__ = ["handover_denoise", "per_timestep_losses", "handover_fid", "analyze", "write_report", "spearman",
+           "derive_schedule", "measure_schedule"]
 
 
 def handover_denoise(tuned: Denoise, base: Denoise, threshold: int) -> Denoise:
@@ -186,6 +187,64 @@ def analyze(base: DiffusionModel, tuned: DiffusionModel, target_images: torch.Te
         result["handover_spearman"] = spearman([r["threshold"] for r in result["handover"]],
                                                [r["fid"] for r in result["handover"]])
     return result
+
+
+# bounds of the derived powers: below -1 a power law's mean position no longer follows (a + 1) / (a + 2); above 4 a
+# law puts nearly all its mass on the last tenth of the chain
+POWER_RANGE = (-0.9, 4.0)
+
+
+def _power_from_mean(m: float) -> float:
+    """The power a of p(i) ∝ (i + 1)^a on 0..T-1 whose mean position is ``m`` (a fraction of T): for a > -1 the
+    continuous law's mean is (a + 1) / (a + 2), so a = (2m - 1) / (1 - m)."""
+    a = (2 * m - 1) / max(1 - m, 1e-6)
+    return float(min(max(a, POWER_RANGE[0]), POWER_RANGE[1]))
+
+
+def derive_schedule(timesteps: Sequence[int], base_loss: Sequence[float], tuned_loss: Sequence[float],
+                    num_train_timesteps: int, lam: float = 0.1) -> dict:
+    """Diff-Tuning's ψ/ξ powers (alpha, beta) and retention weight from a chain-of-forgetting measurement.
+
+    ``base_loss`` / ``tuned_loss``: the per-timestep training loss (:func:`per_timestep_losses`) of the base model
+    and of a plainly fine-tuned one on held-out *target* images. The gain g(t) = max(0, base - tuned) says where
+    along the chain the target needs what the base does not know:
+
+    * ψ(t) ∝ (t + 1)^alpha puts the target's (reconsolidation) training there: alpha such that ψ's mean position
+      equals the gain's, sum t g(t) / sum g(t);
+    * ξ(t) ∝ (T - t)^beta puts retention where the base already serves the target, s(t) = 1 - g(t) / max g:
+      beta such that ξ's mean distance from T equals s's;
+    * lam = ``lam`` x 2 mean(s): the paper's weight where s is its linear ramp (alpha = beta = 1 assume the
+      target's need grows linearly with t: mean 1/2), less where the base serves little of the chain.
+
+    Negative powers are allowed (a law that falls with t): the measurement may say the target differs from the
+    source at low noise, the opposite of the paper's premise. Both laws accept them (timesteps.timestep_probs)."""
+    ts = torch.as_tensor(list(timesteps), dtype=torch.float64)
+    gain = (torch.as_tensor(list(base_loss), dtype=torch.float64)
+            - torch.as_tensor(list(tuned_loss), dtype=torch.float64)).clamp(min=0)
+    T = float(num_train_timesteps)
+    if not float(gain.sum()) > 0:  # fine-tuning changed nothing measurable: keep the paper's schedule
+        return {"alpha": 1.0, "beta": 1.0, "lam": lam, "gain": gain.tolist(), "timesteps": ts.long().tolist(),
+                "note": "no gain measured; the paper's schedule"}
+    serves = 1 - gain / gain.max()
+    m_psi = float((ts * gain).sum() / gain.sum()) / T
+    m_xi = float(((T - ts) * serves).sum() / serves.sum()) / T if float(serves.sum()) > 0 else 0.5
+    return {"alpha": round(_power_from_mean(m_psi), 3), "beta": round(_power_from_mean(m_xi), 3),
+            "lam": round(float(lam * 2 * serves.mean()), 4), "gain": gain.tolist(), "timesteps": ts.long().tolist(),
+            "gain_mean_t": round(m_psi * T, 1)}
+
+
+def measure_schedule(base: DiffusionModel, tuned: DiffusionModel, images: torch.Tensor,
+                     labels: torch.Tensor | None = None, *, num_timesteps: int = 20, repeats: int = 2,
+                     seed: int = 0, max_images: int = 500, lam: float = 0.1) -> dict:
+    """:func:`derive_schedule` from the paired per-timestep losses of ``base`` and ``tuned`` on held-out target
+    ``images`` (a labelled tuned model sees ``labels``; the base its unconditional branch, as in :func:`analyze`)."""
+    T = int(base.scheduler.config.num_train_timesteps)
+    ts = torch.linspace(0, T - 1, num_timesteps).round().long().tolist()
+    x = encode(base, images[:max_images])
+    lab = labels[:max_images].long() if labels is not None and tuned.takes_labels else None
+    losses = per_timestep_losses([base, tuned], x, ts, cond=[None, None if lab is None else Conditions(labels=lab)],
+                                 seed=seed, repeats=repeats)
+    return derive_schedule(ts, losses[0].tolist(), losses[1].tolist(), T, lam=lam)
 
 
 def write_report(result: dict, out: str | Path, title: str = "chain of forgetting") -> tuple[Path, Path]:

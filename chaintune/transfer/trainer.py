@@ -37,6 +37,7 @@ from chaintune.transfer.conditioning import target_conditions
 from chaintune.transfer.config import FEW_SHOT_RETENTION_WINS, UNCONDITIONAL_RETENTION, TransferConfig
 from chaintune.transfer.data import default_eval_data, default_feature, encode, generate, hold_out, load_target
 from chaintune.transfer.folding import fold_difffit, has_difffit
+from chaintune.transfer.forgetting import measure_schedule
 from chaintune.transfer.loss import diff_tuning_loss
 
 __all__ = ["TransferResult", "transfer"]
@@ -177,31 +178,63 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
                    log=print, **trainer: Any) -> tuple[TransferConfig, dict]:
     """``--pilot``'s probes over --pilot-methods x --pilot-lrs (:mod:`chaintune.run.pilot`), each judged by FID
     against held-out images: the data's test split (``--eval-data``, auto for the built-ins), else its last 10%,
-    which the probes then do not train on. Returns the full run's config (pilot off) and the pilot's record."""
+    which the probes then do not train on. With both methods probed (and ``--pilot-schedule``), one more probe:
+    Diff-Tuning at its best LR with alpha, beta and lam derived from the chain of forgetting of the best plain probe
+    on the held-out images (:func:`chaintune.transfer.forgetting.measure_schedule`). Returns the full run's config
+    (pilot off) and the pilot's record."""
     base = model if model is not None else chaintune.load(cfg.model)
     x, y = target if target is not None else load_target(base, cfg.data)
-    held = eval_images
+    held, held_y = eval_images, None
     if held is None:
         name = default_eval_data(cfg.data) if cfg.eval.eval_data == "auto" else cfg.eval.eval_data
         if name:
-            held = load_target(base, name)[0]
+            held, held_y = load_target(base, name)
         else:
-            x, y, held, _ = hold_out(x, y, cfg.data, what="--eval-data (images the pilot judges on)")
+            x, y, held, held_y = hold_out(x, y, cfg.data, what="--eval-data (images the pilot judges on)")
     feature = default_feature(cfg.data) if cfg.eval.feature == "auto" else cfg.eval.feature
     if not feature:
         raise ChaintuneError("the pilot judges its probes by FID and this data has no default features: pass "
                              "--feature inception:/path/to/weights (or digits-cnn for digit-like data)")
     steps = pilot_steps(cfg.optim.steps, cfg.pilot.pilot_steps)
-    grid = [{"method": m, "lr": lr} for m in cfg.pilot.methods() for lr in parse_lrs(cfg.pilot.pilot_lrs)]
+    methods = cfg.pilot.methods()
+    grid = [{"method": m, "lr": lr} for m in methods for lr in parse_lrs(cfg.pilot.pilot_lrs)]
+    plain_models: dict[float, DiffusionModel] = {}  # the plain probes' models, by LR: the schedule is measured on one
+    derived: dict = {}
 
     def apply(c: TransferConfig, point: dict) -> None:
         c.method, c.optim.lr, c.pilot.pilot = point["method"], point["lr"], False
+        for key in ("alpha", "beta", "lam"):
+            if key in point:
+                setattr(c.diff_tuning, key, point[key])
 
     def fit(c: TransferConfig) -> tuple[float, float, list[str]]:
         c.optim.steps, c.eval.eval_every, c.eval.feature = steps, 0, feature
         c.run.tensorboard = c.run.report = False
         res = Trainer(c, TransferObjective(c, copy.deepcopy(base), (x, y), held), out=None, show_progress=False,
                       **trainer).fit()
+        if c.method == "plain":
+            plain_models[c.optim.lr] = res.model
         return -float(res.final.get("fid", float("nan"))), float("nan"), []
 
-    return run_pilot(cfg, grid, apply, steps, fit, score_name="-FID (held out)", log=log)
+    def follow_up(probes: list) -> list[dict]:
+        """Diff-Tuning with the schedule the best plain probe's chain of forgetting calls for."""
+        if not cfg.pilot.pilot_schedule or not {"plain", "diff-tuning"} <= set(methods):
+            return []
+        best = {m: max((p for p in probes if p.settings["method"] == m and p.usable), key=lambda p: p.score,
+                       default=None) for m in ("plain", "diff-tuning")}
+        if best["plain"] is None or best["diff-tuning"] is None:
+            return []
+        derived.update(measure_schedule(base, plain_models[best["plain"].settings["lr"]], held, held_y,
+                                        seed=cfg.run.seed, lam=cfg.diff_tuning.lam))
+        plain_models.clear()
+        log(f"pilot: the best plain probe gains most at t ~ {derived.get('gain_mean_t', float('nan')):.0f} of "
+            f"{base.scheduler.config.num_train_timesteps}: alpha {derived['alpha']:g}, beta {derived['beta']:g}, "
+            f"lambda {derived['lam']:g}")
+        return [{"method": "diff-tuning", "lr": best["diff-tuning"].settings["lr"], "alpha": derived["alpha"],
+                 "beta": derived["beta"], "lam": derived["lam"]}]
+
+    full, record = run_pilot(cfg, grid, apply, steps, fit, score_name="-FID (held out)", log=log,
+                             follow_up=follow_up)
+    if derived:
+        record["schedule"] = derived
+    return full, record
