@@ -267,3 +267,29 @@ def test_estimate_gradient_takes_the_control(pixel_controlnet):
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
     with pytest.raises(ChaintuneError, match="control"):
         chaintune.estimate_gradient(model, "edge-consistency", "full-backprop", 4, steps=3)
+
+
+def test_check_on_a_controlnet_run_draws_controls_and_reaches_the_controlnet(pixel_controlnet, capsys):
+    """`chaintune check --controlnet RUN`: samples follow controls of the run's data, the reward receives them, and
+    the gradient reaches the ControlNet's tensors (the pixel base has no diffusers ControlNet pipeline: not
+    compared)."""
+    from chaintune.cli.main import main
+    from chaintune.plan.check import check
+    from chaintune.rewards import FunctionReward
+
+    seen = {}
+
+    def follows(images, prompts=None, labels=None, metadata=None):
+        seen.setdefault("control", metadata["control"])  # the reward check's call (the estimator's may be smaller)
+        return (images * metadata["control"].mean(1, keepdim=True)).flatten(1).mean(1)
+
+    report = check("builtin:digits", FunctionReward(follows, name="follows"), controlnet=str(pixel_controlnet),
+                   control_data="digits:train", n=2, steps=3)
+    by = {f.name: f for f in report.findings}
+    assert by["sampler"].ok is None and by["log-probs"].ok and by["reward"].ok and by["gradient"].ok, report
+    assert seen["control"].shape[0] == 2 and float(seen["control"].std()) > 0  # real control images, one a sample
+    assert "ControlNet" in report.model
+    main(["check", "--controlnet", str(pixel_controlnet), "--reward", "edge-consistency", "--control-data",
+          "digits:train", "--sample-steps", "3"])
+    out = capsys.readouterr().out
+    assert "ok    gradient" in out and "FAIL" not in out

@@ -68,6 +68,9 @@ def register(app: typer.Typer) -> None:
         data: Annotated[str | None, typer.Option(help="Check transfer data too: " + field_help(TransferConfig, "data"))]
         = None,
         feature: Annotated[str, typer.Option(help=field_help(TransferEvalConfig, "feature"))] = "auto",
+        controlnet: Annotated[str | None, typer.Option(help="Check reward fine-tuning of this ControlNet run: "
+                                                       + field_help(ChainConfig, "controlnet"))] = None,
+        control_data: Annotated[str, typer.Option(help=field_help(ChainConfig, "control_data"))] = "auto",
     ):
         """Check the model, the reward and one gradient estimate on your own setting in minutes, before a long run:
         sampler == the model's diffusers pipeline, PPO ratio 1 before an update, reward shape and gradient, the
@@ -78,7 +81,7 @@ def register(app: typer.Typer) -> None:
 
         report = run_check(model, reward, estimator=estimator, memory=memory_budget, steps=sample_steps,
                            n=batch_size, prompts=prompt, guidance_scale=guidance_scale, peft=peft, device=device,
-                           data=data, feature=feature)
+                           data=data, feature=feature, controlnet=controlnet, control_data=control_data)
         typer.echo(format_report(report))
         if not report.ok:
             raise typer.Exit(3)

@@ -14,6 +14,10 @@ with what to change when it fails:
 * **memory** — with ``memory``, the planner's probe: which estimator configurations fit, and the recommended one
   (:func:`chaintune.plan.recommend.recommend`), with where along the chain the reward is decided.
 
+With ``controlnet`` (a ControlNet run, as ``align --controlnet`` takes it), the model is the ControlNet over its
+frozen base: every sample follows a control drawn from the run's own data (``control_data``), the reward receives
+them as ``metadata["control"]``, and the gradient check asks that the ControlNet's trainable tensors get one.
+
 With ``data`` (what ``chaintune transfer --data`` would read), the transfer checks:
 
 * **data** — the images load at the model's size, with how many classes;
@@ -24,6 +28,7 @@ With ``data`` (what ``chaintune transfer --data`` would read), the transfer chec
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
@@ -31,8 +36,10 @@ import torch
 
 import chaintune
 from chaintune.adapters import apply_peft
+from chaintune.align.controls import ControlPool
 from chaintune.align.objective import base_model_weights
 from chaintune.backends.base import DiffusionModel
+from chaintune.backends.controlled import load_controlled
 from chaintune.chain import StepGrad, prepare_scheduler
 from chaintune.errors import ChaintuneError
 from chaintune.estimators import get_estimator
@@ -76,17 +83,23 @@ class CheckReport:
 def check(model: str | DiffusionModel, reward=None, estimator: str = "rlr", memory: str | None = None,
           steps: int = 10, n: int = 2, prompts: list[str] | None = None, guidance_scale: float | None = None,
           peft: str = "lora", device: str | None = None, seed: int = 0, data: str | None = None,
-          feature: str | None = "auto") -> CheckReport:
+          feature: str | None = "auto", controlnet: str | None = None, control_data: str = "auto") -> CheckReport:
     """Run the checks (module docstring) on ``model`` with ``reward`` (alignment) and/or ``data`` (transfer); each
     failure says what to change. A model passed in gets ``peft``'s adapters in place for the gradient check (pass a
-    fresh one, or ``peft="none"`` to check the weights as they are)."""
+    fresh one, or ``peft="none"`` to check the weights as they are). ``controlnet``: check reward fine-tuning of
+    that ControlNet run (``model`` is read only for a bare ControlNetModel dir, as in ``align --controlnet``)."""
     if n < 2 or steps < 2:
         raise ChaintuneError(f"check needs n >= 2 samples and steps >= 2, got n={n}, steps={steps}")
     if reward is None and data is None:
         raise ChaintuneError("check what? give --reward (for align) and/or --data (for transfer)")
     rew = None if reward is None else get_reward(reward)  # an unknown reward is an input error, before the model loads
     model_id = model if isinstance(model, str) else (model.source or type(model).__name__)
-    if isinstance(model, str):
+    controls = None
+    if controlnet is not None:
+        model = load_controlled(controlnet, base=model if isinstance(model, str) else None, device=device)
+        controls = ControlPool.load(model, controlnet, control_data)
+        model_id = f"{controlnet} (ControlNet, {controls.kind} controls from {controls.data})"
+    elif isinstance(model, str):
         model = chaintune.load(model, device=device)
     report = CheckReport(str(model_id), "" if rew is None else getattr(rew, "name", str(reward)), estimator)
     if data is not None:
@@ -98,13 +111,17 @@ def check(model: str | DiffusionModel, reward=None, estimator: str = "rlr", memo
         pool = load_prompts(model.default_prompts).prompts  # the prompts the model ships, as align draws them
         prompts = [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=gen)]
     cond = make_conditions(model, n, prompts=prompts, guidance_scale=guidance_scale, generator=gen)
-    kw = {"prompts": cond.prompts, "labels": cond.labels, "guidance_scale": cond.guidance_scale}
-    report.findings.append(_sampler(model, steps, n, seed, kw))
+    if controls is not None:  # each sample follows a control of the run's data, as align --controlnet draws them
+        cond = dataclasses.replace(cond, control=controls.draw(n, gen).to(model.device))
+    report.findings.append(_sampler(model, steps, n, seed, cond))
     images, lp_finding = _log_probs(model, rew, steps, n, cond, seed)
     report.findings.append(lp_finding)
     report.findings.append(_reward(rew, images, cond))
     report.findings.append(_gradient(model, rew, estimator, steps, n, cond, peft, seed))
-    if memory is not None and isinstance(model_id, str):
+    if memory is not None and controls is not None:
+        report.findings.append(Finding("memory", None, "not planned for a ControlNet run (the planner measures base "
+                                       "models); `chaintune plan` on its base gives an upper bound"))
+    elif memory is not None and isinstance(model_id, str):
         try:
             rec = recommend(model_id, getattr(rew, "spec", None) or reward, memory, sample_steps=steps,
                             batch_size=n, peft=peft, device=device)
@@ -123,9 +140,9 @@ def check(model: str | DiffusionModel, reward=None, estimator: str = "rlr", memo
     return report
 
 
-def _sampler(model: DiffusionModel, steps: int, n: int, seed: int, kw: dict) -> Finding:
-    tr = chaintune.sample(model, n, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed), **kw)
-    cond = make_conditions(model, n, prompts=kw["prompts"], labels=kw["labels"], guidance_scale=kw["guidance_scale"])
+def _sampler(model: DiffusionModel, steps: int, n: int, seed: int, cond) -> Finding:
+    tr = chaintune.sample(model, n, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(seed),
+                          conditions=cond)
     ref = model.reference_images(tr.latents[0], steps, cond)
     if ref is None:
         return Finding("sampler", None, f"{type(model).__name__}: no diffusers pipeline samples it from given latents "
@@ -170,7 +187,7 @@ def _reward(rew, images: torch.Tensor, cond) -> Finding:
     name = getattr(rew, "name", "reward")
     x = images.detach().clone().requires_grad_(True)
     try:
-        r = validate_reward_output(rew(x, prompts=cond.prompts, labels=cond.labels), x.shape[0], name)
+        r = validate_reward_output(rew(x, **cond.reward_kwargs()), x.shape[0], name)
     except ChaintuneError as e:
         return Finding("reward", False, str(e), "a reward that takes this model's samples (images or videos) and "
                        "prompts and returns one finite float per sample (shape [n])")
