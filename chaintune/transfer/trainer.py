@@ -198,7 +198,7 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
     steps = pilot_steps(cfg.optim.steps, cfg.pilot.pilot_steps)
     methods = cfg.pilot.methods()
     grid = [{"method": m, "lr": lr} for m in methods for lr in parse_lrs(cfg.pilot.pilot_lrs)]
-    plain_models: dict[float, DiffusionModel] = {}  # the plain probes' models, by LR: the schedule is measured on one
+    best_plain: dict = {"score": float("-inf")}  # the best plain probe's model: its chain of forgetting, the schedule
     derived: dict = {}
 
     def apply(c: TransferConfig, point: dict) -> None:
@@ -212,26 +212,26 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
         c.run.tensorboard = c.run.report = False
         res = Trainer(c, TransferObjective(c, copy.deepcopy(base), (x, y), held), out=None, show_progress=False,
                       **trainer).fit()
-        if c.method == "plain":
-            plain_models[c.optim.lr] = res.model
-        return -float(res.final.get("fid", float("nan"))), float("nan"), []
+        score = -float(res.final.get("fid", float("nan")))
+        if c.method == "plain" and score > best_plain["score"]:  # one model kept, not one a probe
+            best_plain.update(score=score, model=res.model)
+        return score, float("nan"), []
 
     def follow_up(probes: list) -> list[dict]:
         """Diff-Tuning with the schedule the best plain probe's chain of forgetting calls for."""
         if not cfg.pilot.pilot_schedule or not {"plain", "diff-tuning"} <= set(methods):
             return []
-        best = {m: max((p for p in probes if p.settings["method"] == m and p.usable), key=lambda p: p.score,
-                       default=None) for m in ("plain", "diff-tuning")}
-        if best["plain"] is None or best["diff-tuning"] is None:
+        tuned = [p for p in probes if p.settings["method"] == "diff-tuning" and p.usable]
+        if "model" not in best_plain or not tuned:
             return []
-        derived.update(measure_schedule(base, plain_models[best["plain"].settings["lr"]], held, held_y,
-                                        seed=cfg.run.seed, lam=cfg.diff_tuning.lam))
-        plain_models.clear()
-        log(f"pilot: the best plain probe gains most at t ~ {derived.get('gain_mean_t', float('nan')):.0f} of "
-            f"{base.scheduler.config.num_train_timesteps}: alpha {derived['alpha']:g}, beta {derived['beta']:g}, "
-            f"lambda {derived['lam']:g}")
-        return [{"method": "diff-tuning", "lr": best["diff-tuning"].settings["lr"], "alpha": derived["alpha"],
-                 "beta": derived["beta"], "lam": derived["lam"]}]
+        derived.update(measure_schedule(base, best_plain.pop("model"), held, held_y, seed=cfg.run.seed,
+                                        lam=cfg.diff_tuning.lam))
+        log(f"pilot: the best plain probe's gain over the base centres on t ~ "
+            f"{derived.get('gain_mean_t', float('nan')):.0f} of {base.scheduler.config.num_train_timesteps}: alpha "
+            f"{derived['alpha']:g}, beta {derived['beta']:g}, lambda {derived['lam']:g}")
+        lr = max(tuned, key=lambda p: p.score).settings["lr"]
+        return [{"method": "diff-tuning", "lr": lr, "alpha": derived["alpha"], "beta": derived["beta"],
+                 "lam": derived["lam"]}]
 
     full, record = run_pilot(cfg, grid, apply, steps, fit, score_name="-FID (held out)", log=log,
                              follow_up=follow_up)
