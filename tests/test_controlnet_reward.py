@@ -113,6 +113,13 @@ def test_reward_tuned_controlnet_round_trips_through_the_diffusers_pipeline(tmp_
            eval_samples=2, peft="lora", lora_rank=2, kl_weight=0.0)
     model = load_controlled(str(tmp_path / "al"))
     assert_controlnet_run_matches_diffusers(tmp_path / "al", control_images(model, "edges", x[:2]))
+    # `chaintune check --controlnet` holds the same chain to the same pipeline (reference_images)
+    from chaintune.plan.check import check
+
+    report = check("builtin:digits", "edge-consistency", controlnet=str(tmp_path / "al"), n=2, steps=3,
+                   prompts=["a 3", "a 7"], guidance_scale=3.0, peft="none")
+    sampler = next(f for f in report.findings if f.name == "sampler")
+    assert sampler.ok is True, sampler.detail
 
 
 @pytest.mark.parametrize("spec,kind", [("edge-consistency", "edges"), ("silhouette-consistency", "silhouette")])

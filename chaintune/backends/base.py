@@ -242,6 +242,12 @@ class DiffusionModel:
         """Write a directory that plain diffusers loads with ``from_pretrained`` (with ``self.denoiser``)."""
         raise NotImplementedError
 
+    def controlnet_reference_images(self, controlnet: nn.Module, scale: float, x_T: torch.Tensor, steps: int,
+                                    cond: Conditions) -> torch.Tensor | None:
+        """:meth:`reference_images` of this model steered by ``controlnet`` (``cond.control``): its diffusers
+        ControlNet pipeline at eta 0; None where chaintune has none for this family."""
+        return None
+
     def save_with_controlnet(self, path: str | Path, controlnet: nn.Module) -> bool:
         """Write the diffusers ControlNet pipeline of this model with ``controlnet``; False where diffusers has none
         that chaintune supports for this family."""

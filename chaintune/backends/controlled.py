@@ -189,6 +189,9 @@ class ControlledModel(DiffusionModel):
     def denoise_fn(self, cond, encoded=None):
         return self._runner(cond).denoise_fn(cond, encoded)
 
+    def reference_images(self, x_T, steps, cond):
+        return self.base.controlnet_reference_images(self.denoiser, self.conditioning_scale, x_T, steps, cond)
+
     # --------------------------------------------------------------- saving
     def save(self, path) -> None:
         """A diffusers directory: ``StableDiffusionControlNetPipeline`` / ``StableDiffusionXLControlNetPipeline``

@@ -107,15 +107,28 @@ class StableDiffusionModel(UNetPipelineReference, PromptConditioned, VAELatents,
             pipe = type(pipe)(**{**pipe.components, "unet": self.denoiser})
         pipe.save_pretrained(str(path), safe_serialization=True)
 
-    def save_with_controlnet(self, path, controlnet) -> bool:
+    def _controlnet_pipeline(self, controlnet, scheduler=None):
         from diffusers import StableDiffusionControlNetPipeline
 
         c = self.pipe.components
-        StableDiffusionControlNetPipeline(
+        return StableDiffusionControlNetPipeline(
             vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=self.denoiser,
-            controlnet=controlnet, scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False).save_pretrained(str(path), safe_serialization=True)
+            controlnet=controlnet, scheduler=scheduler or c["scheduler"], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
+    def save_with_controlnet(self, path, controlnet) -> bool:
+        self._controlnet_pipeline(controlnet).save_pretrained(str(path), safe_serialization=True)
         return True
+
+    def controlnet_reference_images(self, controlnet, scale, x_T, steps, cond):
+        """``StableDiffusionControlNetPipeline`` with this UNet and ``controlnet``, DDIM at eta 0."""
+        pipe = self._controlnet_pipeline(controlnet, DDIMScheduler.from_config(self.pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        h, w = self.pixel_shape[1:]
+        with torch.no_grad():
+            return pipe(prompt=cond.prompts, image=cond.control, height=h, width=w, num_inference_steps=steps,
+                        guidance_scale=cond.guidance_scale, eta=0.0, latents=x_T, controlnet_conditioning_scale=scale,
+                        output_type="pt").images
 
     def save_lora_weights(self, directory, lora_state_dict) -> bool:
         """``pytorch_lora_weights.safetensors`` for ``StableDiffusionPipeline.load_lora_weights``."""
