@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 from chaintune.backends.base import DiffusionModel
@@ -27,6 +30,7 @@ def estimate_gradient(
     checkpoint: bool = True,
     return_stats: bool = False,
     control: torch.Tensor | None = None,
+    reference: Callable[[], contextlib.AbstractContextManager] | None = None,
     **estimator_kwargs,
 ):
     """Estimate grad_theta E[R(x_0)] over the trainable parameters (``requires_grad``).
@@ -35,6 +39,8 @@ def estimate_gradient(
     expected reward). The parameters' ``.grad`` are left as they were. For PPO-style estimators
     only the first (on-policy) pass is used. ``control``: the control images of a ControlNet-steered model
     (``chaintune.backends.controlled``), one per sample; they reach the reward as ``metadata["control"]``.
+    ``reference``: a context under which the model runs the reference policy (DPO's loss, GRPO's KL); by default
+    the model as given, i.e. one estimate at the reference, as at a run's first step.
     """
 
     est = get_estimator(estimator, **estimator_kwargs)
@@ -44,7 +50,7 @@ def estimate_gradient(
     cond.control = control  # a ControlNet-steered model's control images, [n, C, H, W]
     ctx = EstimationContext(model=model, reward=rew, n=n, steps=steps, eta=eta,
                             scheduler=chain_scheduler(model, scheduler), generator=gen, conditions=cond,
-                            checkpoint=checkpoint, baseline=baseline)
+                            checkpoint=checkpoint, baseline=baseline, reference=reference or contextlib.nullcontext)
     params = ctx.params
     saved = [p.grad for _, p in params]
     for _, p in params:

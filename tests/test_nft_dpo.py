@@ -115,17 +115,8 @@ def test_dpo_at_the_reference_has_loss_log2_and_the_pairs_gradient():
 
 def test_nft_and_dpo_estimate_finite_gradients_on_a_flow_model():
     model = tiny_flow_model()
-    for name in ("nft", "dpo"):
-        kw = {"train_timesteps": 2}
-        if name == "dpo":
-            model_ref = contextlib.nullcontext
-            est = get_estimator(name, **kw)
-            for p in model.denoiser.parameters():
-                p.grad = None
-            next(est.updates(_ctx(model, n=4, reference=model_ref)))
-            grads = [p.grad for p in model.denoiser.parameters() if p.grad is not None]
-        else:
-            grads = list(estimate_gradient(model, brightness, name, n=4, steps=4, **kw).values())
+    for name in ("nft", "dpo"):  # dpo: the model as given is its own reference (estimate_gradient's default)
+        grads = list(estimate_gradient(model, brightness, name, n=4, steps=4, train_timesteps=2).values())
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
 
@@ -142,3 +133,14 @@ def test_align_runs_nft_and_dpo_with_the_guard(estimator, tmp_path):
     assert len(trained) == 2 and all(math.isfinite(r[key]) for r in trained)
     assert any("eval/nn_distance" in r for r in rows)  # the guard's realism check ran
     assert (out / "model" / "model_index.json").exists()
+
+
+def test_estimate_gradient_runs_dpo_at_the_reference_by_default():
+    """The public one-estimate API needs no trainer for DPO: the model as given is its own reference (as at a run's
+    first step), and the estimate is finite and nonzero."""
+    import chaintune
+
+    model = chaintune.load("builtin:digits")
+    grads = chaintune.estimate_gradient(model, "digit:3", "dpo", 8, steps=4, generator=torch.Generator().manual_seed(0))
+    total = sum(float(g.norm()) for g in grads.values())
+    assert total > 0 and all(bool(torch.isfinite(g).all()) for g in grads.values())
