@@ -9,13 +9,14 @@ seconds per sample (interleaved repetitions, so drifting load hits all alike):
   (the same gradient: the estimate averages over micro-batches, ``--grad-accum``);
 * truncated backprop through the last K steps (AlignProp's family) for K = 1, 2, 3, 5, ...;
 * RLR with h = 1, 2, 3, ... (FO + one span of h steps, 4 spans averaged, no ZO: align's estimator);
-* DDPO and GRPO (one likelihood-ratio step at a time; they fit wherever RLR h = 1 does).
+* DDPO and GRPO (one likelihood-ratio step at a time; they fit wherever RLR h = 1 does), DiffusionNFT and online
+  DPO (as they are).
 
 Two budgets: **tight** = RLR h = 2's peak (times ``--slack``), **loose** = full backprop's peak without
 checkpointing. At each budget every method gets its best configuration that fits: full backprop the largest
 micro-batch (checkpointed if it must be), truncated backprop the largest K, RLR the largest h (the paper's h*
-rule with memory deciding), DDPO/GRPO as they are. With ``--ranking FILE`` (a ``which_estimator.py`` result on the
-same domain) the table adds each configuration's measured quality: the runs whose estimate is the same gradient
+rule with memory deciding), DDPO/GRPO/NFT/DPO as they are. With ``--ranking FILE`` (a ``which_estimator.py`` result on
+the same domain) the table adds each configuration's measured quality: the runs whose estimate is the same gradient
 (full backprop at any micro-batch or checkpointing; the same K, the same h), and the judge at equal wall-clock
 using each configuration's own seconds per sample. Configurations without runs are listed with the command that
 makes them.
@@ -70,9 +71,14 @@ def candidates(args, steps: int, batch: int) -> list[dict]:
              "options": {"estimator": "truncated-backprop", "k": k}} for k in args.k_list if k <= steps]
     out += [{"label": f"rlr h={h}", "method": "rlr" if h == 1 else f"rlr h={h}", "micro": batch,
              "options": {"estimator": "rlr", "h": h}} for h in args.h_list if h < steps]
-    out += [{"label": "ddpo", "method": "ddpo", "micro": batch, "options": {"estimator": "reinforce"}},
-            {"label": "grpo", "method": "grpo", "micro": batch, "options": {"estimator": "grpo"}}]
+    out += [{"label": name, "method": name, "micro": batch, "options": {"estimator": est}}
+            for name, est in AS_THEY_ARE.items()]
     return out
+
+
+# the methods that run as they are at any budget (no setting trades memory): the likelihood-ratio baselines and the
+# 2026 ones (DiffusionNFT and online DPO, issue 26)
+AS_THEY_ARE = {"ddpo": "reinforce", "grpo": "grpo", "nft": "nft", "dpo": "dpo"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,7 +158,7 @@ def pick(cands: list[dict], limit: float) -> dict[str, dict]:
     if rl:
         out["rlr"] = max(rl, key=lambda c: c["options"]["h"])
     for c in fits:
-        if c["label"] in ("ddpo", "grpo"):
+        if c["label"] in AS_THEY_ARE:
             out[c["label"]] = c
     return out
 
