@@ -102,7 +102,8 @@ def test_transfer_pilot_compares_methods_by_held_out_fid(tmp_path, capsys):
     run = tmp_path / "run"
     main(["transfer", "--steps", "4", "--batch-size", "8", "--eval-samples", "20", "--sample-steps", "3",
           "--bank-size", "20", "--bank-steps", "3", "--bank-dir", str(tmp_path / "banks"), "--pilot", "--pilot-lrs",
-          "1e-4,1e-3", "--pilot-steps", "2", "--out", str(run), "--no-tensorboard", "--no-progress"])
+          "1e-4,1e-3", "--pilot-steps", "2", "--pilot-schedule", "--out", str(run), "--no-tensorboard",
+          "--no-progress"])
     out = capsys.readouterr().out
     assert "pilot 4/4" in out and "pilot 5/5" in out and "alpha" in out
     info = json.loads((run / "chaintune_run.json").read_text())
@@ -136,8 +137,7 @@ def test_transfer_pilot_without_the_derived_schedule(tmp_path, capsys):
     run = tmp_path / "run"
     main(["transfer", "--steps", "4", "--batch-size", "8", "--eval-samples", "20", "--sample-steps", "3",
           "--bank-size", "20", "--bank-steps", "3", "--bank-dir", str(tmp_path / "banks"), "--pilot", "--pilot-lrs",
-          "1e-3", "--pilot-steps", "2", "--no-pilot-schedule", "--out", str(run), "--no-tensorboard",
-          "--no-progress"])
+          "1e-3", "--pilot-steps", "2", "--out", str(run), "--no-tensorboard", "--no-progress"])  # the default
     info = json.loads((run / "chaintune_run.json").read_text())
     assert len(info["pilot"]["probes"]) == 2 and "schedule" not in info["pilot"]
 

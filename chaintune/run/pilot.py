@@ -9,8 +9,9 @@ point of the grid, evaluated on held-out samples:
 * ``align``: (estimator, LR), judged by the held-out reward (the judge training never sees; the training reward
   where a reward has no twin), with the hacking guard on: a probe that raised an alarm is not chosen;
 * ``transfer``: (method, LR), judged by FID against held-out images (the data's test split, else its last 10%,
-  held out of the probes' training); then Diff-Tuning once more with ψ/ξ (alpha, beta) and lam derived from the
-  chain-of-forgetting measurement of the best plain probe (:func:`chaintune.transfer.forgetting.derive_schedule`).
+  held out of the probes' training); with ``--pilot-schedule``, Diff-Tuning once more with ψ/ξ (alpha, beta) and lam
+  derived from the chain-of-forgetting measurement of the best plain probe
+  (:func:`chaintune.transfer.forgetting.derive_schedule`).
 
 The pilot keeps the best probe; probes write nothing to disk, and what they measured goes into the full run's status
 file and report.
