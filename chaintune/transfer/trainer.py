@@ -198,6 +198,7 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
     steps = pilot_steps(cfg.optim.steps, cfg.pilot.pilot_steps)
     methods = cfg.pilot.methods()
     grid = [{"method": m, "lr": lr} for m in methods for lr in parse_lrs(cfg.pilot.pilot_lrs)]
+    derive = cfg.pilot.pilot_schedule and {"plain", "diff-tuning"} <= set(methods)
     best_plain: dict = {"score": float("-inf")}  # the best plain probe's model: its chain of forgetting, the schedule
     derived: dict = {}
 
@@ -213,16 +214,14 @@ def transfer_pilot(cfg: TransferConfig, *, model: DiffusionModel | None = None,
         res = Trainer(c, TransferObjective(c, copy.deepcopy(base), (x, y), held), out=None, show_progress=False,
                       **trainer).fit()
         score = -float(res.final.get("fid", float("nan")))
-        if c.method == "plain" and score > best_plain["score"]:  # one model kept, not one a probe
+        if derive and c.method == "plain" and score > best_plain["score"]:  # one model kept, not one a probe
             best_plain.update(score=score, model=res.model)
         return score, float("nan"), []
 
     def follow_up(probes: list) -> list[dict]:
         """Diff-Tuning with the schedule the best plain probe's chain of forgetting calls for."""
-        if not cfg.pilot.pilot_schedule or not {"plain", "diff-tuning"} <= set(methods):
-            return []
         tuned = [p for p in probes if p.settings["method"] == "diff-tuning" and p.usable]
-        if "model" not in best_plain or not tuned:
+        if "model" not in best_plain or not tuned:  # no derivation asked for (best_plain empty), or nothing usable
             return []
         derived.update(measure_schedule(base, best_plain.pop("model"), held, held_y, seed=cfg.run.seed,
                                         lam=cfg.diff_tuning.lam))
