@@ -230,3 +230,12 @@ def test_which_estimator_quick_reuses_finished_runs(tmp_path):
     again = _run("which_estimator", tmp_path, "--domain", "video", "--workers", "1", "--reuse", str(partial),
                  "--name", "which_estimator")
     assert again["table"] == res["table"]
+
+
+def test_compile_quick(tmp_path):
+    """The compile benchmark's smoke run: eager and aot_eager time the same step and agree on the gradient."""
+    res = _run("compile", tmp_path)
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"eager", "aot_eager"}
+    assert rows["aot_eager"]["gradients"] == "agree" and rows["eager"]["step_vs_eager"] == 1.0
+    assert all(r["step_median_ms"] > 0 and r["first_call_s"] > 0 for r in rows.values())

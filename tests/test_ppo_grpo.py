@@ -402,3 +402,20 @@ def test_grpo_flow_grpo_kl_form_is_flow_grpos_formula():
     with pytest.raises(ChaintuneError, match="flow SDE"):
         next(iter(GRPO(kl_coef=0.1, kl_form="flow-grpo").updates(_ctx(tiny_unet_model(), 0, reward=BLACKBOX,
                                                                           reference=contextlib.nullcontext))))
+
+
+def test_align_samples_and_scores_with_one_policy_on_dit(tmp_path):
+    """DiT's label embedding drops 10% of class labels in train mode: if align ran the denoiser in train mode, the
+    first PPO epoch's log-probs would come from another policy than the sampling one (approx_kl > 0 at ratio 1)."""
+    from chaintune.align import AlignConfig, align, read_metrics
+    from chaintune.testing import tiny_dit_model
+
+    model_dir = tmp_path / "dit"
+    tiny_dit_model().save(model_dir)
+    out = tmp_path / "run"
+    align(AlignConfig.from_dict(dict(model=str(model_dir), reward="jpeg-compressibility", estimator="reinforce",
+                                     inner_epochs=1, steps=2, batch_size=8, sample_steps=3, eval_every=0,
+                                     eval_samples=4, guidance_scale=1.0, tensorboard=False, progress=False,
+                                     report=False, save_every=0, out=str(out))))
+    rows = [r for r in read_metrics(out) if "approx_kl" in r]
+    assert len(rows) == 2 and all(r["approx_kl"] == 0.0 and r["clip_frac"] == 0.0 for r in rows)

@@ -116,6 +116,9 @@ class AlignObjective(Objective):
     command = "align"
     evaluate_at_start = True
     progress_key = "reward_mean"
+    # the chain's log-probs must be the sampling policy's: no dropout, no label drop (DiT's embedding drops 10% of
+    # class labels in train mode, which made the first PPO epoch's ratio differ from 1 on DiT)
+    train_mode = False
 
     def __init__(self, cfg: AlignConfig):
         self.cfg = cfg

@@ -15,6 +15,7 @@ from chaintune.utils.adapter_names import LORA_TARGET_SETS, PEFT_METHODS, parse_
 # our names -> diffusers.optimization.get_scheduler's (all with linear warm-up over warmup_steps)
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_BACKENDS = ("none", "inductor", "aot_eager", "cudagraphs")  # torch.compile backends --compile takes
 
 
 @dataclass
@@ -40,6 +41,11 @@ class OptimConfig:
     mixed_precision: str = option("no", "no | fp16 | bf16 (autocast; adapters and optimizer state stay fp32).",
                                   choices=MIXED_PRECISION)
     gradient_checkpointing: bool = option(True, "Recompute activations in backward to save memory.")
+    compile: str = option("none", "torch.compile the denoiser with this backend: none | inductor (generated "
+                          "kernels: for GPUs) | aot_eager (traced only: for finding compiler bugs) | cudagraphs. Its "
+                          "gradients are checked against eager's on the run's first batch shape; where they differ "
+                          "the run stays eager (a warning says so). Measured on CPU: slower than eager "
+                          "(docs/results.md, Compile).", choices=COMPILE_BACKENDS)
     eight_bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a "
                                   "warning).")
 

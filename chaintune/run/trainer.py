@@ -45,6 +45,7 @@ from chaintune.distributed import full_state_dict, grads_finite, is_sharded, loc
 from chaintune.errors import ChaintuneError
 from chaintune.options import flat_values, from_dict, specs, to_dict
 from chaintune.run import checkpoint as ckpt
+from chaintune.run.compiled import compile_denoiser
 from chaintune.run.config import LR_SCHEDULES
 from chaintune.run.logging import RunLogger
 from chaintune.run.optim import make_optimizer
@@ -115,6 +116,7 @@ class Objective:
     evaluate_at_start = False  # evaluate the untrained model at step 0 (the "before" of a run)
     progress_key = "loss"  # the training metric shown in the progress bar
     alarm_policy: AlarmPolicy | None = None  # what the run does when an evaluation raises an alarm (None: nothing)
+    train_mode = True  # the denoiser's nn.Module mode during updates (dropout, DiT's 10% label drop)
 
     def fsdp_refusal(self) -> str | None:
         """Why this objective's configuration cannot run sharded (``--fsdp``), or None; asked before any model
@@ -284,7 +286,8 @@ class Trainer:
         start = self._restore() if self.resume else 0
         self._status_base = {"command": obj.command, "name": self.name, "peft": cfg.optim.peft,
                              "trainable_parameters": sum(p.numel() for p in self.params),
-                             "trainable_tensors": len(self.trainable), **obj.info(), "config": flat_values(cfg)}
+                             "trainable_tensors": len(self.trainable), "compiled": self.compiled, **obj.info(),
+                             "config": flat_values(cfg)}
         if out is not None and main:
             ckpt.save_config(out, to_dict(cfg))
             self._status("running")
@@ -317,6 +320,9 @@ class Trainer:
             distributed.shard_model(den, distributed.default_mesh(self.device),
                                     min_params=distributed.DEFAULT_MIN_PARAMS)
         self.params = [p for p in den.parameters() if p.requires_grad]
+        self.compiled = compile_denoiser(self.objective.model, opt_cfg.compile, batch_size=opt_cfg.batch_size,
+                                         autocast=self.autocast, low_precision=opt_cfg.mixed_precision != "no",
+                                         warn=self.log_line)
         self.optimizer = make_optimizer(self.params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
                                         eight_bit=opt_cfg.eight_bit_adam)
         self.lr_scheduler = get_scheduler(LR_SCHEDULES[opt_cfg.lr_schedule], self.optimizer,
@@ -377,7 +383,7 @@ class Trainer:
         """One optimizer step: the objective's micro-batches (and PPO epochs), each update averaged, checked,
         clipped and applied. The allocator failing is the batch being too large for this machine: one input error."""
         opt_cfg = self.cfg.optim
-        self.objective.model.denoiser.train()
+        self.objective.model.denoiser.train(self.objective.train_mode)
         row: dict = {}
         try:
             for n_micro, metrics in self.objective.updates(self, step):
@@ -609,7 +615,7 @@ class Trainer:
                         self.best is None or ev.score > self.best["score"]):
                     self._keep_best(step, ev)
             finally:
-                den.train()
+                den.train(self.objective.train_mode)
         if ev is None:
             return {}
         if ev.images is not None and self.out is not None and self.main:
