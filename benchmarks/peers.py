@@ -10,6 +10,8 @@ loading; the repeats are interleaved, so a drifting load hits every side alike:
 * ``ddpo``: one DDPO iteration, sampling 8 + a PPO pass over the 20 steps + AdamW (``DDPOTrainer.step``);
 * ``alignprop``: one AlignProp step, backprop through the last step + AdamW (``AlignPropTrainer.step`` with
   ``truncated_backprop_timestep`` = 19);
+* ``ddpo-reuse``: the DDPO iteration with ``reuse_rollout`` (the first PPO epoch's log-probs from the rollout's graph,
+  one forward pass per step fewer; compared with TRL's ``ddpo``);
 * ``rlr``: one RLR step at align's defaults (chaintune only);
 * ``floor``: the diffusers pipeline's own inference of the same 8 prompts (the floor any sampler is held to).
 
@@ -39,8 +41,9 @@ PROMPTS = ["a red cat", "a blue dog", "a green car", "a tall tree", "a small boa
            "a round stone"]
 ETA, CFG, BATCH, RANK = 1.0, 5.0, 8, 4
 STEPS = int(os.environ.get("PEERS_STEPS", "20"))  # --quick: 2 (a smoke run; the workers read it from here)
-OPS = ("sample", "ddpo", "alignprop", "rlr", "floor")
+OPS = ("sample", "ddpo", "ddpo-reuse", "alignprop", "rlr", "floor")
 PEER_OPS = ("sample", "ddpo", "alignprop")
+PEER_ROW = {"ddpo-reuse": "ddpo"}  # chaintune-only variants, compared with the peer's row of the same operation
 
 
 def build_pipeline(path: Path, seed: int = 0) -> None:
@@ -125,7 +128,8 @@ def _chaintune_op(op: str, path: str):
             with torch.no_grad():
                 rollout(c, StepGrad.NONE, x_T=x_T, noises=noises, cond=c.conditions)
         return sample
-    est = get_estimator({"ddpo": "reinforce", "alignprop": "truncated-backprop", "rlr": "rlr"}[op])
+    est = get_estimator({"ddpo": "reinforce", "ddpo-reuse": "reinforce", "alignprop": "truncated-backprop",
+                         "rlr": "rlr"}[op], **({"reuse_rollout": True} if op == "ddpo-reuse" else {}))
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> bool:
     for op in ops:
         line = {"op": op}
         for side in ("chaintune", "trl"):
-            got = [r for r in rows if r["side"] == side and r["op"] == op]
+            got = [r for r in rows if r["side"] == side and r["op"] == (PEER_ROW.get(op, op) if side == "trl" else op)]
             if got:
                 line[side] = {k: _stats(got, k) for k in ("wall", "cpu", "peak_mib")}
         if "chaintune" in line and "trl" in line:

@@ -43,10 +43,10 @@ def _reward_fn(images):
 REWARD = FunctionReward(_reward_fn, differentiable=True, name="smooth")
 
 
-def _draws(model, est, k, seed0=0):
+def _draws(model, est, k, seed0=0, checkpoint=True):
     out = []
     for s in range(k):
-        g = chaintune.estimate_gradient(model, REWARD, est, n=N, steps=STEPS, eta=1.0,
+        g = chaintune.estimate_gradient(model, REWARD, est, n=N, steps=STEPS, eta=1.0, checkpoint=checkpoint,
                                         generator=torch.Generator().manual_seed(seed0 + s), scheduler=None)
         out.append(torch.cat([g["conv_out.bias"].flatten(), g["conv_out.weight"].flatten()[:3]]))
     return torch.stack(out)
@@ -88,6 +88,45 @@ def test_rlr_averaged_spans_unbiased(model, reference):
     draws = _draws(model, RLR(h=2, sigma=1e-3, zo=True, spans=3), 100, seed0=500)
     z = _z(draws, reference)
     assert z.abs().max() < Z, f"z = {z.tolist()}"
+
+
+@pytest.mark.parametrize("zo", [False, True])
+def test_rlr_h1_terms_from_the_rollout_equal_the_replayed_ones(model, zo):
+    """At h = 1 under checkpointing the averaged estimate reads each likelihood-ratio term from the rollout's own
+    graph instead of replaying the step: the same estimate (float64, same draws), one forward pass per term fewer."""
+    replay = RLR(h=1, sigma=1e-3, zo=zo, spans=4)
+    replay._terms_in_rollout = lambda ctx: False
+    calls = []
+    hook = model.denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        a = _draws(model, RLR(h=1, sigma=1e-3, zo=zo, spans=4), 3, seed0=70)
+        in_rollout, calls[:] = len(calls), []
+        b = _draws(model, replay, 3, seed0=70)
+    finally:
+        hook.remove()
+    assert in_rollout < len(calls)  # the replays' forward passes are gone (checkpointing: their recomputation stays)
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("est", ["reinforce", "grpo"])
+def test_ppo_first_epoch_from_the_rollout_equals_the_recomputed_one(model, est):
+    """reuse_rollout: the first PPO epoch's log-probs come from the rollout's graph instead of a second forward
+    pass per step: the same estimate (float64, same draws) with one denoiser call per step fewer (without
+    checkpointing; with it, the backward's recomputation is that call)."""
+    from chaintune.estimators import get_estimator
+
+    calls = []
+    hook = model.denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        a = _draws(model, get_estimator(est, reuse_rollout=True), 3, seed0=90, checkpoint=False)
+        reused, calls[:] = len(calls), []
+        b = _draws(model, get_estimator(est), 3, seed0=90, checkpoint=False)
+    finally:
+        hook.remove()
+    assert reused == 3 * STEPS and len(calls) == 3 * (2 * STEPS - 1)  # the last step is deterministic (DDIM)
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_rlr_averaged_spans_keep_the_no_zo_expectation_and_cut_variance(model):

@@ -48,13 +48,14 @@ class GRPO(Reinforce):
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  kl_coef: float = D.kl_coef, global_std: bool = D.global_std, kl_form: str = D.kl_form,
-                 step_fraction: float = 1.0, adv_clip: float = 5.0):
+                 step_fraction: float = 1.0, adv_clip: float = 5.0, reuse_rollout: bool = D.reuse_rollout):
         if kl_coef < 0:
             raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_form not in ("exact", "flow-grpo"):
             raise ChaintuneError(f"kl_form must be exact or flow-grpo, got {kl_form!r}")
         super().__init__(inner_epochs=inner_epochs, clip_range=clip_range, normalize_advantages=False,
-                         step_fraction=step_fraction, final_step="skip", adv_clip=adv_clip)
+                         step_fraction=step_fraction, final_step="skip", adv_clip=adv_clip,
+                         reuse_rollout=reuse_rollout)
         self.kl_coef = kl_coef
         self.global_std = global_std
         self.kl_form = kl_form

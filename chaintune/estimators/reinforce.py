@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from chaintune.chain import StepGrad, prepare_scheduler
+from chaintune.chain import DeterministicStepError, StepGrad, prepare_scheduler
 from chaintune.distributed import shared_plan
 from chaintune.errors import ChaintuneError
 from chaintune.estimators.base import EstimationContext, Estimator, Sampled, Stats, draw_noise, rollout
@@ -40,7 +40,7 @@ class Reinforce(Estimator):
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  normalize_advantages: bool = True, step_fraction: float = 1.0, final_step: str = "skip",
                  adv_clip: float = 5.0, tracker_buffer: int = D.tracker_buffer,
-                 tracker_min_count: int = D.tracker_min_count):
+                 tracker_min_count: int = D.tracker_min_count, reuse_rollout: bool = D.reuse_rollout):
         if final_step not in ("skip", "pathwise"):
             raise ChaintuneError("final_step must be 'skip' (DDPO) or 'pathwise'")
         if inner_epochs < 1 or clip_range <= 0:
@@ -51,6 +51,7 @@ class Reinforce(Estimator):
         self.step_fraction = step_fraction
         self.final_step = final_step
         self.adv_clip = adv_clip
+        self.reuse_rollout = reuse_rollout
         self._init_tracker(tracker_buffer, tracker_min_count)
 
     def plan(self, num_steps, generator=None):
@@ -88,8 +89,7 @@ class Reinforce(Estimator):
     def updates(self, ctx: EstimationContext):
         self.check(ctx)
         x_T, noises = draw_noise(ctx, ctx.n)
-        with torch.no_grad():
-            traj, images, r = rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions)
+        traj, images, r, tracked = self._rollout(ctx, x_T, noises)
         if not self.needs_step_batch(ctx):
             adv = self._advantages(r, ctx).to(x_T.device)
         elif ctx.step_shared:  # one of several micro-batches: the caller forms the step's advantages once
@@ -114,8 +114,11 @@ class Reinforce(Estimator):
             clipped = ppo = approx_kl = penalty_sum = 0.0
             for i in chosen:
                 with ctx.autocast():
-                    lp, mean, std = step_log_prob(denoise, sched, traj.latents[i], traj.timesteps[i],
-                                                  traj.latents[i + 1], ctx.eta)
+                    if epoch == 0 and tracked and i in traj.graph_log_probs:  # the rollout's graph: rho = 1 exactly
+                        lp, mean, std = traj.graph_log_probs.pop(i) / dim, None, None
+                    else:
+                        lp, mean, std = step_log_prob(denoise, sched, traj.latents[i], traj.timesteps[i],
+                                                      traj.latents[i + 1], ctx.eta)
                     old = traj.log_probs[:, i].to(lp) / dim  # stored summed log-prob -> per-dimension mean
                     per_sample, ratio = ppo_objective(adv, lp, old, self.clip_range)
                     loss = per_sample.mean()  # DDPO's loss at this position
@@ -132,6 +135,18 @@ class Reinforce(Estimator):
             extra = {"epoch": epoch, "clip_frac": clipped / m, "ppo_loss": ppo / m, "approx_kl": approx_kl / m}
             extra.update(self._penalty_metrics(penalty_sum, m))
             yield Stats(rewards=r, images=images, extra=extra)
+
+    def _rollout(self, ctx: EstimationContext, x_T: torch.Tensor, noises):
+        """The epoch batch's rollout, and whether it tracked every step's log-prob for the first epoch
+        (``reuse_rollout``; not with a per-step penalty, which needs the recomputed step, nor a subset of steps,
+        drawn after the rollout)."""
+        if self.reuse_rollout and self.step_fraction == 1.0 and not self.needs_reference:
+            try:
+                return (*rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions), True)
+            except DeterministicStepError:  # a step without noise has no likelihood ratio: recompute instead
+                pass
+        with torch.no_grad():
+            return (*rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions), False)
 
     def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:
         return {}

@@ -184,6 +184,15 @@ class RLR(Estimator):
             loss.backward()
         return Stats(rewards=r.detach(), images=images.detach())
 
+    def _terms_in_rollout(self, ctx: EstimationContext) -> bool:
+        """Whether the averaged estimate takes its likelihood-ratio terms from the rollout's own graph. With h = 1
+        every term is one step's log-prob at its own position, which the rollout tracks (LIKELIHOOD): the replay's
+        value and graph without the replay's forward pass. Only under checkpointing, where a tracked step holds its
+        inputs only; without it the m tracked steps would hold their activations at once (measured: 2.2 -> 3.7 GB
+        on benchmarks/peers.py's tiny SD), and RLR's memory stays one span's. grad-norm needs each term's own
+        backward, and h > 1 spans overlap in ways one rollout's graph cannot hold: those replay each span."""
+        return ctx.checkpoint and self.h == 1 and self.j != "grad-norm"
+
     def _track_norm(self, j: int, values: list[float]) -> None:
         """Running mean of span j's gradient norm (the ``j="grad-norm"`` sampling weights)."""
         prev, val = self._norms.get(j), sum(values) / len(values)
@@ -201,9 +210,10 @@ class RLR(Estimator):
         covered: Counter[int] = Counter()  # how many of the m draws cover each chain position
         for j, (s, e) in spans.items():
             covered.update({i: counts[j] for i in range(s, e + 1)})
+        in_rollout = self._terms_in_rollout(ctx)
         modes = [StepGrad.PERTURBED if self.zo else StepGrad.NONE] * T
         for i in covered:
-            modes[i] = StepGrad.NONE
+            modes[i] = StepGrad.LIKELIHOOD if in_rollout else StepGrad.NONE
         modes[-1] = self._final_mode(differentiable)
         differentiable = differentiable and self.fo  # from here: whether the reward's gradient is taken
         # likelihood-ratio terms: (weight, span). With ZO on, a covered position outside span i gets a
@@ -216,14 +226,17 @@ class RLR(Estimator):
 
         def surrogate(traj, images, r, cond):
             adv = self.advantages(r, cond, ctx.baseline).to(r.device)
+            loss = -r.sum() / ctx.n if differentiable else torch.zeros((), device=r.device)
             for w, span, j in terms:
-                lp = replay_span_log_prob(ctx, traj.latents, traj.noises, span, cond)
-                term = -(adv * lp).sum() / ctx.n
+                if in_rollout:
+                    loss = loss - w * (adv * traj.graph_log_probs[span[1]]).sum() / ctx.n
+                    continue
+                term = -(adv * replay_span_log_prob(ctx, traj.latents, traj.noises, span, cond)).sum() / ctx.n
                 if self.j == "grad-norm" and j is not None:
                     ho_norm.setdefault(j, []).append(_accumulate_measuring_norm(term, params, weight=w))
                 else:
                     (w * term).backward()
-            return -r.sum() / ctx.n if differentiable else torch.zeros((), device=r.device)
+            return loss
 
         stats = self._run(ctx, modes, differentiable, surrogate)
         for j, vals in ho_norm.items():
