@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--hs", default="1,2,3,5", help="RLR: h values tried")
     p.add_argument("--reps", type=int, default=3, help="timing repetitions per configuration (interleaved)")
     p.add_argument("--slack", type=float, default=1.05, help="tight budget = RLR h=2's peak times this")
-    p.add_argument("--ranking", type=Path, default=None, help="a which_estimator.py result JSON (same domain)")
+    p.add_argument("--ranking", type=Path, action="append", default=[],
+                   help="a which_estimator.py result JSON (same domain; repeat to merge rankings of other methods)")
+    p.add_argument("--probe", type=Path, default=None,
+                   help="an earlier budgets_DOMAIN.json: reuse its measured memory, times and picks, recompute quality")
     a = p.parse_args(argv)
     a.k_list = [int(x) for x in a.ks.split(",") if x]
     a.h_list = [int(x) for x in a.hs.split(",") if x]
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     from chaintune.diagnostics import grouped_conditions
 
     t_start = time.time()
+    if args.probe is not None:
+        return requality(args, t_start)
     dom = dict(DOMAINS[args.domain]["align"])
     if args.quick:
         dom.update(batch_size=4, sample_steps=4)
@@ -133,8 +138,34 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "ranking")},
               "domain": {"name": args.domain, **dom}, "machine": C.machine(), "candidates": cands,
               "budgets_mib": budgets, "picks": picks}
-    if args.ranking is not None:
-        result["quality"] = quality(json.loads(args.ranking.read_text()), picks, batch)
+    if args.ranking:
+        result["quality"] = quality(merged_ranking(args.ranking), picks, batch)
+    return _write(args, result, t_start)
+
+
+def requality(args, t_start: float) -> dict:
+    """``--probe``: the earlier run's measurements and picks, quality from the given rankings."""
+    result = json.loads(args.probe.read_text())
+    result["config"].update(ranking=[str(p) for p in args.ranking], probe=str(args.probe))
+    if args.ranking:
+        result["quality"] = quality(merged_ranking(args.ranking), result["picks"], result["domain"]["batch_size"])
+    return _write(args, result, t_start)
+
+
+def merged_ranking(paths: list[Path]) -> dict:
+    """Rankings of one domain (and protocol) run at different times: their runs and chosen LRs together."""
+    rankings = [json.loads(p.read_text()) for p in paths]
+    base = dict(rankings[0])
+    runs = {(r["method"], r["lr"], r["seed"], r["stage"], r["steps"]): r for k in rankings for r in k["runs"]}
+    base["runs"] = list(runs.values())  # a ranking that reused another's runs holds copies of them
+    base["chosen_lr"] = {m: lr for k in rankings for m, lr in k["chosen_lr"].items()}
+    for k in rankings[1:]:
+        if (k["domain"]["name"], k["domain"]["steps"]) != (base["domain"]["name"], base["domain"]["steps"]):
+            raise SystemExit(f"error: rankings of different domains or budgets: {paths}")
+    return base
+
+
+def _write(args, result: dict, t_start: float) -> dict:
     result["seconds"] = round(time.time() - t_start, 1)
     out = C.out_dir(args)
     C.write_json(out / f"budgets_{args.domain}.json" if not args.quick else out / "budgets.json", result)
