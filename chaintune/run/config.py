@@ -44,7 +44,7 @@ class OptimConfig:
     compile: str = option("none", "torch.compile the denoiser with this backend: none | inductor (generated "
                           "kernels: for GPUs) | aot_eager (traced only: for finding compiler bugs) | cudagraphs. Its "
                           "gradients are checked against eager's on the run's first batch shape; where they differ "
-                          "the run stays eager (a warning says so). Measured on CPU: slower than eager "
+                          "the run stays eager (a warning says so). Measured on CPU: at parity with eager "
                           "(docs/results.md, Compile).", choices=COMPILE_BACKENDS)
     eight_bit_adam: bool = option(False, "bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a "
                                   "warning).")
