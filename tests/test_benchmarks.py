@@ -239,3 +239,10 @@ def test_compile_quick(tmp_path):
     assert set(rows) == {"eager", "aot_eager"}
     assert rows["aot_eager"]["gradients"] == "agree" and rows["eager"]["step_vs_eager"] == 1.0
     assert all(r["step_median_ms"] > 0 and r["first_call_s"] > 0 for r in rows.values())
+
+
+def test_throughput_quick(tmp_path):
+    """The throughput benchmark's smoke run: a counted, timed RLR step and a matmul peak it cannot exceed by far."""
+    res = _run("throughput", tmp_path)
+    assert res["step_gflop"] > 0 and res["peak_gflops"] > 0
+    assert 0 < res["fraction_of_peak"] < 1.5  # a step of small convolutions does not beat the best matmul
