@@ -86,6 +86,20 @@ def pyplot():
     return plt
 
 
+def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], ylabel: str, *, title: str | None = None,
+              colors: Sequence[str] | None = None, size: tuple[float, float] = (5, 3)) -> None:
+    """One bar per label, written to ``path`` (the PNG of a benchmark whose result is a short list of numbers)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=size)
+    ax.bar(list(labels), list(values), color=colors)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def fmt(v: Any, spec: str = ".3g") -> str:
     if v is None:
         return "-"

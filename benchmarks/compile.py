@@ -147,15 +147,9 @@ def main(argv=None) -> dict:
               "machine": C.machine(), "torch": torch.__version__, "rows": rows}
     out_dir = C.out_dir(args)
     C.write_json(out_dir / "compile.json", result)
-    plt = C.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar([r["mode"] for r in rows], [r["step_median_ms"] for r in rows],
-           color=["C0" if r["gradients"] == "agree" else "C3" for r in rows])
-    ax.set_ylabel("forward+backward ms (median)")
-    ax.set_title("red: gradients differ from eager", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "compile.png", dpi=100)
-    plt.close(fig)
+    C.bar_chart(out_dir / "compile.png", [r["mode"] for r in rows], [r["step_median_ms"] for r in rows],
+                "forward+backward ms (median)", title="red: gradients differ from eager",
+                colors=["C0" if r["gradients"] == "agree" else "C3" for r in rows])
     return result
 
 

@@ -79,13 +79,8 @@ def main(argv=None) -> dict:
               "peak": peak, **row, "times": times}
     out = C.out_dir(args)
     C.write_json(out / "throughput.json", result)
-    plt = C.pyplot()
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(["mm peak", "RLR step"], [row["peak_gflops"], row["achieved_gflops"]])
-    ax.set_ylabel("GFLOP/s (one thread)")
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=100)
-    plt.close(fig)
+    C.bar_chart(out / "throughput.png", ["mm peak", "RLR step"], [row["peak_gflops"], row["achieved_gflops"]],
+                "GFLOP/s (one thread)", size=(4, 3))
     return result
 
 
