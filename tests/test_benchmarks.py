@@ -232,6 +232,7 @@ def test_which_estimator_quick_reuses_finished_runs(tmp_path):
     assert again["table"] == res["table"]
 
 
+@pytest.mark.slow  # ~30 s of subprocesses; what it measures is tested in CI by tests/test_compile.py
 def test_compile_quick(tmp_path):
     """The compile benchmark's smoke run: eager and aot_eager time the same step and agree on the gradient."""
     res = _run("compile", tmp_path)
