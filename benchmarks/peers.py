@@ -10,8 +10,10 @@ loading; the repeats are interleaved, so a drifting load hits every side alike:
 * ``ddpo``: one DDPO iteration, sampling 8 + a PPO pass over the 20 steps + AdamW (``DDPOTrainer.step``);
 * ``alignprop``: one AlignProp step, backprop through the last step + AdamW (``AlignPropTrainer.step`` with
   ``truncated_backprop_timestep`` = 19);
-* ``ddpo-reuse``: the DDPO iteration with ``reuse_rollout`` (the first PPO epoch's log-probs from the rollout's graph,
-  one forward pass per step fewer; compared with TRL's ``ddpo``);
+* ``ddpo-reuse``: the DDPO iteration with ``reuse_rollout="graph"`` (the first PPO epoch's log-probs from the
+  rollout's graph of every step, one forward pass per step fewer; compared with TRL's ``ddpo``);
+* ``ddpo-per-sample``: the DDPO iteration with ``reuse_rollout="per-sample"`` (each step backpropagated while
+  sampling into per-sample LoRA gradients: one forward pass per step fewer at one step's memory);
 * ``rlr``: one RLR step at align's defaults (chaintune only);
 * ``floor``: the diffusers pipeline's own inference of the same 8 prompts (the floor any sampler is held to).
 
@@ -41,9 +43,10 @@ PROMPTS = ["a red cat", "a blue dog", "a green car", "a tall tree", "a small boa
            "a round stone"]
 ETA, CFG, BATCH, RANK = 1.0, 5.0, 8, 4
 STEPS = int(os.environ.get("PEERS_STEPS", "20"))  # --quick: 2 (a smoke run; the workers read it from here)
-OPS = ("sample", "ddpo", "ddpo-reuse", "alignprop", "rlr", "floor")
+OPS = ("sample", "ddpo", "ddpo-reuse", "ddpo-per-sample", "alignprop", "rlr", "floor")
 PEER_OPS = ("sample", "ddpo", "alignprop")
-PEER_ROW = {"ddpo-reuse": "ddpo"}  # chaintune-only variants, compared with the peer's row of the same operation
+# chaintune-only variants, compared with the peer's row of the same operation
+PEER_ROW = {"ddpo-reuse": "ddpo", "ddpo-per-sample": "ddpo"}
 
 
 def build_pipeline(path: Path, seed: int = 0) -> None:
@@ -128,8 +131,9 @@ def _chaintune_op(op: str, path: str):
             with torch.no_grad():
                 rollout(c, StepGrad.NONE, x_T=x_T, noises=noises, cond=c.conditions)
         return sample
-    est = get_estimator({"ddpo": "reinforce", "ddpo-reuse": "reinforce", "alignprop": "truncated-backprop",
-                         "rlr": "rlr"}[op], **({"reuse_rollout": True} if op == "ddpo-reuse" else {}))
+    reuse = {"ddpo-reuse": "graph", "ddpo-per-sample": "per-sample"}
+    est = get_estimator("reinforce" if op.startswith("ddpo") else {"alignprop": "truncated-backprop", "rlr": "rlr"}[op],
+                        **({"reuse_rollout": reuse[op]} if op in reuse else {}))
 
     def step():
         opt.zero_grad(set_to_none=True)

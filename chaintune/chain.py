@@ -391,6 +391,7 @@ def run_chain(
     checkpoint: bool = False,
     stop_at: int | None = None,
     start: int = 0,
+    on_log_prob: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Trajectory:
     """Run the reverse chain from ``x_T`` and record the trajectory.
 
@@ -409,6 +410,9 @@ def run_chain(
         start: begin at chain position ``start`` (``x_T`` is then the latent entering that
             position): replays a stored sub-chain, e.g. one half-order span. ``modes`` and
             ``noises`` stay indexed by absolute position.
+        on_log_prob: called as ``on_log_prob(i, log_prob)`` with each LIKELIHOOD step's log-prob (with its
+            graph) instead of keeping it in ``graph_log_probs``: the caller backpropagates it at once, so the
+            rollout holds one step's activations (DDPO's per-sample gradients while sampling).
     """
     sched = prepare_scheduler(scheduler, num_steps, device=x_T.device)
     step_modes = _resolve_modes(modes, num_steps)
@@ -455,7 +459,11 @@ def run_chain(
         if is_stoch:
             lp = gaussian_log_prob(x_next.detach(), mean.detach(), std)
             if mode == StepGrad.LIKELIHOOD:
-                graph_lps[i] = gaussian_log_prob(x_next.detach(), mean, std)
+                graph_lp = gaussian_log_prob(x_next.detach(), mean, std)
+                if on_log_prob is None:
+                    graph_lps[i] = graph_lp
+                else:
+                    on_log_prob(i, graph_lp)
         else:
             if mode == StepGrad.LIKELIHOOD:
                 raise DeterministicStepError(

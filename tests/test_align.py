@@ -164,3 +164,33 @@ def test_demo_runs_and_prints_table(tmp_path, capsys):
         assert (tmp_path / "demo" / f"after_{r['method']}.png").read_bytes() == grid.read_bytes()
     rows2 = run_demo(tmp_path / "demo", steps=3, digit=3, eval_samples=8, batch_size=8, baseline=None)
     assert len(rows2) == 2  # a second demo into the same folder replaces what the first wrote
+
+
+def test_a_runs_updates_do_not_depend_on_what_loading_or_evaluation_drew(tmp_path, monkeypatch):
+    """Found with tests/test_per_sample.py: the first run in a process drew LoRA's initial weights after a first
+    load had drawn from the global generator, later runs (cached loads) before: the same config gave different
+    runs. The adapters are now seeded where they are made and evaluation runs on a forked generator."""
+    from safetensors.torch import load_file
+
+    from chaintune.align import AlignConfig, align
+    from chaintune.align.objective import AlignObjective
+
+    base = dict(model="builtin:digits", reward="digit:3", steps=2, batch_size=4, sample_steps=4, eval_every=0,
+                tensorboard=False, progress=False, report=False, final_model="last", estimator="reinforce",
+                peft="lora", lora_rank=2, kl_weight=0.0)
+    align(AlignConfig.from_dict(dict(base, out=str(tmp_path / "a"))))
+    prepare, evaluate = AlignObjective.prepare, AlignObjective.evaluate
+
+    def drawing(f):
+        def wrapped(self, *a):
+            torch.rand(11)  # a loader or a judge that draws random numbers (a first, uncached load)
+            return f(self, *a)
+        return wrapped
+
+    monkeypatch.setattr(AlignObjective, "prepare", drawing(prepare))
+    monkeypatch.setattr(AlignObjective, "evaluate", drawing(evaluate))
+    align(AlignConfig.from_dict(dict(base, eval_every=1, out=str(tmp_path / "b"))))
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)

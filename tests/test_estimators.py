@@ -119,7 +119,7 @@ def test_ppo_first_epoch_from_the_rollout_equals_the_recomputed_one(model, est):
     calls = []
     hook = model.denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
-        a = _draws(model, get_estimator(est, reuse_rollout=True), 3, seed0=90, checkpoint=False)
+        a = _draws(model, get_estimator(est, reuse_rollout="graph"), 3, seed0=90, checkpoint=False)
         reused, calls[:] = len(calls), []
         b = _draws(model, get_estimator(est), 3, seed0=90, checkpoint=False)
     finally:

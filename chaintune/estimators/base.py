@@ -201,13 +201,18 @@ def rollout(
     perturb=None,
     grad_reward: bool = False,
     stop_at: int | None = None,
+    on_log_prob: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[Trajectory, torch.Tensor, torch.Tensor]:
-    """Run the chain with ``modes``, decode, score. Returns (trajectory, images, rewards)."""
+    """Run the chain with ``modes``, decode, score. Returns (trajectory, images, rewards).
+
+    ``on_log_prob``: see :func:`chaintune.chain.run_chain` (it backpropagates each step at once, so the steps
+    are not checkpointed: that would run each forward pass twice)."""
 
     with ctx.autocast():
         denoise = ctx.model.denoise_fn(cond)
         traj = run_chain(denoise, ctx.scheduler, x_T, num_steps=ctx.steps, eta=ctx.eta, modes=modes,
-                         perturb=perturb, noises=noises, checkpoint=ctx.checkpoint, stop_at=stop_at)
+                         perturb=perturb, noises=noises, checkpoint=ctx.checkpoint and on_log_prob is None,
+                         stop_at=stop_at, on_log_prob=on_log_prob)
     with torch.set_grad_enabled(grad_reward):
         images = ctx.model.decode(traj.x0 if grad_reward else traj.x0.detach())
         r = ctx.reward(images, **cond.reward_kwargs())

@@ -48,7 +48,7 @@ class GRPO(Reinforce):
 
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  kl_coef: float = D.kl_coef, global_std: bool = D.global_std, kl_form: str = D.kl_form,
-                 step_fraction: float = 1.0, adv_clip: float = 5.0, reuse_rollout: bool = D.reuse_rollout):
+                 step_fraction: float = 1.0, adv_clip: float = 5.0, reuse_rollout: str = D.reuse_rollout):
         if kl_coef < 0:
             raise ChaintuneError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_form not in ("exact", "flow-grpo"):

@@ -51,11 +51,14 @@ class EstimatorConfig:
     inner_epochs: int = option(1, "PPO inner epochs per batch.", min=1, used_by=PPO)
     clip_range: float = option(1e-4, "PPO clip range of the ratio of per-dimension mean log-probs (DDPO / "
                                "Flow-GRPO's convention and default).", gt=0, used_by=PPO)
-    # measured in benchmarks/peers.py (one DDPO iteration, no checkpointing; docs/results.md)
-    reuse_rollout: bool = option(False, "Keep the rollout's graph of every step and take the first (on-policy) PPO "
-                                 "epoch's log-probs from it instead of recomputing them: the same gradient with "
-                                 "one forward pass per step fewer, at memory linear in the steps (with "
-                                 "--gradient-checkpointing: no saving). Not with --kl-coef > 0.", used_by=PPO)
+    # measured in benchmarks/peers.py (one DDPO iteration vs TRL 0.11; docs/results.md "Against the peer tools")
+    reuse_rollout: str = option("off", "Take the first (on-policy) PPO epoch's gradient from the rollout instead of "
+                                "recomputing every step's forward pass (the same gradient): per-sample (each "
+                                "step's log-probs backpropagated while sampling into one gradient per sample; "
+                                "memory of one step plus n copies of the trainable tensors, for LoRA/linear "
+                                "layers; checked against autograd once, else it recomputes) | graph (keep every "
+                                "step's graph until the reward: memory linear in the steps) | off. Not with "
+                                "--kl-coef > 0.", choices=("off", "per-sample", "graph"), used_by=PPO)
     kl_coef: float = option(0.0, "Weight of the per-step closed-form KL to the reference (base) policy "
                             "(Flow-GRPO's beta; needs the base model).", min=0, used_by=("grpo",))
     # Flow-GRPO's config_base.py: sample.global_std = True (its SD3 recipes keep it)

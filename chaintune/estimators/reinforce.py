@@ -28,6 +28,7 @@ from chaintune.estimators.baselines import group_keys
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.options import DEFAULTS as D
 from chaintune.estimators.options import takes
+from chaintune.estimators.per_sample import PerSampleGradients
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
 
 
@@ -40,7 +41,7 @@ class Reinforce(Estimator):
     def __init__(self, inner_epochs: int = D.inner_epochs, clip_range: float = D.clip_range,
                  normalize_advantages: bool = True, step_fraction: float = 1.0, final_step: str = "skip",
                  adv_clip: float = 5.0, tracker_buffer: int = D.tracker_buffer,
-                 tracker_min_count: int = D.tracker_min_count, reuse_rollout: bool = D.reuse_rollout):
+                 tracker_min_count: int = D.tracker_min_count, reuse_rollout: str = D.reuse_rollout):
         if final_step not in ("skip", "pathwise"):
             raise ChaintuneError("final_step must be 'skip' (DDPO) or 'pathwise'")
         if inner_epochs < 1 or clip_range <= 0:
@@ -51,7 +52,10 @@ class Reinforce(Estimator):
         self.step_fraction = step_fraction
         self.final_step = final_step
         self.adv_clip = adv_clip
+        if reuse_rollout not in ("off", "per-sample", "graph"):
+            raise ChaintuneError(f"reuse_rollout must be off, per-sample or graph, got {reuse_rollout!r}")
         self.reuse_rollout = reuse_rollout
+        self._per_sample_checked: bool | None = None  # whether this model's per-sample gradients matched autograd
         self._init_tracker(tracker_buffer, tracker_min_count)
 
     def plan(self, num_steps, generator=None):
@@ -90,6 +94,7 @@ class Reinforce(Estimator):
         self.check(ctx)
         x_T, noises = draw_noise(ctx, ctx.n)
         traj, images, r, tracked = self._rollout(ctx, x_T, noises)
+        gathered = tracked if isinstance(tracked, PerSampleGradients) else None
         if not self.needs_step_batch(ctx):
             adv = self._advantages(r, ctx).to(x_T.device)
         elif ctx.step_shared:  # one of several micro-batches: the caller forms the step's advantages once
@@ -112,7 +117,13 @@ class Reinforce(Estimator):
                 chosen = [positions[int(j)] for j in perm]
             scale = len(positions) / len(chosen)  # the chosen positions stand for all of them
             clipped = ppo = approx_kl = penalty_sum = 0.0
+            covered = gathered.steps if epoch == 0 and gathered is not None else set()
+            if covered:  # rho = 1 at these positions: their gradient is -(1/n) sum_k A_k G_k
+                gathered.combine(-adv / ctx.n)
+                ppo = -float(adv.mean()) * len(covered)  # DDPO's loss at rho = 1, summed over them
             for i in chosen:
+                if i in covered:
+                    continue
                 with ctx.autocast():
                     if epoch == 0 and tracked and i in traj.graph_log_probs:  # the rollout's graph: rho = 1 exactly
                         lp, mean, std = traj.graph_log_probs.pop(i) / dim, None, None
@@ -137,16 +148,40 @@ class Reinforce(Estimator):
             yield Stats(rewards=r, images=images, extra=extra)
 
     def _rollout(self, ctx: EstimationContext, x_T: torch.Tensor, noises):
-        """The epoch batch's rollout, and whether it tracked every step's log-prob for the first epoch
-        (``reuse_rollout``; not with a per-step penalty, which needs the recomputed step, nor a subset of steps,
-        drawn after the rollout)."""
-        if self.reuse_rollout and self.step_fraction == 1.0 and not self.needs_reference:
+        """The epoch batch's rollout, and how the first epoch gets its gradient without a replay (``reuse_rollout``):
+        a :class:`PerSampleGradients` holding each sample's gradient, True (every step's log-prob graph kept), or
+        False (recompute). Not with a per-step penalty, which needs the recomputed step, nor a subset of steps,
+        drawn after the rollout."""
+        if self.reuse_rollout != "off" and self.step_fraction == 1.0 and not self.needs_reference:
             try:
+                if self.reuse_rollout == "per-sample":
+                    return self._per_sample_rollout(ctx, x_T, noises)
                 return (*rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions), True)
             except DeterministicStepError:  # a step without noise has no likelihood ratio: recompute instead
                 pass
         with torch.no_grad():
             return (*rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions), False)
+
+    def _per_sample_rollout(self, ctx: EstimationContext, x_T: torch.Tensor, noises):
+        gathered = PerSampleGradients(ctx.model.denoiser, ctx.n)
+        if not gathered.supported or self._per_sample_checked is False:
+            with torch.no_grad():
+                return (*rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions), False)
+        ok = [True]
+
+        def on_log_prob(i: int, lp: torch.Tensor) -> None:
+            if not ok[0]:
+                return
+            check = self._per_sample_checked is None
+            ok[0] = gathered.add(lp, check=check)
+            gathered.steps.add(i)
+            if check:
+                self._per_sample_checked = ok[0]
+
+        with gathered:
+            traj, images, r = rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions,
+                                      on_log_prob=on_log_prob)
+        return traj, images, r, gathered if ok[0] else False
 
     def _penalty_metrics(self, penalty_sum: float, m: int) -> dict:
         return {}

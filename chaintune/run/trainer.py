@@ -314,6 +314,10 @@ class Trainer:
         """Adapters, sharding (after adapters, before the optimizer and EMA: they hold the shards), AdamW, the LR
         schedule and the EMA."""
         opt_cfg, den = self.cfg.optim, self.objective.model.denoiser
+        # adapters draw their initial weights from the global generator: seeded here, not only at the start, so
+        # that they do not depend on what loading drew (a model or reward cached by an earlier run in this process
+        # draws nothing, a first load does)
+        torch.manual_seed(self.cfg.run.seed)
         self.trainable = apply_peft(den, opt_cfg.peft, rank=opt_cfg.lora_rank, lora_targets=opt_cfg.lora_targets)
         if self.sharded:
             self._skeleton = distributed.meta_copy(den)
@@ -608,8 +612,12 @@ class Trainer:
         den = self.objective.model.denoiser
         with self._ema_weights():
             den.eval()
+            # on a forked generator: what evaluation draws (and the first load of a judge) leaves training's random
+            # numbers as they were, so a run's updates do not depend on how often, or whether, it is evaluated
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
             try:
-                ev = self._agreed(self.objective.evaluate(self, step))
+                with torch.random.fork_rng(devices=cuda):
+                    ev = self._agreed(self.objective.evaluate(self, step))
                 self._last_evaluation = ev
                 if ev is not None and ev.alarm is None and ev.score is not None and (
                         self.best is None or ev.score > self.best["score"]):
