@@ -247,3 +247,27 @@ def test_throughput_quick(tmp_path):
     res = _run("throughput", tmp_path)
     assert res["step_gflop"] > 0 and res["peak_gflops"] > 0
     assert 0 < res["fraction_of_peak"] < 1.5  # a step of small convolutions does not beat the best matmul
+
+
+def test_budgets_merged_ranking_deduplicates_shared_runs_and_refuses_other_domains(tmp_path):
+    """``budgets.py --ranking A --ranking B``: a ranking that reused another's runs holds copies of them; merged,
+    each run counts once (3 seeds, not 6) and every ranking's chosen LRs are kept."""
+    from benchmarks.budgets import merged_ranking
+
+    def run(method, seed, stage="report"):
+        return {"method": method, "lr": 1e-4, "seed": seed, "stage": stage, "steps": 50, "evals": [{"x": seed}]}
+
+    dom = {"name": "video", "steps": 50}
+    a = {"domain": dom, "runs": [run("ddpo", s) for s in range(3)], "chosen_lr": {"ddpo": 1e-4}}
+    b = {"domain": dom, "runs": [run("ddpo", s) for s in range(3)] + [run("rlr h=5", s) for s in (0, 1, 2, 3)],
+         "chosen_lr": {"rlr h=5": 3e-4}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for p, d in zip(paths, (a, b), strict=True):
+        p.write_text(json.dumps(d))
+    merged = merged_ranking(paths)
+    assert sorted((r["method"], r["seed"]) for r in merged["runs"]) == sorted(
+        [("ddpo", s) for s in range(3)] + [("rlr h=5", s) for s in range(4)])
+    assert merged["chosen_lr"] == {"ddpo": 1e-4, "rlr h=5": 3e-4}
+    (tmp_path / "c.json").write_text(json.dumps(dict(a, domain={"name": "image", "steps": 150})))
+    with pytest.raises(SystemExit, match="different domains"):
+        merged_ranking([paths[0], tmp_path / "c.json"])
