@@ -75,6 +75,10 @@ METHODS: dict[str, dict] = {
     # the reward is decided (decision profile: paper steps 6-9 of 10) averaged 0.048 against the default's 0.033;
     # every setting's estimates were noise-dominated (SNR < 0.01), so the ranking decides
     "rlr tuned": {"estimator": "rlr", "h": 3, "j": "6,9"},
+    # the span range chaintune recommends for the late-decided target: decision_profile of `smoothness` on
+    # builtin:moving-digits (T = 10, 32 samples, seed 0) puts its effect in paper steps 2-3 (0.53, 0.61 against
+    # <= 0.21 elsewhere), and DecisionProfile.span_range(1) picks j = 2,3
+    "rlr late": {"estimator": "rlr", "j": "2,3"},
     "ddpo": {"estimator": "reinforce"},
     "grpo": {"estimator": "grpo"},
     "alignprop k=1": {"estimator": "alignprop", "k": 1},
@@ -102,9 +106,10 @@ DEFAULT_METHODS = {
     "image": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop", "nft", "dpo"],
     "image-blackbox": ["rlr", "ddpo", "grpo", "zeroth-order", "nft", "dpo"],
     "video": ["rlr", "rlr tuned", "ddpo", "grpo", "alignprop k=1", "full backprop", "nft", "dpo"],
-    "video-smooth": ["rlr", "ddpo", "grpo", "alignprop k=1", "full backprop"],
+    "video-smooth": ["rlr", "rlr late", "ddpo", "alignprop k=1", "full backprop"],
 }
-_COST = {"full backprop": 3, "ddpo": 2.5, "grpo": 2.5, "nft": 2.5, "dpo": 3, "rlr tuned": 2, "zeroth-order": 1.5}
+_COST = {"full backprop": 3, "ddpo": 2.5, "grpo": 2.5, "nft": 2.5, "dpo": 3, "rlr tuned": 2, "rlr late": 1.5,
+         "zeroth-order": 1.5}
 
 
 def parse_args(argv: list[str] | None = None):
