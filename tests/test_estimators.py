@@ -205,3 +205,12 @@ def test_black_box_reward_rejected_by_pathwise_estimators(model):
     # RLR falls back to zeroth-order on the final step and still runs
     g = chaintune.estimate_gradient(model, blackbox, "rlr", n=4, steps=4, scheduler=None, h=1)
     assert torch.isfinite(g["conv_out.bias"]).all()
+
+
+def test_truncated_backprop_through_every_step_is_full_backprop(model):
+    """k = T keeps every step pathwise: the same estimate as full backprop on the same draws (why the video budgets'
+    truncated k = 10 at T = 10 needs no run of its own, docs/results.md)."""
+    a = _draws(model, TruncatedBackprop(k=STEPS), 2, seed0=40)
+    b = _draws(model, FullBackprop(), 2, seed0=40)
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
