@@ -50,7 +50,8 @@ RANKINGS: dict[tuple[str, str], Ranking] = {
         "50.0%, DDPO and GRPO 31.2%, AlignProp 8.9% (base 7.3%); video prompt fidelity, 1,600 clips, 3 seeds "
         "(which_video.json, which_video_nft_dpo.json): full backprop 90.6%, RLR 74.0-76.0%, GRPO 75.0%, DDPO "
         "74.0%, NFT and DPO 72.9% (base 71.9%); first at equal wall-clock too; on a late-decided video reward "
-        "(smoothness, which_video-smooth.json) full backprop gained 0.028 held-out reward, AlignProp 0.006, RLR "
+        "(smoothness, which_video-smooth.json) full backprop gained 0.028 held-out reward, truncated k=5 0.025, "
+        "AlignProp 0.006, RLR "
         "0.005 (0.001 with its spans where the reward is decided), DDPO 0. Truncated backprop k=10 also "
         "delivered 100% on images (which_image_budgets.json) but k=5 18.8%, RLR h=5 76.0% (which_image_h5k5.json)"),
     ("differentiable", "tight"): Ranking(
