@@ -25,27 +25,12 @@ import torch
 from chaintune.backends.base import DiffusionModel
 from chaintune.chain import prepare_scheduler
 from chaintune.run.config import COMPILE_BACKENDS
+from chaintune.utils.gradcheck import gradient_mismatch
 
 __all__ = ["COMPILE_BACKENDS", "compile_denoiser", "gradient_mismatch"]
 
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # fp32: reassociated sums agree to ~1e-6; a bug is O(1)
 RTOL_LOW = 5e-2  # fp16 / bf16 (autocast): kernels round differently
-
-
-def gradient_mismatch(eager: dict[str, torch.Tensor], other: dict[str, torch.Tensor], rtol: float,
-                      atol_share: float = 1e-5) -> tuple[str, float] | None:
-    """The worst tensor whose gradient differs: ``||a - b|| > rtol ||a|| + atol_share ||all of a||`` (the
-    absolute floor keeps tensors whose exact gradient is ~0, e.g. an attention key's bias, from being judged by
-    rounding alone). Returns ``(name, relative error)`` or None when all agree."""
-    total = torch.sqrt(sum(g.double().square().sum() for g in eager.values()))
-    worst = None
-    for name, a in eager.items():
-        err = (a.double() - other[name].double()).norm()
-        if err > rtol * a.double().norm() + atol_share * total:
-            rel = float(err / a.double().norm().clamp_min(1e-30))
-            if worst is None or rel > worst[1]:
-                worst = (name, rel)
-    return worst
 
 
 def _probe_gradients(model: DiffusionModel, n: int, autocast: Callable[[], contextlib.AbstractContextManager],
