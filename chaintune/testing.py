@@ -308,3 +308,17 @@ def assert_controlnet_run_matches_diffusers(run_dir, control, steps: int = 3, pr
     theirs = pipe(list(prompts), image=control, height=h, width=w, num_inference_steps=steps,
                   guidance_scale=guidance_scale, eta=0.0, latents=x_T.clone(), output_type="pt").images
     torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+
+
+# every backend's tiny model, for tests that must hold on each (compiled gradients, per-sample gathering)
+TINY_MODELS = {"unet": tiny_unet_model, "sd": tiny_sd_model, "sdxl": tiny_sdxl_model, "sd3-flow": tiny_flow_model,
+               "flux": tiny_flux_model, "dit": tiny_dit_model, "wan": tiny_wan_model}
+
+
+def mean_reward(model):
+    """A differentiable reward any tiny model's output can take: the mean pixel (per frame, averaged, for video)."""
+    from chaintune.rewards import FramesReward, FunctionReward
+
+    mean = FunctionReward(lambda images: images.float().mean(dim=tuple(range(1, images.dim()))), differentiable=True,
+                          name="mean")
+    return FramesReward(mean, "mean") if model.produces_video else mean

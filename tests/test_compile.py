@@ -9,19 +9,14 @@ import torch
 
 import chaintune
 from chaintune import testing
-from chaintune.rewards import FramesReward, FunctionReward
 from chaintune.run.compiled import compile_denoiser, gradient_mismatch
 
-MEAN = FunctionReward(lambda images: images.float().mean(dim=tuple(range(1, images.dim()))), differentiable=True,
-                      name="mean")
-MODELS = {"unet": testing.tiny_unet_model, "sd": testing.tiny_sd_model, "sdxl": testing.tiny_sdxl_model,
-          "sd3-flow": testing.tiny_flow_model, "flux": testing.tiny_flux_model, "dit": testing.tiny_dit_model,
-          "wan": testing.tiny_wan_model}
+MODELS = testing.TINY_MODELS
 
 
 def _grads(model, checkpoint: bool) -> dict[str, torch.Tensor]:
     """Full backprop through a 3-step chain: every denoiser call's backward is in it."""
-    reward = FramesReward(MEAN, "mean") if model.produces_video else MEAN
+    reward = testing.mean_reward(model)
     return chaintune.estimate_gradient(model, reward, "full-backprop", n=2, steps=3, checkpoint=checkpoint,
                                        generator=torch.Generator().manual_seed(3))
 

@@ -18,13 +18,8 @@ import chaintune
 from chaintune import testing
 from chaintune.adapters import apply_lora
 from chaintune.estimators.per_sample import PerSampleGradients
-from chaintune.rewards import FramesReward, FunctionReward
 
-MEAN = FunctionReward(lambda images: images.float().mean(dim=tuple(range(1, images.dim()))), differentiable=True,
-                      name="mean")
-MODELS = {"unet": testing.tiny_unet_model, "sd": testing.tiny_sd_model, "sdxl": testing.tiny_sdxl_model,
-          "sd3-flow": testing.tiny_flow_model, "flux": testing.tiny_flux_model, "dit": testing.tiny_dit_model,
-          "wan": testing.tiny_wan_model}
+MODELS = testing.TINY_MODELS
 STEPS, N = 3, 4
 
 
@@ -38,16 +33,15 @@ def _lora(model):
     return model
 
 
-def _estimate(model, est, reward=None):
+def _estimate(model, est):
     """(gradient, denoiser calls, warnings) of one DDPO/GRPO estimate on fixed draws."""
     calls = []
     hook = model.denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
-    reward = reward or (FramesReward(MEAN, "mean") if model.produces_video else MEAN)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            g = chaintune.estimate_gradient(model, reward, est, n=N, steps=STEPS, checkpoint=False,
-                                            generator=torch.Generator().manual_seed(3))
+            g = chaintune.estimate_gradient(model, testing.mean_reward(model), est, n=N, steps=STEPS,
+                                            checkpoint=False, generator=torch.Generator().manual_seed(3))
     finally:
         hook.remove()
     return g, len(calls), [str(w.message) for w in caught if "per-sample" in str(w.message)]
@@ -99,8 +93,8 @@ def test_rows_that_are_not_whole_copies_of_the_samples_are_caught():
         lp = -(net(x) ** 2).flatten(1).sum(1)
         assert acc.supported
         with pytest.warns(UserWarning, match="differ from autograd's"):
-            assert acc.add(lp, check=True) is False
-    assert not acc.grads  # nothing was added
+            assert acc.add(0, lp, check=True) is False
+    assert not acc.grads and not acc.steps  # nothing was added
 
 
 def test_per_sample_gradients_of_a_toy_layer_equal_a_loop_over_samples():
@@ -113,8 +107,9 @@ def test_per_sample_gradients_of_a_toy_layer_equal_a_loop_over_samples():
         return -(lin(xs) ** 2).sum(dim=(1, 2))
 
     with PerSampleGradients(lin, N) as acc:
-        assert acc.add(lp_of(x), check=True)
-        assert acc.add(lp_of(x * 0.5))  # a second step accumulates
+        assert acc.add(0, lp_of(x), check=True)
+        assert acc.add(1, lp_of(x * 0.5))  # a second step accumulates
+    assert acc.steps == {0, 1}
     for k in range(N):
         gw, gb = torch.autograd.grad(lp_of(x[k:k + 1]).sum() + lp_of(x[k:k + 1] * 0.5).sum(), [lin.weight, lin.bias])
         torch.testing.assert_close(acc.grads[id(lin.weight)][k], gw, rtol=1e-5, atol=1e-6)

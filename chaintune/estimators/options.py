@@ -8,6 +8,7 @@ from chaintune.options import option
 
 RLR, HO, ZO, REL = ("rlr",), ("half-order",), ("zeroth-order",), ("rlr-released",)
 PPO = ("reinforce", "grpo")
+REUSE_ROLLOUT = ("off", "per-sample", "graph")  # how PPO's first epoch gets its gradient (reuse_rollout)
 # estimators whose likelihood-ratio terms may use DDPO's per-prompt stat tracker (--baseline tracker)
 TRACKED = ("rlr", "rlr-released", "half-order", "reinforce")
 
@@ -58,7 +59,7 @@ class EstimatorConfig:
                                 "memory of one step plus n copies of the trainable tensors, for LoRA/linear "
                                 "layers; checked against autograd once, else it recomputes) | graph (keep every "
                                 "step's graph until the reward: memory linear in the steps) | off. Not with "
-                                "--kl-coef > 0.", choices=("off", "per-sample", "graph"), used_by=PPO)
+                                "--kl-coef > 0.", choices=REUSE_ROLLOUT, used_by=PPO)
     kl_coef: float = option(0.0, "Weight of the per-step closed-form KL to the reference (base) policy "
                             "(Flow-GRPO's beta; needs the base model).", min=0, used_by=("grpo",))
     # Flow-GRPO's config_base.py: sample.global_std = True (its SD3 recipes keep it)

@@ -42,11 +42,11 @@ class PerSampleGradients:
 
     def __init__(self, module: nn.Module, n: int):
         self.n = n
-        self.layers: dict[str, nn.Linear] = {}
+        self.layers: list[nn.Linear] = []
         covered: set[int] = set()
-        for name, m in module.named_modules():
+        for m in module.modules():
             if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False)):
-                self.layers[name] = m
+                self.layers.append(m)
                 covered.update(id(p) for p in m.parameters(recurse=False) if p.requires_grad)
         self.params = [p for p in module.parameters() if p.requires_grad]
         numel = sum(p.numel() for p in self.params)
@@ -54,12 +54,12 @@ class PerSampleGradients:
         self.supported = bool(self.params) and all(id(p) in covered for p in self.params) \
             and 4 * n * numel <= MAX_BYTES and not any(is_sharded(p) for p in self.params)
         self.grads: dict[int, torch.Tensor] = {}  # id(param) -> [n, *param.shape]
-        self.steps: set[int] = set()  # the chain positions added (the caller's bookkeeping)
+        self.steps: set[int] = set()  # the chain positions added
         self._calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []  # this step's (layer, input, output)
         self._handles: list = []
 
     def __enter__(self) -> PerSampleGradients:
-        for m in self.layers.values():
+        for m in self.layers:
             self._handles.append(m.register_forward_hook(self._forward_hook))
         return self
 
@@ -73,8 +73,9 @@ class PerSampleGradients:
         if torch.is_grad_enabled() and output.requires_grad:
             self._calls.append((m, inputs[0].detach(), output))
 
-    def add(self, lp: torch.Tensor, check: bool = False) -> bool:
-        """Backpropagate one step's log-probs ``[n]`` into the per-sample sums (the graph is then freed).
+    def add(self, step_index: int, lp: torch.Tensor, check: bool = False) -> bool:
+        """Backpropagate chain position ``step_index``'s log-probs ``[n]`` into the per-sample sums (the graph is
+        then freed; :attr:`steps` records the position).
 
         Autograd goes only as far as the linear layers' outputs (their weight gradients are formed here, per
         sample). ``check``: compare, on this step, a random combination of the per-sample gradients with
@@ -114,6 +115,7 @@ class PerSampleGradients:
                 return False
         for k, v in step.items():
             self.grads[k] = self.grads[k] + v if k in self.grads else v
+        self.steps.add(step_index)
         return True
 
     def combine(self, weights: torch.Tensor) -> None:

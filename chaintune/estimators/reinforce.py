@@ -27,7 +27,7 @@ from chaintune.estimators.base import EstimationContext, Estimator, Sampled, Sta
 from chaintune.estimators.baselines import group_keys
 from chaintune.estimators.half_order import final_step_pathwise
 from chaintune.estimators.options import DEFAULTS as D
-from chaintune.estimators.options import takes
+from chaintune.estimators.options import REUSE_ROLLOUT, takes
 from chaintune.estimators.per_sample import PerSampleGradients
 from chaintune.estimators.ppo import ppo_objective, step_log_prob
 
@@ -52,8 +52,8 @@ class Reinforce(Estimator):
         self.step_fraction = step_fraction
         self.final_step = final_step
         self.adv_clip = adv_clip
-        if reuse_rollout not in ("off", "per-sample", "graph"):
-            raise ChaintuneError(f"reuse_rollout must be off, per-sample or graph, got {reuse_rollout!r}")
+        if reuse_rollout not in REUSE_ROLLOUT:
+            raise ChaintuneError(f"reuse_rollout must be one of {', '.join(REUSE_ROLLOUT)}, got {reuse_rollout!r}")
         self.reuse_rollout = reuse_rollout
         self._per_sample_checked: bool | None = None  # whether this model's per-sample gradients matched autograd
         self._init_tracker(tracker_buffer, tracker_min_count)
@@ -154,29 +154,27 @@ class Reinforce(Estimator):
         drawn after the rollout."""
         if self.reuse_rollout != "off" and self.step_fraction == 1.0 and not self.needs_reference:
             try:
-                if self.reuse_rollout == "per-sample":
-                    return self._per_sample_rollout(ctx, x_T, noises)
-                return (*rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions), True)
+                if self.reuse_rollout == "graph":
+                    return (*rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions), True)
+                gathered = PerSampleGradients(ctx.model.denoiser, ctx.n)
+                if gathered.supported and self._per_sample_checked is not False:
+                    return self._per_sample_rollout(ctx, x_T, noises, gathered)
             except DeterministicStepError:  # a step without noise has no likelihood ratio: recompute instead
                 pass
         with torch.no_grad():
             return (*rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions), False)
 
-    def _per_sample_rollout(self, ctx: EstimationContext, x_T: torch.Tensor, noises):
-        gathered = PerSampleGradients(ctx.model.denoiser, ctx.n)
-        if not gathered.supported or self._per_sample_checked is False:
-            with torch.no_grad():
-                return (*rollout(ctx, StepGrad.NONE, x_T=x_T, noises=noises, cond=ctx.conditions), False)
+    def _per_sample_rollout(self, ctx: EstimationContext, x_T: torch.Tensor, noises, gathered: PerSampleGradients):
+        """The rollout with each trained step backpropagated into ``gathered`` as it is sampled; the first step of
+        the estimator's first rollout is checked against autograd (False: this model recomputes from then on)."""
         ok = [True]
 
         def on_log_prob(i: int, lp: torch.Tensor) -> None:
-            if not ok[0]:
-                return
-            check = self._per_sample_checked is None
-            ok[0] = gathered.add(lp, check=check)
-            gathered.steps.add(i)
-            if check:
-                self._per_sample_checked = ok[0]
+            if ok[0]:
+                check = self._per_sample_checked is None
+                ok[0] = gathered.add(i, lp, check=check)
+                if check:
+                    self._per_sample_checked = ok[0]
 
         with gathered:
             traj, images, r = rollout(ctx, self.plan(ctx.steps), x_T=x_T, noises=noises, cond=ctx.conditions,
