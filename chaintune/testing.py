@@ -22,6 +22,7 @@ from chaintune.backends.unet import UNetModel
 from chaintune.backends.wan import WanModel
 from chaintune.controlnet.trainer import sample_controlled
 from chaintune.pretrain.objective import char_tokenizer
+from chaintune.rewards import FramesReward, FunctionReward
 
 
 def tiny_unet(sample_size: int = 8, num_class_embeds: int | None = None, seed: int = 0):
@@ -317,8 +318,6 @@ TINY_MODELS = {"unet": tiny_unet_model, "sd": tiny_sd_model, "sdxl": tiny_sdxl_m
 
 def mean_reward(model):
     """A differentiable reward any tiny model's output can take: the mean pixel (per frame, averaged, for video)."""
-    from chaintune.rewards import FramesReward, FunctionReward
-
     mean = FunctionReward(lambda images: images.float().mean(dim=tuple(range(1, images.dim()))), differentiable=True,
                           name="mean")
     return FramesReward(mean, "mean") if model.produces_video else mean
